@@ -1,0 +1,110 @@
+"""The destination's RAM loader for precopy: pages land straight in the engine's mapping.
+
+Zero pages are never allocated: a ZERO record for a page this loader never wrote
+costs nothing (a fresh memfd reads as zero), and one for a page it did write
+punches that page's hole again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import codec
+from ..errors import RemoteProtocolError
+from ..kernel.memory import punch_hole
+from ..ram import TARGET_PAGE_SIZE, RamBlock
+
+
+class RamLoader:
+    """Applies decoded RAM events to the destination's blocks and keeps the received bitmap."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        self.blocks = {block.name: block for block in blocks}
+        #: Pages this loader wrote data into (so a later ZERO must clear them).
+        self.written = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in blocks}
+        #: Pages received at least once (the postcopy received bitmap starts from this).
+        self.received = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in blocks}
+        self.mem_size_seen = False
+
+    def check_mem_size(self, event: codec.RamMemSize, *, postcopy: bool) -> None:
+        """The source's block list must match ours: same names, same sizes, same page sizes."""
+        for info in event.blocks:
+            block = self.blocks.get(info.name)
+            if block is None:
+                raise RemoteProtocolError(
+                    f"unknown RAM block {info.name!r} in the stream; this destination has "
+                    f"{', '.join(sorted(self.blocks)) or 'no blocks'}"
+                )
+            if info.size != block.size:
+                raise RemoteProtocolError(
+                    f"RAM block {info.name!r} has {info.size} bytes in the stream but "
+                    f"{block.size} here"
+                )
+            page_size = info.page_size or TARGET_PAGE_SIZE
+            if postcopy and page_size != block.page_size:
+                raise RemoteProtocolError(
+                    f"RAM block {info.name!r} has page size {page_size} in the stream but "
+                    f"{block.page_size} here"
+                )
+        missing = set(self.blocks) - {info.name for info in event.blocks}
+        if missing:
+            raise RemoteProtocolError(
+                f"the stream does not carry RAM block(s) {', '.join(sorted(missing))}"
+            )
+        self.mem_size_seen = True
+
+    def _block(self, name: str) -> RamBlock:
+        if not self.mem_size_seen:
+            raise RemoteProtocolError("RAM page record before the RAM block list (MEM_SIZE)")
+        block = self.blocks.get(name)
+        if block is None:
+            raise RemoteProtocolError(f"page record for unknown RAM block {name!r}")
+        return block
+
+    def load_pages(self, event: codec.RamPages) -> None:
+        """Copy a run of pages into the block's mapping."""
+        block = self._block(event.block)
+        index = (event.offsets // TARGET_PAGE_SIZE).astype(np.int64)
+        first, count = int(index[0]), len(index)
+        if int(index[-1]) - first == count - 1 and count > 1:
+            block.pages[first : first + count] = event.pages
+        else:
+            block.pages[index] = event.pages
+        self.written[block.name][index] = True
+        self.received[block.name][index] = True
+
+    def load_zero_pages(self, event: codec.RamZeroPages) -> None:
+        """Make pages zero without allocating them."""
+        block = self._block(event.block)
+        index = (event.offsets // TARGET_PAGE_SIZE).astype(np.int64)
+        written = self.written[block.name]
+        to_clear = index[written[index]]
+        for start, end in _runs(to_clear):
+            punch_hole(block.fd, start * TARGET_PAGE_SIZE, (end - start) * TARGET_PAGE_SIZE)
+        written[to_clear] = False
+        self.received[block.name][index] = True
+
+    def pages_written_remotely(self, event: codec.RamWritten) -> None:
+        """The RDMA-shaped transport wrote ``npages`` pages into our region one-sided."""
+        block = self._block(event.block)
+        first = event.offset // TARGET_PAGE_SIZE
+        if first + event.npages > block.spec.target_pages:
+            raise RemoteProtocolError(
+                f"one-sided write of {event.npages} pages at offset {event.offset} runs past "
+                f"the end of RAM block {block.name!r}"
+            )
+        self.written[block.name][first : first + event.npages] = True
+        self.received[block.name][first : first + event.npages] = True
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """Split sorted page indices into [start, end) runs of consecutive pages."""
+    if len(index) == 0:
+        return []
+    index = np.sort(index)
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate(([index[0]], index[breaks]))
+    ends = np.concatenate((index[breaks - 1] + 1, [index[-1] + 1]))
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))

@@ -1,0 +1,203 @@
+"""Migration status, capabilities, parameters and statistics, with QEMU's names."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+from .units import parse_rate
+
+
+class MigrationStatus(enum.Enum):
+    """QEMU's MigrationStatus values that trimig uses (the QAPI names)."""
+
+    NONE = "none"
+    SETUP = "setup"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ACTIVE = "active"
+    POSTCOPY_DEVICE = "postcopy-device"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    COMPLETED = "completed"
+    FAILING = "failing"
+    FAILED = "failed"
+    DEVICE = "device"
+
+    @property
+    def is_postcopy(self) -> bool:
+        return self in (
+            MigrationStatus.POSTCOPY_DEVICE,
+            MigrationStatus.POSTCOPY_ACTIVE,
+            MigrationStatus.POSTCOPY_PAUSED,
+        )
+
+    @property
+    def is_running(self) -> bool:
+        """True while a migration is under way (not none and not finished)."""
+        return self not in (
+            MigrationStatus.NONE,
+            MigrationStatus.COMPLETED,
+            MigrationStatus.FAILED,
+            MigrationStatus.CANCELLED,
+        )
+
+
+#: Capabilities trimig understands, in QEMU's QAPI order. Others are refused.
+CAPABILITY_NAMES = (
+    "events",
+    "postcopy-ram",
+    "return-path",
+    "postcopy-blocktime",
+    "postcopy-preempt",
+)
+
+
+@attrs.define
+class MigrationCapabilities:
+    """Boolean capabilities, set with migrate-set-capabilities."""
+
+    events: bool = False
+    postcopy_ram: bool = False
+    return_path: bool = False
+    postcopy_blocktime: bool = False
+    postcopy_preempt: bool = False
+
+    def set(self, name: str, state: bool) -> None:
+        if name not in CAPABILITY_NAMES:
+            raise ConfigError(
+                f"unknown capability {name!r}; trimig supports {', '.join(CAPABILITY_NAMES)}"
+            )
+        if not isinstance(state, bool):
+            raise ConfigError(f"capability {name!r} state must be a boolean")
+        setattr(self, name.replace("-", "_"), state)
+        if self.postcopy_preempt and not self.postcopy_ram:
+            setattr(self, name.replace("-", "_"), not state)
+            raise ConfigError("postcopy-preempt requires postcopy-ram")
+
+    def get(self, name: str) -> bool:
+        return bool(getattr(self, name.replace("-", "_")))
+
+    def query(self) -> list[dict[str, Any]]:
+        return [{"capability": name, "state": self.get(name)} for name in CAPABILITY_NAMES]
+
+    @property
+    def wants_return_path(self) -> bool:
+        return self.return_path or self.postcopy_ram
+
+
+#: QEMU's default max-bandwidth is 128 MiB/s; trimig moves memory on one machine or a fast
+#: link, so it defaults to unlimited (0). downtime-limit defaults to 300 ms as in QEMU.
+@attrs.define
+class MigrationParameters:
+    """Numeric parameters, set with migrate-set-parameters (QEMU's names and units)."""
+
+    max_bandwidth: int = 0  # bytes/s, 0 = unlimited
+    downtime_limit: int = 300  # ms
+    max_postcopy_bandwidth: int = 0  # bytes/s, 0 = unlimited
+    avail_switchover_bandwidth: int = 0  # bytes/s, 0 = use the measured bandwidth
+    #: Automatic postcopy switch: after this many precopy passes that did not converge
+    #: (0 = never switch automatically). trimig's own parameter.
+    x_postcopy_after_passes: int = 0
+
+    _LIMITS = {  # noqa: RUF012
+        "max-bandwidth": (0, 1 << 50),
+        "downtime-limit": (0, 2_000_000),
+        "max-postcopy-bandwidth": (0, 1 << 50),
+        "avail-switchover-bandwidth": (0, 1 << 50),
+        "x-postcopy-after-passes": (0, 1 << 20),
+    }
+
+    def set(self, name: str, value: Any) -> None:
+        if name not in self._LIMITS:
+            raise ConfigError(
+                f"unknown parameter {name!r}; trimig supports {', '.join(self._LIMITS)}"
+            )
+        if isinstance(value, str):
+            value = parse_rate(value, what=name) if "bandwidth" in name else _parse_int(name, value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"parameter {name!r} must be an integer, got {value!r}")
+        low, high = self._LIMITS[name]
+        if not low <= value <= high:
+            raise ConfigError(f"parameter {name!r} must be between {low} and {high}, got {value}")
+        setattr(self, name.replace("-", "_"), value)
+
+    def query(self) -> dict[str, Any]:
+        return {name: getattr(self, name.replace("-", "_")) for name in self._LIMITS}
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"parameter {name!r} must be an integer, got {text!r}") from None
+
+
+@attrs.define
+class SourceStats:
+    """The source's counters; ``query()`` renders them with query-migrate's names."""
+
+    start_ns: int = attrs.field(factory=time.monotonic_ns)
+    setup_ns: int = 0
+    end_ns: int = 0
+    downtime_start_ns: int = 0
+    downtime_ns: int = 0
+    transferred: int = 0
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    total: int = 0
+    remaining: int = 0
+    duplicate: int = 0
+    normal: int = 0
+    dirty_pages_rate: int = 0
+    mbps: float = 0.0
+    dirty_sync_count: int = 0
+    postcopy_requests: int = 0
+    expected_downtime_ms: int = 0
+    bandwidth: float = 0.0  # bytes/s, last measurement
+    converging: bool = True
+    non_converging_passes: int = 0
+    error_desc: str = ""
+
+    def total_time_ms(self) -> int:
+        end = self.end_ns or time.monotonic_ns()
+        return (end - self.start_ns) // 1_000_000
+
+    def query(self, status: MigrationStatus) -> dict[str, Any]:
+        info: dict[str, Any] = {"status": status.value}
+        if status is MigrationStatus.NONE:
+            return info
+        info["total-time"] = self.total_time_ms()
+        info["setup-time"] = self.setup_ns // 1_000_000
+        if status is MigrationStatus.COMPLETED or status.is_postcopy:
+            info["downtime"] = self.downtime_ns // 1_000_000
+            info["downtime-us"] = self.downtime_ns // 1_000
+        else:
+            info["expected-downtime"] = self.expected_downtime_ms
+        info["ram"] = {
+            "transferred": self.transferred,
+            "remaining": 0 if status is MigrationStatus.COMPLETED else self.remaining,
+            "total": self.total,
+            "duplicate": self.duplicate,
+            "normal": self.normal,
+            "normal-bytes": self.normal * 4096,
+            "dirty-pages-rate": self.dirty_pages_rate,
+            "mbps": round(self.mbps, 3),
+            "dirty-sync-count": self.dirty_sync_count,
+            "postcopy-requests": self.postcopy_requests,
+            "page-size": 4096,
+            "precopy-bytes": self.precopy_bytes,
+            "downtime-bytes": self.downtime_bytes,
+            "postcopy-bytes": self.postcopy_bytes,
+        }
+        if not self.converging:
+            info["x-not-converging"] = True
+            info["x-non-converging-passes"] = self.non_converging_passes
+        if self.error_desc:
+            info["error-desc"] = self.error_desc
+        return info

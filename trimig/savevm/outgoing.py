@@ -1,0 +1,338 @@
+"""The source side of a migration: one OutgoingMigration object per migration.
+
+``await OutgoingMigration(...).run(uri)`` runs the whole migration under the
+caller's task. Its return-path reader lives in a nursery the object owns. The
+guest is left as it was if the migration fails or is cancelled before the
+switch to the destination: running if it ran, with dirty tracking undone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+from trio_util import AsyncValue
+
+from .. import codec
+from ..channel import MigrationChannel, RateLimiter
+from ..errors import ConfigError, MigrationFailed, RemoteProtocolError, TransportError
+from ..guest.host import GuestProcess
+from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
+from ..ram import RamBlock
+from ..transports import connect
+from .ram import DirtyLog, RamSaver
+
+log = logging.getLogger("trimig.savevm")
+
+RAM_SECTION_ID = 0
+GUEST_SECTION_ID = 1
+#: A PART section ends after this long, as QEMU's MAX_WAIT, so the loop can resync and check.
+ITERATION_SLICE = 0.05
+#: Flush the channel when this much is queued.
+FLUSH_BYTES = 4 << 20
+SHUT_TIMEOUT = 30.0
+CLEANUP_TIMEOUT = 10.0
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+class OutgoingMigration:
+    """Moves one running guest to a destination. Create one per migration."""
+
+    def __init__(
+        self,
+        guest: GuestProcess,
+        blocks: Sequence[RamBlock],
+        *,
+        capabilities: MigrationCapabilities | None = None,
+        parameters: MigrationParameters | None = None,
+        connect_options: dict[str, Any] | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.guest = guest
+        self.blocks = list(blocks)
+        self.capabilities = capabilities or MigrationCapabilities()
+        self.parameters = parameters or MigrationParameters()
+        self.status: AsyncValue[MigrationStatus] = AsyncValue(MigrationStatus.NONE)
+        self.stats = SourceStats(total=sum(block.size for block in self.blocks))
+        self._connect_options = connect_options or {}
+        self._on_event = on_event
+        self._postcopy_requested = False
+        self._channel: MigrationChannel | None = None
+        self._shut: trio.Event = trio.Event()
+        self._shut_status: int | None = None
+        self._return_path_error: BaseException | None = None
+        self._guest_stopped_by_us = False
+        self._limiter = RateLimiter(self.parameters.max_bandwidth)
+
+    # -- control -----------------------------------------------------------------------
+
+    def start_postcopy(self) -> None:
+        """Ask for the switch to postcopy at the next opportunity (migrate-start-postcopy)."""
+        if not self.capabilities.postcopy_ram:
+            raise ConfigError("postcopy is not enabled: set the postcopy-ram capability first")
+        if self.status.value is MigrationStatus.NONE:
+            raise ConfigError("no migration is running")
+        self._postcopy_requested = True
+
+    def set_max_bandwidth(self, bytes_per_second: int) -> None:
+        self.parameters.max_bandwidth = bytes_per_second
+        self._limiter.set_rate(bytes_per_second)
+
+    def query(self) -> dict[str, Any]:
+        """query-migrate's MigrationInfo for this migration."""
+        if self._channel is not None:
+            self.stats.transferred = self._channel.bytes_sent
+        return self.stats.query(self.status.value)
+
+    def _set_status(self, status: MigrationStatus) -> None:
+        if self.status.value is status:
+            return
+        log.info("migration status %s -> %s", self.status.value.value, status.value)
+        self.status.value = status
+        if self._on_event:
+            self._on_event("MIGRATION", {"status": status.value})
+
+    # -- the migration -------------------------------------------------------------------
+
+    async def run(self, uri: str) -> None:
+        """Migrate the guest to ``uri``. Returns when completed; raises MigrationFailed or Cancelled."""
+        if self.status.value is not MigrationStatus.NONE:
+            raise ConfigError("an OutgoingMigration runs once; create a new one")
+        self._set_status(MigrationStatus.SETUP)
+        self.stats.start_ns = time.monotonic_ns()
+        dirty_log: DirtyLog | None = None
+        try:
+            stream = await connect(uri, **self._connect_options)
+            try:
+                if self.capabilities.wants_return_path and not stream.has_return_path:
+                    raise ConfigError(
+                        f"the transport of {uri!r} has no return path, which "
+                        f"{'postcopy-ram' if self.capabilities.postcopy_ram else 'return-path'}"
+                        " needs"
+                    )
+                channel = self._channel = MigrationChannel(stream)
+                _uffd, addresses = await self.guest.track_dirty()
+                dirty_log = DirtyLog(self.guest.pid, self.blocks, addresses)
+                async with trio.open_nursery() as nursery:
+                    if self.capabilities.wants_return_path:
+                        await nursery.start(self._read_return_path, channel)
+                    await self._migrate(channel, dirty_log)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                    await stream.aclose()
+        except BaseException as exc:
+            await self._recover_source(dirty_log)
+            if isinstance(exc, trio.Cancelled):
+                self._set_status(MigrationStatus.CANCELLED)
+                raise
+            self.stats.error_desc = str(exc) or type(exc).__name__
+            self._set_status(MigrationStatus.FAILED)
+            if isinstance(exc, Exception):
+                raise MigrationFailed(f"migration to {uri} failed: {self.stats.error_desc}") from exc
+            raise
+        else:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                await self.guest.untrack_dirty()
+            if dirty_log is not None:
+                dirty_log.close()
+            self.stats.end_ns = time.monotonic_ns()
+            elapsed = max(self.stats.end_ns - self.stats.start_ns, 1) / 1e9
+            self.stats.mbps = self.stats.transferred * 8 / elapsed / 1e6
+            self._set_status(MigrationStatus.COMPLETED)
+
+    async def _recover_source(self, dirty_log: DirtyLog | None) -> None:
+        """After a failure before the switch: the guest runs on, untracked, as before."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            try:
+                if self._guest_stopped_by_us:
+                    await self.guest.cont()
+                    self._guest_stopped_by_us = False
+                await self.guest.untrack_dirty()
+            except Exception:
+                log.exception("could not restore the source guest")
+        if dirty_log is not None:
+            dirty_log.close()
+
+    async def _migrate(self, channel: MigrationChannel, dirty_log: DirtyLog) -> None:
+        ram = RamSaver(self.blocks, self.stats)
+        dirty_log.collect(ram.dirty)  # start the log afresh: every page is dirty anyway
+        channel.put(codec.encode_header())
+        channel.put(codec.encode_configuration(codec.MACHINE_NAME))
+        if self.capabilities.wants_return_path:
+            channel.put(codec.encode_open_return_path())
+            channel.put(codec.encode_ping(1))
+        if self.capabilities.postcopy_ram:
+            summary = 0
+            for block in self.blocks:
+                summary |= block.page_size
+            channel.put(codec.encode_postcopy_advise(summary, codec.TARGET_PAGE_SIZE))
+        channel.put(codec.encode_section_start(RAM_SECTION_ID, "ram", 0, 4))
+        channel.put(
+            codec.encode_mem_size(
+                [codec.RamBlockInfo(b.name, b.size, b.page_size) for b in self.blocks],
+                postcopy=self.capabilities.postcopy_ram,
+            )
+        )
+        channel.put(codec.encode_end_of_section())
+        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
+        await channel.flush()
+        self.stats.setup_ns = time.monotonic_ns() - self.stats.start_ns
+        self._set_status(MigrationStatus.ACTIVE)
+
+        pass_started = time.monotonic()
+        pass_bytes_start = channel.bytes_sent
+        bulk_pass = True
+        while True:
+            self._check_return_path()
+            finished_pass = await self._send_part(channel, ram)
+            if not finished_pass:
+                continue
+            # A whole pass is out: sync the dirty log and decide.
+            elapsed = max(time.monotonic() - pass_started, 1e-6)
+            sent = channel.bytes_sent - pass_bytes_start
+            self.stats.bandwidth = sent / elapsed
+            if bulk_pass:
+                ram.finish_bulk_pass()
+                bulk_pass = False
+            newly = dirty_log.collect(ram.dirty)
+            self.stats.dirty_sync_count += 1
+            self.stats.dirty_pages_rate = int(newly / elapsed)
+            self.stats.remaining = ram.remaining_bytes
+            self.stats.transferred = channel.bytes_sent
+            self.stats.precopy_bytes = channel.bytes_sent
+            self.stats.mbps = self.stats.bandwidth * 8 / 1e6
+            if self._on_event:
+                self._on_event("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
+            bandwidth = self.parameters.avail_switchover_bandwidth or self.stats.bandwidth
+            threshold = bandwidth * self.parameters.downtime_limit / 1000
+            self.stats.expected_downtime_ms = int(ram.remaining_bytes / max(bandwidth, 1) * 1000)
+            if ram.remaining_bytes <= threshold:
+                break
+            self.stats.converging = False
+            self.stats.non_converging_passes += 1
+            after = self.parameters.x_postcopy_after_passes
+            if self.capabilities.postcopy_ram and after and self.stats.non_converging_passes >= after:
+                self._postcopy_requested = True
+            if self._postcopy_requested:
+                raise NotImplementedError("postcopy switch-over is wired in trimig.postcopy")
+            log.info(
+                "pass %d: %d bytes remain, threshold %d: not converging yet",
+                self.stats.dirty_sync_count,
+                ram.remaining_bytes,
+                threshold,
+            )
+            pass_started = time.monotonic()
+            pass_bytes_start = channel.bytes_sent
+        await self._complete_precopy(channel, ram, dirty_log)
+
+    async def _send_part(self, channel: MigrationChannel, ram: RamSaver) -> bool:
+        """Send one PART section, at most ITERATION_SLICE long; True when no dirty page is left."""
+        channel.put(codec.encode_section_part(RAM_SECTION_ID))
+        deadline = time.monotonic() + ITERATION_SLICE
+        finished = False
+        queued = 0
+        while True:
+            window = ram.next_dirty_window()
+            if window is None:
+                finished = True
+                break
+            queued += ram.queue_window(channel, *window)
+            if queued >= FLUSH_BYTES:
+                await channel.flush()
+                await self._limiter.wait(queued)
+                queued = 0
+                if time.monotonic() >= deadline:
+                    break
+        channel.put(codec.encode_end_of_section())
+        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
+        await channel.flush()
+        await self._limiter.wait(queued)
+        return finished
+
+    async def _complete_precopy(
+        self, channel: MigrationChannel, ram: RamSaver, dirty_log: DirtyLog
+    ) -> None:
+        """Stop the guest, send what is left and the device state, and hand over."""
+        self.stats.downtime_start_ns = time.monotonic_ns()
+        await self.guest.stop()
+        self._guest_stopped_by_us = True
+        if self._on_event:
+            self._on_event("STOP", {})
+        self._set_status(MigrationStatus.DEVICE)
+        dirty_log.collect(ram.dirty)
+        self.stats.dirty_sync_count += 1
+        bytes_before = channel.bytes_sent
+        channel.put(codec.encode_switchover_start())
+        channel.put(codec.encode_section_end(RAM_SECTION_ID))
+        while (window := ram.next_dirty_window()) is not None:
+            if ram.queue_window(channel, *window) and channel.pending_bytes >= FLUSH_BYTES:
+                await channel.flush()
+        channel.put(codec.encode_end_of_section())
+        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
+        state = await self.guest.save_state()
+        channel.put(codec.encode_section_full(GUEST_SECTION_ID, "guest", 0, 1))
+        channel.put(codec.encode_device_state(state))
+        channel.put(codec.encode_section_footer(GUEST_SECTION_ID))
+        channel.put(codec.encode_eof())
+        await channel.flush()
+        self.stats.downtime_bytes = channel.bytes_sent - bytes_before
+        self.stats.transferred = channel.bytes_sent
+        self.stats.remaining = 0
+        if self.capabilities.wants_return_path:
+            await self._wait_for_shut()
+        else:
+            await channel.send_eof()
+        self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
+
+    # -- return path ---------------------------------------------------------------------
+
+    async def _read_return_path(
+        self, channel: MigrationChannel, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Read return-path messages until SHUT or the stream ends. Lives in run()'s nursery."""
+        decoder = codec.ReturnPathDecoder()
+        return_path = channel.return_path()
+        task_status.started()
+        try:
+            while True:
+                event = decoder.next_event()
+                if event is codec.NEED_DATA:
+                    if not await return_path.receive_into_decoder(decoder):
+                        decoder.receive_eof()
+                    continue
+                if isinstance(event, codec.Shut):
+                    self._shut_status = event.status
+                    self._shut.set()
+                    return
+                if isinstance(event, codec.Pong):
+                    log.debug("PONG %d", event.value)
+                    continue
+                raise RemoteProtocolError(f"unexpected return-path message {event!r} in precopy")
+        except (RemoteProtocolError, TransportError) as exc:
+            self._return_path_error = exc
+            self._shut.set()
+
+    def _check_return_path(self) -> None:
+        if self._return_path_error is not None:
+            raise self._return_path_error
+        if self._shut.is_set():
+            raise RemoteProtocolError(
+                f"destination shut the migration early (status {self._shut_status})"
+            )
+
+    async def _wait_for_shut(self) -> None:
+        with trio.move_on_after(SHUT_TIMEOUT) as scope:
+            await self._shut.wait()
+        if scope.cancelled_caught:
+            raise TransportError(f"destination did not confirm within {SHUT_TIMEOUT:.0f} s")
+        if self._return_path_error is not None:
+            raise self._return_path_error
+        if self._shut_status:
+            raise RemoteProtocolError(
+                f"destination reported an error loading the stream (SHUT status {self._shut_status})"
+            )

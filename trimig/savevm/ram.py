@@ -1,0 +1,167 @@
+"""The source's RAM state: the dirty bitmap, the kernel dirty log and the page sender.
+
+The dirty log is the guest's own mappings, registered by the guest in userfaultfd
+WP mode with WP_ASYNC: the kernel write-protects every page, a guest write
+unprotects it without a fault message, and PAGEMAP_SCAN with WP matching returns
+the written pages and protects them again in one atomic call. Finding dirty pages
+therefore never reads RAM.
+
+Pages go out in windows of one 2 MiB host page (512 target pages), read straight
+from the engine's mapping of the block: the codec builds a gather list whose page
+payloads are slices of the mapping, so no page is copied in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..channel import MigrationChannel
+from ..codec import RamRecordEncoder
+from ..kernel.pagemap import PagemapScanner
+from ..migration import SourceStats
+from ..ram import TARGET_PAGE_SIZE, RamBlock
+
+#: Target pages per send window: one 2 MiB host page, so a hugetlb host page is never
+#: split across windows, and 2 x 512 iovecs fit one sendmsg.
+WINDOW_PAGES = 512
+WINDOW_BYTES = WINDOW_PAGES * TARGET_PAGE_SIZE
+
+
+def ranges_to_pages(ranges: np.ndarray, base: int, npages: int) -> np.ndarray:
+    """Turn (n, 2) [start, end) address ranges into the sorted target-page indices they cover."""
+    if len(ranges) == 0:
+        return np.empty(0, dtype=np.int64)
+    starts = (ranges[:, 0].astype(np.int64) - base) // TARGET_PAGE_SIZE
+    ends = (ranges[:, 1].astype(np.int64) - base + TARGET_PAGE_SIZE - 1) // TARGET_PAGE_SIZE
+    starts = np.clip(starts, 0, npages)
+    ends = np.clip(ends, 0, npages)
+    lengths = ends - starts
+    keep = lengths > 0
+    starts, lengths = starts[keep], lengths[keep]
+    total = int(lengths.sum())
+    run_first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + (np.arange(total) - run_first)
+
+
+class DirtyLog:
+    """The kernel dirty log of one guest: PAGEMAP_SCAN over its WP-async mappings."""
+
+    def __init__(self, guest_pid: int, blocks: Sequence[RamBlock], addresses: Sequence[int]):
+        self._scanner = PagemapScanner(guest_pid)
+        self._blocks = list(zip(blocks, addresses, strict=True))
+
+    def collect(self, dirty: dict[str, np.ndarray]) -> int:
+        """OR the pages written since the last call into ``dirty``; return how many were new."""
+        newly = 0
+        for block, address in self._blocks:
+            ranges = self._scanner.take_written(address, address + block.size)
+            pages = ranges_to_pages(ranges, address, block.spec.target_pages)
+            bitmap = dirty[block.name]
+            newly += int(len(pages) - np.count_nonzero(bitmap[pages]))
+            bitmap[pages] = True
+        return newly
+
+    def close(self) -> None:
+        self._scanner.close()
+
+
+class RamSaver:
+    """Tracks which pages still have to go and sends them as RAM records on a channel."""
+
+    def __init__(self, blocks: Sequence[RamBlock], stats: SourceStats) -> None:
+        self.blocks = list(blocks)
+        self.by_name = {block.name: block for block in self.blocks}
+        self.stats = stats
+        #: One bool per target page: True = the destination's copy is stale.
+        self.dirty = {b.name: np.ones(b.spec.target_pages, dtype=bool) for b in self.blocks}
+        #: Pages that hold data in the memfd (not holes), known for the bulk pass only.
+        self._populated = {b.name: _populated_pages(b) for b in self.blocks}
+        self._cursor = (0, 0)  # (block index, window index)
+        self.encoder = RamRecordEncoder()
+
+    @property
+    def dirty_pages(self) -> int:
+        return sum(int(np.count_nonzero(bitmap)) for bitmap in self.dirty.values())
+
+    @property
+    def remaining_bytes(self) -> int:
+        return self.dirty_pages * TARGET_PAGE_SIZE
+
+    def move_cursor(self, block_name: str, offset: int) -> None:
+        """Continue the background scan from the window holding ``offset`` (postcopy locality)."""
+        index = next(i for i, b in enumerate(self.blocks) if b.name == block_name)
+        self._cursor = (index, offset // WINDOW_BYTES)
+
+    def next_dirty_window(self) -> tuple[RamBlock, int] | None:
+        """The next window (block, first page) with a dirty page, from the cursor, wrapping."""
+        start_block, start_window = self._cursor
+        nblocks = len(self.blocks)
+        for step in range(nblocks + 1):
+            index = (start_block + step) % nblocks
+            block = self.blocks[index]
+            windows = _window_has_dirty(self.dirty[block.name])
+            first = start_window if step == 0 else 0
+            candidates = np.flatnonzero(windows[first:])
+            if len(candidates):
+                window = first + int(candidates[0])
+                self._cursor = (index, window)
+                return block, window * WINDOW_PAGES
+        return None
+
+    def queue_window(self, channel: MigrationChannel, block: RamBlock, first_page: int) -> int:
+        """Put the dirty pages of one window on ``channel`` and clear their bits; return bytes queued."""
+        end_page = min(first_page + WINDOW_PAGES, block.spec.target_pages)
+        dirty = self.dirty[block.name][first_page:end_page]
+        pages = np.flatnonzero(dirty) + first_page
+        if len(pages) == 0:
+            return 0
+        dirty[:] = False
+        populated = self._populated.get(block.name)
+        if populated is not None:
+            present = populated[pages]
+        else:
+            present = np.ones(len(pages), dtype=bool)
+        is_zero = ~present
+        readable = pages[present]
+        if len(readable):
+            if len(readable) == end_page - first_page:
+                rows = block.pages[first_page:end_page]
+            else:
+                rows = block.pages[readable]
+            is_zero[present] = rows.view(np.uint64).max(axis=1) == 0
+        offsets = pages.astype(np.uint64) * TARGET_PAGE_SIZE
+        zero_offsets = offsets[is_zero]
+        data_offsets = offsets[~is_zero]
+        queued = 0
+        if len(zero_offsets):
+            record = self.encoder.encode_zero_pages(block.name, zero_offsets)
+            channel.put(record)
+            queued += len(record)
+            self.stats.duplicate += len(zero_offsets)
+        if len(data_offsets):
+            gather = self.encoder.encode_pages(block.name, data_offsets, block.mapping.buffer)
+            channel.put_buffers(gather)
+            queued += sum(len(part) for part in gather)
+            self.stats.normal += len(data_offsets)
+        return queued
+
+    def finish_bulk_pass(self) -> None:
+        """Forget the hole map: after the first pass every dirty page was written by the guest."""
+        self._populated.clear()
+
+
+def _window_has_dirty(bitmap: np.ndarray) -> np.ndarray:
+    full = len(bitmap) // WINDOW_PAGES * WINDOW_PAGES
+    windows = bitmap[:full].reshape(-1, WINDOW_PAGES).any(axis=1)
+    if full < len(bitmap):
+        windows = np.append(windows, bitmap[full:].any())
+    return windows
+
+
+def _populated_pages(block: RamBlock) -> np.ndarray:
+    populated = np.zeros(block.spec.target_pages, dtype=bool)
+    for start, end in block.data_ranges():
+        populated[start // TARGET_PAGE_SIZE : -(-end // TARGET_PAGE_SIZE)] = True
+    return populated
