@@ -1,0 +1,166 @@
+"""PAGEMAP_SCAN on ``/proc/PID/pagemap``: which pages of a WP_ASYNC range were written.
+
+Dirty tracking works like this: the process owning the memory registers its ranges
+with a userfaultfd in WP mode with the WP_ASYNC feature (WP_HUGETLBFS_SHMEM too for
+shmem and hugetlb memory) and write-protects them (``Userfaultfd.writeprotect`` or
+:meth:`PagemapScanner.protect`). A write then lifts the protection of its page
+inside the kernel, without blocking the writer or queueing a message; a page is
+"written" while it is not write-protected. :meth:`PagemapScanner.take_written`
+reports those pages and write-protects them again, atomically per page table.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+from types import TracebackType
+
+import numpy as np
+
+from ..errors import ConfigError, KernelError, MissingKernelFeature
+from . import _ffi
+from ._ffi import errno, ffi, libc
+from .memory import PAGE_SIZE
+
+#: page_region entries the kernel may fill per ioctl (the scan loops when it is full).
+VECTOR_LENGTH = 4096
+
+_EMPTY = np.empty((0, 2), dtype=np.uint64)
+_EMPTY.flags.writeable = False
+
+
+class PagemapScanner:
+    """Scans the written pages of process ``pid`` (``"self"`` works too) through
+    ``/proc/PID/pagemap``. Not thread-safe: one scan at a time per scanner.
+    Also a context manager."""
+
+    def __init__(self, pid: int | str) -> None:
+        path = f"/proc/{pid}/pagemap"
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise KernelError("open", error.errno or 0, path) from None
+        self.pid = pid
+        # Reused output vector, one row per struct page_region: start, end, categories.
+        self._vector = np.zeros((VECTOR_LENGTH, 3), dtype=np.uint64)
+        self._arg = ffi.new(
+            "struct pm_scan_arg *",
+            {
+                "size": ffi.sizeof("struct pm_scan_arg"),
+                "vec": self._vector.ctypes.data,
+                "vec_len": VECTOR_LENGTH,
+                "category_mask": _ffi.PAGE_IS_WRITTEN,
+                "return_mask": _ffi.PAGE_IS_WRITTEN,
+            },
+        )
+        self._request = ffi.cast("unsigned long", _ffi.PAGEMAP_SCAN)
+
+    def take_written(self, start: int, end: int) -> np.ndarray:
+        """The written pages of ``[start, end)`` as an ``(n, 2)`` uint64 array of sorted,
+        disjoint, non-adjacent ``[start, end)`` address ranges; they are write-protected
+        again by the same scan, so the next call reports only pages written after it.
+
+        Every page of the range must be registered with a WP_ASYNC userfaultfd
+        (otherwise :class:`KernelError` EPERM)."""
+        return self._scan(start, end, _ffi.PM_SCAN_WP_MATCHING | _ffi.PM_SCAN_CHECK_WPASYNC)
+
+    def written(self, start: int, end: int) -> np.ndarray:
+        """Like :meth:`take_written`, but leaves the pages as they are (read-only scan)."""
+        return self._scan(start, end, _ffi.PM_SCAN_CHECK_WPASYNC)
+
+    def protect(self, start: int, end: int) -> None:
+        """Write-protect every page of ``[start, end)`` (populated or not) without reporting
+        anything: starts (or restarts) dirty tracking without the userfaultfd."""
+        self._check(start, end)
+        arg = ffi.new(
+            "struct pm_scan_arg *",
+            {
+                "size": ffi.sizeof("struct pm_scan_arg"),
+                "flags": _ffi.PM_SCAN_WP_MATCHING | _ffi.PM_SCAN_CHECK_WPASYNC,
+                "start": start,
+                "end": end,
+            },
+        )
+        while True:
+            if libc.ioctl(self._fd, self._request, arg) < 0:
+                self._raise(errno(), start, end)
+            if arg.walk_end >= end:
+                return
+            arg.start = arg.walk_end
+
+    def _scan(self, start: int, end: int, flags: int) -> np.ndarray:
+        self._check(start, end)
+        arg = self._arg
+        arg.flags = flags
+        arg.start = start
+        arg.end = end
+        vector = self._vector
+        chunks: list[np.ndarray] = []
+        while True:
+            count = libc.ioctl(self._fd, self._request, arg)
+            if count < 0:
+                self._raise(errno(), start, end)
+            walk_start = arg.start
+            walk_end = arg.walk_end
+            if count:
+                chunks.append(vector[:count, :2].copy())
+            if walk_end >= end:
+                break
+            if not count and walk_end <= walk_start:
+                raise KernelError(
+                    "PAGEMAP_SCAN", errno_codes.EINVAL,
+                    f"the scan of [{start:#x}, {end:#x}) made no progress at {walk_start:#x} "
+                    "(a huge page crossing the range boundary?)",
+                )
+            arg.start = walk_end
+        if not chunks:
+            return _EMPTY
+        ranges = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        if len(ranges) > 1:
+            ranges = _merge_adjacent(ranges)
+        return ranges
+
+    def _check(self, start: int, end: int) -> None:
+        if self._fd < 0:
+            raise ValueError("the pagemap scanner is closed")
+        if start < 0 or end <= start or start % PAGE_SIZE or end % PAGE_SIZE:
+            raise ConfigError(
+                f"PAGEMAP_SCAN: [{start:#x}, {end:#x}) is not a non-empty, page-aligned range"
+            )
+
+    def _raise(self, error: int, start: int, end: int) -> None:
+        if error == errno_codes.ENOTTY:
+            raise MissingKernelFeature("PAGEMAP_SCAN", "dirty page tracking")
+        detail = f"pid {self.pid}, range [{start:#x}, {end:#x})"
+        if error == errno_codes.EPERM:
+            detail += ": part of it is not registered with a WP_ASYNC userfaultfd"
+        raise KernelError("PAGEMAP_SCAN", error, detail)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> PagemapScanner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PagemapScanner pid={self.pid} fd={self._fd}>"
+
+
+def _merge_adjacent(ranges: np.ndarray) -> np.ndarray:
+    """Merge rows whose start equals the previous row's end (rows sorted, disjoint)."""
+    breaks = ranges[1:, 0] != ranges[:-1, 1]
+    if breaks.all():
+        return ranges
+    first = np.concatenate(([True], breaks))
+    last = np.concatenate((breaks, [True]))
+    return np.stack((ranges[first, 0], ranges[last, 1]), axis=1)
