@@ -1,0 +1,150 @@
+"""The ``trimig`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from .demo import TRANSPORTS, migrate_locally, workload_command
+from .errors import TrimigError
+from .migration import MigrationCapabilities, MigrationParameters
+from .progress import statistics_table
+from .ram import default_block_specs
+from .units import parse_rate, parse_size
+
+
+def _add_guest_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ram", default="1G", help="main RAM block size (default 1G)")
+    parser.add_argument(
+        "--huge", default="0", help="size of an extra hugetlb (2 MiB pages) RAM block (default none)"
+    )
+    parser.add_argument(
+        "--dirty-rate",
+        default="256M",
+        help="bytes per second the built-in guest dirties; 'max' for as fast as it can (default 256M)",
+    )
+    parser.add_argument(
+        "--fill", choices=("random", "zero"), default="random", help="initial RAM contents"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the random fill")
+
+
+def _add_migration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-bandwidth", default="0", help="bytes/s, 0 = unlimited (default)")
+    parser.add_argument("--downtime-limit", type=int, default=300, help="ms (default 300)")
+    parser.add_argument("--postcopy", action="store_true", help="switch to postcopy after the first pass")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _migration_settings(args: argparse.Namespace) -> tuple[MigrationCapabilities, MigrationParameters]:
+    capabilities = MigrationCapabilities()
+    parameters = MigrationParameters()
+    parameters.set("max-bandwidth", parse_rate(args.max_bandwidth, what="--max-bandwidth"))
+    parameters.set("downtime-limit", args.downtime_limit)
+    if args.postcopy:
+        capabilities.set("postcopy-ram", True)
+    return capabilities, parameters
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trimig", description="Live migration of running guests")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="migrate a running built-in guest on this machine")
+    demo.add_argument("--transport", choices=TRANSPORTS, default="unix")
+    demo.add_argument("--warmup", type=float, default=0.5, help="seconds the guest runs first")
+    _add_guest_options(demo)
+    _add_migration_options(demo)
+    demo.set_defaults(handler=_cmd_demo)
+
+    probe = sub.add_parser("probe", help="report the kernel features trimig uses")
+    probe.set_defaults(handler=_cmd_probe)
+
+    try:
+        from .qmp.cli import add_control_commands
+    except ImportError:  # the control plane is optional at import time
+        pass
+    else:
+        add_control_commands(sub)
+    try:
+        from .twoproc import add_two_process_commands
+    except ImportError:
+        pass
+    else:
+        add_two_process_commands(sub, _add_guest_options, _add_migration_options)
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    specs = default_block_specs(
+        parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
+    )
+    capabilities, parameters = _migration_settings(args)
+    command = workload_command(
+        dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
+    )
+    result = trio.run(
+        lambda: migrate_locally(
+            specs,
+            transport=args.transport,
+            guest_command=command,
+            capabilities=capabilities,
+            parameters=parameters,
+            warmup=args.warmup,
+            progress=True,
+            postcopy_after_first_pass=args.postcopy,
+        )
+    )
+    report(result.to_json(), args.json)
+    return 0 if result.ok else 1
+
+
+def report(info: dict[str, Any], as_json: bool) -> None:
+    """Print the final statistics: a table for people, one JSON object for programs."""
+    if as_json:
+        print(json.dumps(info, sort_keys=True))
+        return
+    extra = {k: v for k, v in info.items() if k in ("verified",)}
+    verdict = info.get("verdict") or {}
+    if verdict.get("detail"):
+        extra["verdict"] = verdict["detail"]
+    body = {k: v for k, v in info.items() if k not in ("verified", "verdict", "destination")}
+    print(statistics_table(body, extra))
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .kernel.probe import probe
+
+    print(probe().describe())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except TrimigError as exc:
+        print(f"trimig: error: {exc}", file=sys.stderr)
+        cause = exc.__cause__
+        if cause is not None and str(cause) and str(cause) not in str(exc):
+            print(f"trimig: cause: {cause}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("trimig: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Both sides of a migration on this machine: the engine of ``trimig demo``, tests and benchmarks.
+
+The source and destination engines run in this trio process (each guest in its
+own process); the stream crosses a real transport chosen by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from .errors import ConfigError
+from .guest.host import GuestProcess, Verdict
+from .loadvm.incoming import IncomingMigration
+from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
+from .progress import show_progress
+from .ram import RamBlock, RamBlockSpec, create_blocks
+from .savevm.outgoing import OutgoingMigration
+from .transports import MemoryFabric
+
+log = logging.getLogger("trimig.demo")
+
+TRANSPORTS = ("unix", "tcp", "exec", "rdma")
+
+
+def workload_command(*, dirty_rate: int = 0, fill: str = "random", seed: int = 1) -> list[str]:
+    """The built-in workload guest's command line."""
+    return [
+        sys.executable,
+        "-m",
+        "trimig.guest.workload",
+        "--dirty-rate",
+        str(dirty_rate),
+        "--fill",
+        fill,
+        "--seed",
+        str(seed),
+    ]
+
+
+@attrs.define
+class LocalMigrationResult:
+    """What a local migration produced: both sides' view and the destination guest's verdict."""
+
+    source: dict[str, Any]
+    destination: dict[str, Any]
+    verdict: Verdict | None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.source.get("status") == "completed"
+            and self.verdict is not None
+            and self.verdict.verified
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.source,
+            "destination": self.destination,
+            "verified": bool(self.verdict and self.verdict.verified),
+            "verdict": self.verdict.raw if self.verdict else None,
+        }
+
+
+@asynccontextmanager
+async def transport_uris(transport: str) -> AsyncIterator[tuple[str, str, dict[str, Any]]]:
+    """Yield (listen URI, connect URI template, options) for a transport name.
+
+    The connect URI may contain ``{address}``, replaced by the listener's real address.
+    """
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+    with tempfile.TemporaryDirectory(prefix="trimig-") as tmp:
+        if transport == "unix":
+            path = os.path.join(tmp, "migration.sock")
+            yield f"unix:{path}", f"unix:{path}", {}
+        elif transport == "tcp":
+            yield "tcp:127.0.0.1:0", "{address}", {}
+        elif transport == "exec":
+            fifo = os.path.join(tmp, "stream.fifo")
+            os.mkfifo(fifo)
+            yield f"exec:cat {fifo}", f"exec:cat > {fifo}", {}
+        else:
+            fabric = MemoryFabric()
+            yield "rdma:mem:demo", "rdma:mem:demo", {"fabric": fabric}
+
+
+@asynccontextmanager
+async def running_guest(
+    specs: Sequence[RamBlockSpec], command: Sequence[str]
+) -> AsyncIterator[tuple[GuestProcess, list[RamBlock]]]:
+    """A new guest, running on fresh blocks; quit and freed on exit."""
+    blocks = create_blocks(specs)
+    try:
+        guest = await GuestProcess.start(command)
+        try:
+            await guest.attach(blocks, "new")
+            await guest.cont()
+            yield guest, blocks
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await guest.aclose()
+    finally:
+        for block in blocks:
+            block.close()
+
+
+async def migrate_locally(
+    specs: Sequence[RamBlockSpec],
+    *,
+    transport: str = "unix",
+    guest_command: Sequence[str] | None = None,
+    capabilities: MigrationCapabilities | None = None,
+    parameters: MigrationParameters | None = None,
+    warmup: float = 0.5,
+    run_after: float = 0.3,
+    progress: bool = False,
+    postcopy_after_first_pass: bool = False,
+) -> LocalMigrationResult:
+    """Start a guest, let it run ``warmup`` s, migrate it over ``transport``, verify it."""
+    command = list(guest_command or workload_command())
+    capabilities = capabilities or MigrationCapabilities()
+    async with transport_uris(transport) as (listen_uri, connect_uri, options):
+        incoming = IncomingMigration(
+            specs, guest_command=command, capabilities=capabilities, listen_options=options
+        )
+        try:
+            async with running_guest(specs, command) as (guest, blocks), trio.open_nursery() as nursery:
+                address = await nursery.start(incoming.listen_and_run, listen_uri)
+                await trio.sleep(warmup)
+                outgoing = OutgoingMigration(
+                    guest,
+                    blocks,
+                    capabilities=capabilities,
+                    parameters=parameters,
+                    connect_options=options,
+                )
+                if progress:
+                    progress_scope = trio.CancelScope()
+
+                    async def progress_task() -> None:
+                        with progress_scope:
+                            await show_progress(outgoing.query)
+
+                    nursery.start_soon(progress_task)
+                if postcopy_after_first_pass:
+                    nursery.start_soon(_start_postcopy_after_first_pass, outgoing)
+                await outgoing.run(connect_uri.format(address=address))
+                await incoming.status.wait_value(
+                    lambda s: s in (MigrationStatus.COMPLETED, MigrationStatus.FAILED)
+                )
+                if progress:
+                    progress_scope.cancel()
+            verdict = await _verify_destination(incoming, run_after)
+            return LocalMigrationResult(outgoing.query(), incoming.query(), verdict)
+        finally:
+            await incoming.aclose()
+
+
+async def _start_postcopy_after_first_pass(outgoing: OutgoingMigration) -> None:
+    await outgoing.status.wait_value(lambda s: s is not MigrationStatus.SETUP)
+    while outgoing.stats.dirty_sync_count < 1 and outgoing.status.value.is_running:
+        await trio.sleep(0.005)
+    if outgoing.status.value is MigrationStatus.ACTIVE:
+        outgoing.start_postcopy()
+
+
+async def _verify_destination(incoming: IncomingMigration, run_after: float) -> Verdict | None:
+    if incoming.status.value is not MigrationStatus.COMPLETED:
+        return None
+    guest, blocks = incoming.take_guest()
+    try:
+        await trio.sleep(run_after)
+        await guest.stop()
+        return await guest.verify()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await guest.aclose()
+        for block in blocks:
+            block.close()

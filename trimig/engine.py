@@ -1,0 +1,259 @@
+"""A long-running engine: one guest, its RAM, and the migrations that move it.
+
+``trimig run`` serves an Engine over QMP; a trio application can embed one too.
+The engine's nursery owns every migration task; commands that start one return
+at once, as QMP's do, and progress is read with ``query_migrate`` or events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .errors import ConfigError
+from .guest.host import GuestProcess
+from .loadvm.incoming import IncomingMigration
+from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
+from .ram import RamBlock, RamBlockSpec, create_blocks
+from .savevm.outgoing import OutgoingMigration
+
+log = logging.getLogger("trimig.engine")
+
+EVENT_BUFFER = 256
+
+
+class Engine:
+    """Implements trimig.qmp.api.EngineControl. Use ``async with open_engine(...)``."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        specs: Sequence[RamBlockSpec],
+        guest_command: Sequence[str],
+        *,
+        incoming: bool = False,
+    ) -> None:
+        self._nursery = nursery
+        self.specs = list(specs)
+        self.guest_command = list(guest_command)
+        self.capabilities = MigrationCapabilities()
+        self.parameters = MigrationParameters()
+        self.guest: GuestProcess | None = None
+        self.blocks: list[RamBlock] = []
+        self.migration: OutgoingMigration | IncomingMigration | None = None
+        self._migration_scope: trio.CancelScope | None = None
+        self._incoming_allowed = incoming
+        self._run_state = "inmigrate" if incoming else "prelaunch"
+        self._subscribers: set[trio.MemorySendChannel[tuple[str, dict[str, Any]]]] = set()
+        self.quit_requested = trio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start_guest(self) -> None:
+        """Create the RAM blocks and start the guest running (a source engine)."""
+        self.blocks = create_blocks(self.specs)
+        self.guest = await GuestProcess.start(self.guest_command)
+        await self.guest.attach(self.blocks, "new")
+        await self.guest.cont()
+        self._run_state = "running"
+
+    async def aclose(self) -> None:
+        if self._migration_scope is not None:
+            self._migration_scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if isinstance(self.migration, IncomingMigration):
+                await self.migration.aclose()
+            if self.guest is not None:
+                await self.guest.aclose()
+                self.guest = None
+        for block in self.blocks:
+            block.close()
+        self.blocks = []
+        for channel in list(self._subscribers):
+            channel.close()
+
+    # -- events ------------------------------------------------------------------------
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if name.startswith("MIGRATION") and not self.capabilities.events:
+            return
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait((name, data))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                log.warning("dropping event %s for a slow or gone subscriber", name)
+
+    @asynccontextmanager
+    async def subscribe_events(
+        self,
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]]:
+        send, receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](EVENT_BUFFER)
+        self._subscribers.add(send)
+        try:
+            yield receive
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    # -- settings ----------------------------------------------------------------------
+
+    def _refuse_while_migrating(self, what: str) -> None:
+        if self.migration is not None and self.migration.status.value.is_running:
+            raise ConfigError(f"cannot {what} while a migration is running")
+
+    def set_capabilities(self, capabilities: dict[str, bool]) -> None:
+        self._refuse_while_migrating("change capabilities")
+        for name, state in capabilities.items():
+            self.capabilities.set(name, state)
+
+    def query_capabilities(self) -> list[dict[str, Any]]:
+        return self.capabilities.query()
+
+    def set_parameters(self, parameters: dict[str, Any]) -> None:
+        for name, value in parameters.items():
+            self.parameters.set(name, value)
+        if isinstance(self.migration, OutgoingMigration):
+            self.migration.set_max_bandwidth(self.parameters.max_bandwidth)
+
+    def query_parameters(self) -> dict[str, Any]:
+        return self.parameters.query()
+
+    # -- migration ---------------------------------------------------------------------
+
+    async def migrate(self, uri: str) -> None:
+        self._refuse_while_migrating("start another migration")
+        if self.guest is None:
+            raise ConfigError("there is no guest here to migrate (the engine is waiting for one)")
+        if self._run_state == "postmigrate":
+            raise ConfigError("the guest has already been migrated away")
+        outgoing = OutgoingMigration(
+            self.guest,
+            self.blocks,
+            capabilities=self.capabilities,
+            parameters=self.parameters,
+            on_event=self._on_outgoing_event,
+        )
+        self.migration = outgoing
+        self._nursery.start_soon(self._run_outgoing, outgoing, uri)
+        await outgoing.status.wait_value(lambda s: s is not MigrationStatus.NONE)
+
+    def _on_outgoing_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "STOP":
+            self._run_state = "finish-migrate"
+        self._emit(name, data)
+
+    async def _run_outgoing(self, outgoing: OutgoingMigration, uri: str) -> None:
+        with trio.CancelScope() as scope:
+            self._migration_scope = scope
+            try:
+                await outgoing.run(uri)
+            except Exception as exc:
+                log.warning("migration to %s failed: %s", uri, exc)
+            else:
+                self._run_state = "postmigrate"
+            finally:
+                self._migration_scope = None
+        if outgoing.status.value in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
+            self._run_state = "running" if self.guest and self.guest.running else "paused"
+
+    async def migrate_incoming(self, uri: str) -> None:
+        if not self._incoming_allowed:
+            raise ConfigError("migrate-incoming needs an engine started with --incoming defer")
+        self._incoming_allowed = False
+        incoming = IncomingMigration(
+            self.specs,
+            guest_command=self.guest_command,
+            capabilities=self.capabilities,
+            on_event=self._emit,
+        )
+        self.migration = incoming
+        await self._nursery.start(self._run_incoming, incoming, uri)
+
+    async def _run_incoming(
+        self,
+        incoming: IncomingMigration,
+        uri: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.CancelScope() as scope:
+            self._migration_scope = scope
+            try:
+                address = await self._nursery.start(incoming.listen_and_run, uri)
+                self.incoming_address = address
+                task_status.started()
+                await incoming.status.wait_value(
+                    lambda s: s in (MigrationStatus.COMPLETED, MigrationStatus.FAILED)
+                )
+            except Exception as exc:
+                log.warning("incoming migration on %s failed: %s", uri, exc)
+            finally:
+                self._migration_scope = None
+        if incoming.status.value is MigrationStatus.COMPLETED:
+            self.guest, self.blocks = incoming.take_guest()
+            self._run_state = "running"
+
+    def start_postcopy(self) -> None:
+        if not isinstance(self.migration, OutgoingMigration) or not self.migration.status.value.is_running:
+            raise ConfigError("no outgoing migration is running")
+        self.migration.start_postcopy()
+
+    def cancel(self) -> None:
+        migration = self.migration
+        if migration is None or not migration.status.value.is_running:
+            return
+        if migration.status.value.is_postcopy:
+            raise ConfigError("postcopy is running: the guest lives on both sides; it cannot be cancelled")
+        if self._migration_scope is not None:
+            self._migration_scope.cancel()
+
+    def query_migrate(self) -> dict[str, Any]:
+        if self.migration is None:
+            return {}
+        return self.migration.query()
+
+    def query_status(self) -> dict[str, Any]:
+        running = bool(self.guest and self.guest.running)
+        status = "running" if running else self._run_state
+        if not running and status == "running":
+            status = "paused"
+        return {"running": running, "singlestep": False, "status": status}
+
+    async def stop(self) -> None:
+        if self.guest is None:
+            raise ConfigError("there is no guest")
+        await self.guest.stop()
+        self._run_state = "paused"
+        self._emit("STOP", {})
+
+    async def cont(self) -> None:
+        if self.guest is None:
+            raise ConfigError("there is no guest")
+        if self._run_state == "postmigrate":
+            raise ConfigError("the guest was migrated away; it runs on the destination")
+        await self.guest.cont()
+        self._run_state = "running"
+        self._emit("RESUME", {})
+
+    async def quit(self) -> None:
+        self.quit_requested.set()
+
+
+@asynccontextmanager
+async def open_engine(
+    specs: Sequence[RamBlockSpec], guest_command: Sequence[str], *, incoming: bool = False
+) -> AsyncIterator[Engine]:
+    """An engine whose tasks live in a nursery this context owns; closed on exit."""
+    async with trio.open_nursery() as nursery:
+        engine = Engine(nursery, specs, guest_command, incoming=incoming)
+        try:
+            if not incoming:
+                await engine.start_guest()
+            yield engine
+        finally:
+            await engine.aclose()
+            nursery.cancel_scope.cancel()
