@@ -1,0 +1,44 @@
+"""Transports: tcp, unix, exec and the RDMA-shaped one; each yields a ByteStream.
+
+``connect(uri)`` / ``listen(uri)`` pick the transport from the URI (see ``uri.py`` for the
+forms). A transport moves bytes only; it knows nothing of the migration stream format.
+"""
+
+from trimig.transports.base import IOV_MAX, Buffer, ByteStream, Listener, RegionRegistry
+from trimig.transports.endpoints import connect, listen
+from trimig.transports.exec_ import PipeStream
+from trimig.transports.rdma import MemoryFabric, MemoryStream, memory_stream_pair
+from trimig.transports.socket import SocketStream
+from trimig.transports.uri import (
+    Address,
+    ExecCommand,
+    RdmaAddress,
+    RdmaMemoryAddress,
+    RdmaSocketAddress,
+    TcpAddress,
+    UnixAddress,
+    parse_uri,
+)
+
+__all__ = [
+    "IOV_MAX",
+    "Address",
+    "Buffer",
+    "ByteStream",
+    "ExecCommand",
+    "Listener",
+    "MemoryFabric",
+    "MemoryStream",
+    "PipeStream",
+    "RdmaAddress",
+    "RdmaMemoryAddress",
+    "RdmaSocketAddress",
+    "RegionRegistry",
+    "SocketStream",
+    "TcpAddress",
+    "UnixAddress",
+    "connect",
+    "listen",
+    "memory_stream_pair",
+    "parse_uri",
+]

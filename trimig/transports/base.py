@@ -1,0 +1,200 @@
+"""The contracts every transport meets (ByteStream, Listener, RegionRegistry) and shared helpers.
+
+A transport moves bytes and knows nothing of the migration stream format. Errors of the
+link (refused, reset, broken pipe, a child that failed) are raised as TransportError.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Protocol, Self, TypeAlias
+
+import trio
+
+from trimig.errors import LocalProtocolError, TransportError
+from trimig.transports.uri import Address
+
+# A contiguous buffer: bytes, bytearray, memoryview or anything exporting the buffer
+# protocol (a numpy page array, an mmap). Python 3.11 has no collections.abc.Buffer.
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+"""Most entries one sendmsg/writev call takes (1024 on Linux)."""
+
+
+class RegionRegistry(Protocol):
+    """One-sided memory of the RDMA-shaped transport.
+
+    The destination registers its RAM blocks; the source gets a writable view of each and
+    writes pages straight into the destination's memory, then announces them on the stream.
+    """
+
+    async def register(self, name: str, fd: int, size: int, buffer: memoryview) -> None:
+        """Offer ``size`` bytes of memory under ``name`` to the peer.
+
+        ``fd`` (a memfd holding the memory from offset 0) is what crosses a process
+        boundary; ``buffer`` (this process's writable mapping of it, ``size`` bytes) is what
+        the in-process flavour hands out. Names are unique per stream.
+        """
+        ...
+
+    async def remote(self, name: str) -> memoryview:
+        """A writable view of the peer's region ``name``, waiting until it is registered.
+
+        Raises TransportError if the peer goes away (or the stream closes) first.
+        """
+        ...
+
+
+class ByteStream(Protocol):
+    """A bidirectional (or one-way, for exec) byte pipe between the two engines."""
+
+    @property
+    def transport(self) -> str:
+        """The transport's name: "tcp", "unix", "exec" or "rdma"."""
+        ...
+
+    @property
+    def has_return_path(self) -> bool:
+        """Whether the reverse direction exists (and can carry the return path)."""
+        ...
+
+    @property
+    def regions(self) -> RegionRegistry | None:
+        """The one-sided memory registry; None except on the RDMA-shaped transport."""
+        ...
+
+    async def send_buffers(self, buffers: Sequence[Buffer]) -> None:
+        """Gather-write every byte of ``buffers`` in order (one sendmsg/writev per batch).
+
+        The buffers are not copied and must not change until this returns. If cancelled,
+        an unknown prefix may have been sent: the stream is then only good for aclose().
+        """
+        ...
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Read at least one byte into ``buffer`` (non-empty); return the count, 0 at EOF."""
+        ...
+
+    async def send_eof(self) -> None:
+        """Tell the peer no more bytes follow (half close); receiving still works."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the stream and release every resource; closes fds even when cancelled."""
+        ...
+
+
+class Listener(Protocol):
+    """An incoming endpoint; ``address`` is the real one (the bound port for ``tcp:...:0``)."""
+
+    @property
+    def address(self) -> Address: ...
+
+    async def accept(self) -> ByteStream:
+        """Wait for the next incoming connection (or, for exec, start the command)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+
+class ListenerBase:
+    """Gives a listener ``async with`` support on top of its aclose()."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def byte_buffers(buffers: Sequence[Buffer]) -> tuple[list[Buffer], list[int]]:
+    """Flat byte views of ``buffers`` (empty ones dropped) and their lengths. No copying."""
+    views: list[Buffer] = []
+    lengths: list[int] = []
+    for buffer in buffers:
+        if isinstance(buffer, bytes | bytearray):
+            length = len(buffer)
+        else:
+            view = memoryview(buffer)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            buffer, length = view, view.nbytes
+        if length:
+            views.append(buffer)
+            lengths.append(length)
+    return views, lengths
+
+
+async def write_all(
+    write_some: Callable[[list[Buffer]], Awaitable[int]], buffers: Sequence[Buffer]
+) -> int:
+    """Write every byte of ``buffers`` through a gather primitive; return the byte count.
+
+    ``write_some`` takes at most IOV_MAX buffers and returns how many bytes it wrote. After a
+    partial write only the partly written entry is re-sliced; payloads are never copied.
+    """
+    views, lengths = byte_buffers(buffers)
+    total = sum(lengths)
+    index = 0
+    count = len(views)
+    while index < count:
+        written = await write_some(views[index : index + IOV_MAX])
+        while written:
+            length = lengths[index]
+            if written >= length:
+                written -= length
+                index += 1
+            else:
+                views[index] = memoryview(views[index])[written:]
+                lengths[index] = length - written
+                written = 0
+    return total
+
+
+def check_receive_buffer(buffer: memoryview) -> None:
+    """Refuse an empty receive buffer: a 0 return must only ever mean EOF."""
+    if memoryview(buffer).nbytes == 0:
+        raise LocalProtocolError("receive_into needs a non-empty buffer (0 means EOF)")
+
+
+_EXPLANATIONS = {
+    errno.EPIPE: "the peer closed the connection",
+    errno.ECONNRESET: "the peer reset the connection",
+    errno.ECONNREFUSED: "nothing is listening there",
+    errno.ENOENT: "no such socket",
+    errno.ETIMEDOUT: "the connection timed out",
+}
+
+
+def transport_error(action: str, error: BaseException) -> TransportError:
+    """A TransportError for ``action`` (e.g. "sending on tcp:h:1") failing with ``error``."""
+    if isinstance(error, trio.ClosedResourceError):
+        return TransportError(f"{action} failed: the stream was closed locally")
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = os.strerror(error.errno)
+        explanation = _EXPLANATIONS.get(error.errno)
+        if explanation:
+            reason += f" ({explanation})"
+        return TransportError(f"{action} failed: {reason}")
+    return TransportError(f"{action} failed: {error}")

@@ -1,0 +1,74 @@
+"""``connect(uri)`` and ``listen(uri)``: the entry points that pick a transport by URI."""
+
+from __future__ import annotations
+
+from trimig.errors import ConfigError
+from trimig.transports.base import ByteStream, Listener
+from trimig.transports.exec_ import connect_exec, listen_exec
+from trimig.transports.rdma import MemoryFabric, connect_rdma_socket, listen_rdma_socket
+from trimig.transports.socket import connect_tcp, connect_unix, listen_tcp, listen_unix
+from trimig.transports.uri import (
+    Address,
+    ExecCommand,
+    RdmaMemoryAddress,
+    RdmaSocketAddress,
+    TcpAddress,
+    UnixAddress,
+    parse_uri,
+)
+
+
+def _address(uri: str | Address) -> Address:
+    return parse_uri(uri) if isinstance(uri, str) else uri
+
+
+def _fabric(address: RdmaMemoryAddress, fabric: MemoryFabric | None) -> MemoryFabric:
+    if fabric is None:
+        raise ConfigError(
+            f"{address.uri} is an in-process endpoint: pass the MemoryFabric shared by both "
+            "ends as fabric=..."
+        )
+    return fabric
+
+
+async def connect(uri: str | Address, *, fabric: MemoryFabric | None = None) -> ByteStream:
+    """Open the outgoing stream for ``uri``; TransportError if the destination is not there.
+
+    ``fabric`` is needed (only) for ``rdma:mem:NAME``. For ``exec:COMMAND`` this starts
+    ``sh -c COMMAND`` writing to its stdin; finish with ``send_eof()`` before ``aclose()``.
+    """
+    address = _address(uri)
+    match address:
+        case TcpAddress():
+            return await connect_tcp(address)
+        case UnixAddress():
+            return await connect_unix(address)
+        case ExecCommand():
+            return await connect_exec(address)
+        case RdmaSocketAddress():
+            return await connect_rdma_socket(address)
+        case RdmaMemoryAddress():
+            return await _fabric(address, fabric).connect(address)
+    raise ConfigError(f"cannot connect to {address!r}: not a migration address")
+
+
+async def listen(uri: str | Address, *, fabric: MemoryFabric | None = None) -> Listener:
+    """Open the incoming endpoint for ``uri``; ``.address`` tells the real address.
+
+    Close it with ``aclose()`` or use it as an async context manager. ``accept()`` returns
+    one ByteStream per incoming connection; for ``exec:COMMAND`` each accept() starts the
+    command and reads its stdout.
+    """
+    address = _address(uri)
+    match address:
+        case TcpAddress():
+            return await listen_tcp(address)
+        case UnixAddress():
+            return await listen_unix(address)
+        case ExecCommand():
+            return await listen_exec(address)
+        case RdmaSocketAddress():
+            return await listen_rdma_socket(address)
+        case RdmaMemoryAddress():
+            return await _fabric(address, fabric).listen(address)
+    raise ConfigError(f"cannot listen on {address!r}: not a migration address")
