@@ -1,0 +1,126 @@
+"""The source's postcopy page-request queue.
+
+The return-path reader ``put``s every REQ_PAGES / REQ_PAGES_ID it decodes; the
+RAM sender takes them with ``get_nowait`` (between background pages) or ``await
+get()``. Taking a request also leaves a scan hint: the background scan should
+continue right after the requested page, since the guest is likely to touch its
+neighbours next.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import attrs
+import trio
+
+from ..errors import RemoteProtocolError
+from .blocks import BlockLayout, PageRequest, check_layout
+
+
+@attrs.frozen
+class ScanHint:
+    """Where the background scan should continue: ``offset`` in ``block``.
+
+    ``offset`` may equal the block's size, meaning "continue with the next block".
+    """
+
+    block: str
+    offset: int
+
+
+class PageRequestQueue:
+    """Validated FIFO of page requests for one outgoing migration.
+
+    Every request handed to ``put`` counts in ``requests`` (postcopy-requests),
+    valid or not. Invalid ones raise RemoteProtocolError and are not queued.
+    """
+
+    def __init__(self, blocks: Iterable[BlockLayout]) -> None:
+        self._layouts: dict[str, tuple[int, int]] = {}
+        for block in blocks:
+            check_layout(block)
+            self._layouts[block.name] = (block.size, block.page_size)
+        self._queue: deque[PageRequest] = deque()
+        self._waiters = trio.lowlevel.ParkingLot()
+        self._last_block: str | None = None
+        self._hint: ScanHint | None = None
+        self.requests = 0
+        """postcopy-requests: page requests received."""
+
+    def put(self, block: str | None, start: int, length: int) -> PageRequest:
+        """Validate and queue one request; ``block`` None means "same block as the
+        previous request" (REQ_PAGES). Returns the queued request."""
+        self.requests += 1
+        if block is None:
+            if self._last_block is None:
+                raise RemoteProtocolError(
+                    f"REQ_PAGES (start {start:#x}, length {length:#x}) without a block name "
+                    "and no previous request named one"
+                )
+            block = self._last_block
+        else:
+            if block not in self._layouts:
+                raise RemoteProtocolError(f"page request names unknown RAM block {block!r}")
+            self._last_block = block
+        size, page_size = self._layouts[block]
+        if length <= 0 or start < 0 or start % page_size or length % page_size:
+            raise RemoteProtocolError(
+                f"page request in RAM block {block!r} (start {start:#x}, length {length:#x}) "
+                f"is not aligned to the block's page size {page_size:#x}"
+            )
+        if start + length > size:
+            raise RemoteProtocolError(
+                f"page request in RAM block {block!r} (start {start:#x}, length {length:#x}) "
+                f"runs past the block's end {size:#x}"
+            )
+        request = PageRequest(block, start, length)
+        self._queue.append(request)
+        self._waiters.unpark_all()
+        return request
+
+    def get_nowait(self) -> PageRequest | None:
+        """Take the oldest request, or None when there is none."""
+        if not self._queue:
+            return None
+        request = self._queue.popleft()
+        self._hint = ScanHint(request.block, request.start + request.length)
+        return request
+
+    async def get(self) -> PageRequest:
+        """Wait for and take the oldest request."""
+        await self.wait_pending()
+        request = self.get_nowait()
+        assert request is not None
+        return request
+
+    async def wait_pending(self) -> None:
+        """Return once at least one request is queued (without taking it).
+
+        Lets the sender cut a rate-limit sleep short:
+        ``with trio.move_on_after(delay): await queue.wait_pending()``.
+        """
+        await trio.lowlevel.checkpoint()
+        while not self._queue:
+            await self._waiters.park()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    @property
+    def pending(self) -> bool:
+        """True while requests are queued (the sender keeps going past its rate limit)."""
+        return bool(self._queue)
+
+    def take_hint(self) -> ScanHint | None:
+        """The scan hint left by the last request taken, cleared by this call."""
+        hint, self._hint = self._hint, None
+        return hint
+
+    def reset(self) -> None:
+        """For postcopy recovery: drop queued requests, the previous block and the
+        hint (the destination re-sends its outstanding requests, naming blocks)."""
+        self._queue.clear()
+        self._last_block = None
+        self._hint = None
