@@ -108,7 +108,11 @@ class _RegionBoard:
         self.notify()
 
     def close(self) -> None:
+        """No more lookups: drop (and release) our references to the published buffers."""
         self.closed = True
+        for buffer in self.regions.values():
+            buffer.release()
+        self.regions.clear()
         self.notify()
 
     def notify(self) -> None:
