@@ -71,6 +71,7 @@ _PAGE_CONTINUE = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
 _ZERO_CONTINUE = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 _PAGE_KINDS = (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_HOOK)
 _FIRST_WINDOW = 64  # records checked before the run-scanning window grows
+_RUN_MIN = 8  # shorter runs are decoded record by record (cheaper than numpy calls)
 
 RamRecordEvent = RamPages | RamZeroPages | RamWritten | RamEndOfSection
 
@@ -289,69 +290,95 @@ class RamRecordDecoder:
         Returns the event and the number of bytes it used. Raises Incomplete
         when the buffer ends inside the record, Malformed on bad input.
         """
-        available = buffer.end - buffer.start
+        view = buffer.view
+        start = buffer.start
+        available = buffer.end - start
         if available < 8:
-            raise Incomplete("RAM record")
-        word: int = BE64.unpack_from(buffer.view, buffer.start)[0]
+            raise Incomplete("a RAM record")
+        word: int = BE64.unpack_from(view, start)[0]
         flags = word & RAM_FLAGS_MASK
-        if self.last_block is not None:
-            if flags == _PAGE_CONTINUE and available >= 2 * PAGE_RECORD_SIZE:
-                run = self._page_run(buffer, available // PAGE_RECORD_SIZE)
-                if run is not None:
-                    return run
-            elif flags == _ZERO_CONTINUE and available >= 2 * ZERO_RECORD_SIZE:
-                zeros = self._zero_run(buffer, available // ZERO_RECORD_SIZE)
-                if zeros is not None:
-                    return zeros
+        block = self.last_block
+        if flags in (_PAGE_CONTINUE, _ZERO_CONTINUE) and block is not None:
+            size = self.blocks[block]
+            offset = word ^ flags
+            if flags == _PAGE_CONTINUE:
+                nrecords = available // PAGE_RECORD_SIZE
+                if nrecords >= _RUN_MIN and size >= TARGET_PAGE_SIZE:
+                    ahead = start + (_RUN_MIN - 1) * PAGE_RECORD_SIZE
+                    if BE64.unpack_from(view, ahead)[0] & RAM_FLAGS_MASK == flags:
+                        pages = self._page_run(buffer, block, size, nrecords)
+                        if pages is not None:
+                            return pages
+                if nrecords and offset + TARGET_PAGE_SIZE <= size:
+                    data = buffer.array[start + 8 : start + PAGE_RECORD_SIZE]
+                    offsets = np.array([offset], dtype=np.uint64)
+                    page = RamPages(block, offsets, data.reshape(1, TARGET_PAGE_SIZE))
+                    return page, PAGE_RECORD_SIZE
+            else:
+                nrecords = available // ZERO_RECORD_SIZE
+                if nrecords >= _RUN_MIN and size >= TARGET_PAGE_SIZE:
+                    ahead = start + (_RUN_MIN - 1) * ZERO_RECORD_SIZE
+                    if BE64.unpack_from(view, ahead)[0] & RAM_FLAGS_MASK == flags:
+                        zeros = self._zero_run(buffer, block, size, nrecords)
+                        if zeros is not None:
+                            return zeros
+                if nrecords and offset + TARGET_PAGE_SIZE <= size and view[start + 8] == 0:
+                    offsets = np.array([offset], dtype=np.uint64)
+                    return RamZeroPages(block, offsets), ZERO_RECORD_SIZE
         return self._decode_one(buffer, word, flags)
 
-    def _scan_run(self, words: npt.NDArray[np.uint64], flags: int, limit: np.uint64) -> int:
-        """Length of the leading run of ``words`` with exactly ``flags`` and offset <= limit."""
+    @staticmethod
+    def _scan_run(
+        headers: npt.NDArray[np.uint64],
+        flags: int,
+        size: int,
+        fills: npt.NDArray[np.uint8] | None = None,
+    ) -> npt.NDArray[np.uint64]:
+        """The words of the leading run of ``headers`` whose flags are exactly
+        ``flags``, whose page lies inside a block of ``size`` bytes and (for
+        ZERO records) whose fill byte is 0. Scans in growing windows, so the
+        work is proportional to the run, not to the buffer."""
+        # With the flags equal, "offset + page <= size" is "word <= size - page + flags".
+        last = np.uint64(size - TARGET_PAGE_SIZE + flags)
+        chunks = []
         count = 0
         window = _FIRST_WINDOW
-        total = len(words)
+        total = len(headers)
         while count < total:
             stop = min(total, count + window)
-            chunk = words[count:stop].astype(np.uint64)
-            good = ((chunk & _FLAGS_MASK) == flags) & ((chunk & _ADDR_MASK) <= limit)
+            words = headers[count:stop].astype(np.uint64)
+            good = ((words & _FLAGS_MASK) == flags) & (words <= last)
+            if fills is not None:
+                good &= fills[count:stop] == 0
             if not good.all():
-                return count + int(np.argmin(good))
+                chunks.append(words[: int(np.argmin(good))])
+                break
+            chunks.append(words)
             count = stop
             window *= 4
-        return count
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
-    def _page_run(self, buffer: ReceiveBuffer, nrecords: int) -> tuple[RamPages, int] | None:
-        assert self.last_block is not None
-        block = self.last_block
-        size = self.blocks[block]
-        if size < TARGET_PAGE_SIZE:
-            return None
+    def _page_run(
+        self, buffer: ReceiveBuffer, block: str, size: int, nrecords: int
+    ) -> tuple[RamPages, int] | None:
         start = buffer.start
         records = buffer.array[start : start + nrecords * PAGE_RECORD_SIZE].view(PAGE_RECORD_DTYPE)
-        headers = records["hdr"]
-        count = self._scan_run(headers, _PAGE_CONTINUE, np.uint64(size - TARGET_PAGE_SIZE))
+        words = self._scan_run(records["hdr"], _PAGE_CONTINUE, size)
+        count = len(words)
         if count == 0:
             return None
-        offsets = headers[:count].astype(np.uint64) & _ADDR_MASK
-        return RamPages(block, offsets, records["data"][:count]), count * PAGE_RECORD_SIZE
+        pages = RamPages(block, words & _ADDR_MASK, records["data"][:count])
+        return pages, count * PAGE_RECORD_SIZE
 
-    def _zero_run(self, buffer: ReceiveBuffer, nrecords: int) -> tuple[RamZeroPages, int] | None:
-        assert self.last_block is not None
-        block = self.last_block
-        size = self.blocks[block]
-        if size < TARGET_PAGE_SIZE:
-            return None
+    def _zero_run(
+        self, buffer: ReceiveBuffer, block: str, size: int, nrecords: int
+    ) -> tuple[RamZeroPages, int] | None:
         start = buffer.start
         records = buffer.array[start : start + nrecords * ZERO_RECORD_SIZE].view(ZERO_RECORD_DTYPE)
-        headers = records["hdr"]
-        count = self._scan_run(headers, _ZERO_CONTINUE, np.uint64(size - TARGET_PAGE_SIZE))
-        fills = np.flatnonzero(records["fill"][:count])
-        if fills.size:
-            count = int(fills[0])
-        if count == 0:
+        words = self._scan_run(records["hdr"], _ZERO_CONTINUE, size, records["fill"])
+        if len(words) == 0:
             return None
-        offsets = headers[:count].astype(np.uint64) & _ADDR_MASK
-        return RamZeroPages(block, offsets), count * ZERO_RECORD_SIZE
+        return RamZeroPages(block, words & _ADDR_MASK), len(words) * ZERO_RECORD_SIZE
 
     def _decode_one(
         self, buffer: ReceiveBuffer, word: int, flags: int
