@@ -1,0 +1,71 @@
+"""The interface the QMP layer needs from the engine (implemented by ``trimig.engine.Engine``).
+
+Names and shapes follow QEMU's QMP (qemu-migration-protocol.md §8, §10). Errors: methods raise
+:class:`trimig.errors.ConfigError` for bad input or a wrong state and other
+:class:`trimig.errors.TrimigError` subclasses for failures; the QMP layer turns every
+``TrimigError`` into a ``GenericError`` whose ``desc`` is the exception text.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+import trio
+
+#: What :meth:`EngineControl.subscribe_events` delivers: ``(event name, event data)``.
+EngineEvent = tuple[str, dict[str, Any]]
+
+
+class EngineControl(Protocol):
+    """Everything the QMP commands call. Sync methods must not block."""
+
+    def set_capabilities(self, capabilities: dict[str, bool]) -> None:
+        """Set migration capabilities by QEMU name. ConfigError on an unknown name, a conflict
+        or while a migration runs; on error nothing is changed."""
+
+    def query_capabilities(self) -> list[dict[str, Any]]:
+        """``[{"capability": name, "state": bool}, ...]`` for every capability."""
+
+    def set_parameters(self, parameters: dict[str, Any]) -> None:
+        """Set migration parameters by QEMU name; ConfigError on an unknown name or bad value."""
+
+    def query_parameters(self) -> dict[str, Any]:
+        """Every parameter and its current value."""
+
+    async def migrate(self, uri: str) -> None:
+        """Start an outgoing migration to ``uri`` in the engine's nursery; return at once."""
+
+    async def migrate_incoming(self, uri: str) -> None:
+        """Start listening on ``uri`` for an incoming migration; return once listening."""
+
+    def start_postcopy(self) -> None:
+        """Ask a running precopy migration to switch to postcopy."""
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: no-op when nothing runs; ConfigError once postcopy has started."""
+
+    def query_migrate(self) -> dict[str, Any]:
+        """``MigrationInfo``: ``status``, ``ram`` {...}, ``total-time``, ... (§8.3)."""
+
+    def query_status(self) -> dict[str, Any]:
+        """``{"running": bool, "status": "running" | "paused" | "inmigrate" | ...}``."""
+
+    async def stop(self) -> None:
+        """Pause the guest (emits STOP)."""
+
+    async def cont(self) -> None:
+        """Resume the guest (emits RESUME)."""
+
+    async def quit(self) -> None:
+        """Shut the engine down. The QMP reply has already been sent when this is called."""
+
+    def subscribe_events(
+        self,
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[EngineEvent]]:
+        """A fresh subscription to engine events, ended when the context exits.
+
+        Events: ``("MIGRATION", {"status": s})`` and ``("MIGRATION_PASS", {"pass": n})`` (only
+        while capability ``events`` is on), ``("STOP", {})``, ``("RESUME", {})``. The engine
+        should buffer per subscriber and never block on one; the QMP server drains promptly.
+        """
