@@ -189,7 +189,9 @@ _EXPLANATIONS = {
 
 def transport_error(action: str, error: BaseException) -> TransportError:
     """A TransportError for ``action`` (e.g. "sending on tcp:h:1") failing with ``error``."""
-    if isinstance(error, trio.ClosedResourceError):
+    if isinstance(error, trio.ClosedResourceError) or (
+        isinstance(error, OSError) and error.errno == errno.EBADF
+    ):
         return TransportError(f"{action} failed: the stream was closed locally")
     if isinstance(error, OSError) and error.errno is not None:
         reason = os.strerror(error.errno)
