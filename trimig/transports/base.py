@@ -137,6 +137,10 @@ def byte_buffers(buffers: Sequence[Buffer]) -> tuple[list[Buffer], list[int]]:
             length = len(buffer)
         else:
             view = memoryview(buffer)
+            if not view.c_contiguous:
+                raise LocalProtocolError(
+                    f"gather buffer {len(views)} is not contiguous ({view.strides} strides)"
+                )
             if view.ndim != 1 or view.itemsize != 1:
                 view = view.cast("B")
             buffer, length = view, view.nbytes
