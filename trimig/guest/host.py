@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import IO, Any, Protocol
 
@@ -99,6 +99,8 @@ class GuestProcess:
         self._next_id = 0
         self._ram_bytes = 0
         self._socket_closed = False
+        self._hello_received = False
+        self._unresponsive = False  # it missed a reply deadline
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -187,14 +189,30 @@ class GuestProcess:
         return await self._process.wait()
 
     async def aclose(self) -> None:
-        """End the guest: ``quit``, then SIGTERM, then SIGKILL, each given a little time,
-        under a shielded scope; reap the process and close the socket and files."""
+        """End the guest and release everything, under a shielded, time-bounded scope.
+
+        A responsive guest gets ``quit`` and a little time to exit; one that gave no
+        hello, missed a reply deadline or does not answer ``quit`` gets SIGTERM at once;
+        SIGKILL follows if that is not enough. The process is reaped, the socket and
+        the output file closed. Idempotent.
+        """
         with trio.CancelScope(shield=True):
-            if self._process.returncode is None and not self._socket_closed:
-                with suppress(GuestError):
+            ask = (
+                self._process.returncode is None
+                and not self._socket_closed
+                and self._hello_received
+                and not self._unresponsive
+            )
+            grace = self._socket_closed  # closed by quit() or by a death: it is ending
+            if ask:
+                try:
                     await self._request(Command.QUIT, timeout=CLOSE_STEP_TIMEOUT)
+                    grace = True
+                except GuestError:
+                    grace = False
             self._close_socket()
-            for ending in (None, self._process.terminate, self._process.kill):
+            endings = (None, self._process.terminate, self._process.kill)
+            for ending in endings if grace else endings[1:]:
                 if ending is not None and self._process.returncode is None:
                     ending()
                 with trio.move_on_after(CLOSE_STEP_TIMEOUT):
@@ -383,6 +401,7 @@ class GuestProcess:
                         raise await self._dead(command, "it closed its control socket")
                     reply, reply_fds = received
                     if reply.get("reply") == request_id:
+                        self._unresponsive = False
                         break
                     protocol.close_fds(reply_fds)
                     if reply.get("reply") is None:  # the guest could not parse a packet
@@ -392,6 +411,7 @@ class GuestProcess:
                         )
                     # else: the late reply of an earlier, timed-out or cancelled request
             if scope.cancelled_caught:
+                self._unresponsive = True
                 raise GuestError(
                     f"guest {self.pid} did not answer {command} within "
                     f"{self._timeout(timeout):g} s"
@@ -444,6 +464,7 @@ class GuestProcess:
         if not isinstance(pid, int) or pid <= 0:
             raise GuestError(f"guest {self.command} sent a hello without a valid pid: {hello!r}")
         self.pid = pid
+        self._hello_received = True
 
     async def _dead(self, command: Command | str, what: str) -> GuestError:
         """The error for a guest that stopped talking: waits briefly for its exit status."""

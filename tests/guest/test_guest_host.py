@@ -1,0 +1,126 @@
+"""GuestProcess against misbehaving guests: deaths, silence, bad hellos, leaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from trimig.errors import GuestError
+from trimig.guest.host import GuestProcess, workload_command
+from trimig.ram import RamBlockSpec
+
+FAKE_GUEST = Path(__file__).with_name("fake_guest.py")
+
+
+def fake(mode: str) -> list[str]:
+    return [sys.executable, str(FAKE_GUEST), mode]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def assert_reaped(pid: int) -> None:
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+async def test_minimal_foreign_guest(start_guest):
+    """A guest written without trimig's library, from the protocol document alone."""
+    guest = await start_guest(fake("minimal"))
+    await guest.ping()
+    await guest.cont()
+    assert (await guest.query())["running"] is True
+    with pytest.raises(GuestError, match="failed verify: verify: not supported"):
+        await guest.verify()
+    assert await guest.quit() == 0
+
+
+async def test_guest_dying_mid_command_reports_status_and_output(start_guest):
+    guest = await start_guest(fake("exit-on-request"))
+    with pytest.raises(GuestError) as caught:
+        await guest.stop()
+    message = str(caught.value)
+    assert "exited with status 3 during stop" in message
+    assert "dying on purpose at stop" in message
+    with pytest.raises(GuestError, match="after the guest was closed"):
+        await guest.cont()
+
+
+async def test_killed_workload_reports_the_signal(start_guest, make_blocks):
+    guest = await start_guest()
+    await guest.attach(make_blocks([RamBlockSpec("ram", 1 << 20)]), "new")
+    await guest.cont()
+    os.kill(guest.pid, signal.SIGKILL)
+    with pytest.raises(GuestError, match="killed by SIGKILL during stop"):
+        await guest.stop()
+
+
+async def test_silent_guest_times_out_naming_the_command(start_guest):
+    guest = await start_guest(fake("silent"), reply_timeout=0.3)
+    with pytest.raises(GuestError, match=r"did not answer save-state within 0\.3 s"):
+        await guest.save_state()
+    started = time.monotonic()
+    await guest.aclose()  # it missed a deadline: no quit, SIGTERM at once
+    assert time.monotonic() - started < 1.5
+    assert guest.returncode == -signal.SIGTERM
+
+
+async def test_aclose_terminates_a_wedged_guest(start_guest):
+    guest = await start_guest(fake("wedged"))
+    started = time.monotonic()
+    await guest.aclose()  # no answer to quit, socket close unnoticed: SIGTERM ends it
+    assert time.monotonic() - started < 8
+    assert guest.returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [
+        ("exit-before-hello", r"(?s)exited with status 7 during hello.*cannot start"),
+        ("bad-hello", "instead of a hello for protocol version 1"),
+        ("no-hello", "said no hello within 0.5 s"),
+    ],
+)
+async def test_bad_start(mode, error):
+    before = open_fds()
+    with pytest.raises(GuestError, match=error):
+        await GuestProcess.start(fake(mode), start_timeout=0.5)
+    assert open_fds() == before
+
+
+async def test_command_that_cannot_run():
+    with pytest.raises(GuestError, match="cannot start guest"):
+        await GuestProcess.start(["/nonexistent/guest"])
+
+
+async def test_no_leaked_fds_or_processes(make_blocks):
+    blocks = make_blocks([RamBlockSpec("ram", 1 << 20)])
+    before = open_fds()
+    async with GuestProcess.open(workload_command()) as guest:
+        await guest.attach(blocks, "new")
+        uffd, _ = await guest.track_dirty()
+        uffd.close()
+        await guest.cont()
+        await trio.sleep(0.05)
+        await guest.stop()
+        await guest.verify()
+        pid = guest.pid
+    assert guest.returncode == 0
+    assert_reaped(pid)
+    assert open_fds() == before
+
+
+async def test_aclose_when_cancelled_still_reaps(make_blocks):
+    before = open_fds()
+    with trio.move_on_after(0.5):
+        async with GuestProcess.open(fake("silent")) as guest:
+            await trio.sleep_forever()
+    assert guest.returncode is not None
+    assert open_fds() == before
