@@ -1,0 +1,443 @@
+"""Command-line control of a running trimig engine over its QMP socket.
+
+``add_control_commands(subparsers)`` registers, on an argparse sub-parser set:
+
+* ``ctl PATH COMMAND [ARG ...]``: any QMP command; ARGs are ``key=value`` pairs or one JSON
+  object. A value is kept as text where the command's schema wants a string, else read as
+  JSON when it parses (``state=true``, ``downtime-limit=300``) and as text otherwise.
+* ``info {migrate,status,capabilities,parameters} PATH``: readable tables.
+* ``migrate PATH URI``, ``start-postcopy PATH``, ``cancel PATH``.
+* ``watch PATH``: live progress from MIGRATION/MIGRATION_PASS events plus periodic
+  query-migrate, on stderr; exits 0 when the migration completes, 1 if it fails or is
+  cancelled.
+
+Every command takes ``--json``: machine-readable output on stdout. Each sub-parser sets
+``func`` to a callable ``(argparse.Namespace) -> int`` (the exit status), so the main CLI runs
+``args.func(args)``. :func:`run_control_command` does the same without ``trimig/cli.py``.
+Errors (a QMP error reply, no server at PATH) print ``trimig: error: ...`` and return 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO
+
+import trio
+
+from ..errors import ConfigError, TransportError, TrimigError
+from ..units import format_size
+from . import commands
+from .client import QmpClient, connect_unix
+from .protocol import Event, QmpError
+from .schema import String
+
+#: Statuses after which a migration will not change any more.
+FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+ClientAction = Callable[[QmpClient, argparse.Namespace], Awaitable[int]]
+
+
+# --- argument parsing -------------------------------------------------------------------------
+
+
+def parse_command_arguments(command: str, words: Sequence[str]) -> dict[str, Any]:
+    """Turn ``key=value`` words, or a single JSON object, into QMP arguments.
+
+    Raises ConfigError naming the bad word.
+    """
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        try:
+            value = json.loads(words[0])
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"arguments are not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("JSON arguments must be an object")
+        return value
+    spec = commands.COMMANDS.get(command)
+    members = spec.arguments.members if spec is not None else {}
+    arguments: dict[str, Any] = {}
+    for word in words:
+        key, separator, text = word.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"argument {word!r} is not key=value (or give one JSON object)")
+        if key in arguments:
+            raise ConfigError(f"argument {key!r} given twice")
+        member = members.get(key)
+        if member is not None and isinstance(member.type, String):
+            arguments[key] = text
+            continue
+        try:
+            arguments[key] = json.loads(text)
+        except json.JSONDecodeError:
+            arguments[key] = text
+    return arguments
+
+
+def _add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def add_control_commands(subparsers: Any) -> None:
+    """Register ctl, info, migrate, start-postcopy, cancel and watch on ``subparsers``
+    (the object ``ArgumentParser.add_subparsers()`` returns)."""
+    ctl = subparsers.add_parser("ctl", help="run any QMP command on a running engine")
+    ctl.add_argument("path", help="QMP socket of the engine")
+    ctl.add_argument("command", help="QMP command name, e.g. query-migrate")
+    ctl.add_argument("arguments", nargs="*", help="key=value pairs or one JSON object")
+    _add_json_flag(ctl)
+    ctl.set_defaults(func=_client_command(_ctl))
+
+    info = subparsers.add_parser("info", help="show migration state as a table")
+    info.add_argument("what", choices=sorted(_INFO_COMMANDS), help="what to show")
+    info.add_argument("path", help="QMP socket of the engine")
+    _add_json_flag(info)
+    info.set_defaults(func=_client_command(_info))
+
+    migrate = subparsers.add_parser("migrate", help="start an outgoing migration")
+    migrate.add_argument("path", help="QMP socket of the source engine")
+    migrate.add_argument("uri", help="destination, e.g. tcp:HOST:PORT, unix:PATH, exec:CMD")
+    _add_json_flag(migrate)
+    migrate.set_defaults(func=_client_command(_migrate))
+
+    postcopy = subparsers.add_parser("start-postcopy", help="switch a migration to postcopy")
+    postcopy.add_argument("path", help="QMP socket of the source engine")
+    _add_json_flag(postcopy)
+    postcopy.set_defaults(func=_client_command(_simple("migrate-start-postcopy")))
+
+    cancel = subparsers.add_parser("cancel", help="cancel the running migration")
+    cancel.add_argument("path", help="QMP socket of the source engine")
+    _add_json_flag(cancel)
+    cancel.set_defaults(func=_client_command(_simple("migrate_cancel")))
+
+    watch = subparsers.add_parser("watch", help="follow a migration until it ends")
+    watch.add_argument("path", help="QMP socket of the engine")
+    watch.add_argument(
+        "--interval", type=float, default=0.5, help="seconds between query-migrate polls"
+    )
+    _add_json_flag(watch)
+    watch.set_defaults(func=_client_command(_watch))
+
+
+def run_control_command(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (without the program name) as one control command and run it."""
+    parser = argparse.ArgumentParser(prog="trimig", description="control a trimig engine")
+    add_control_commands(parser.add_subparsers(dest="command_name", required=True))
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+def main() -> None:
+    sys.exit(run_control_command())
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def _client_command(action: ClientAction) -> Callable[[argparse.Namespace], int]:
+    """Wrap an async action on a connected client as ``func(args) -> exit status``."""
+
+    def run(args: argparse.Namespace) -> int:
+        async def connect_and_run() -> int:
+            async with connect_unix(args.path) as client:
+                return await action(client, args)
+
+        try:
+            return trio.run(connect_and_run)
+        except QmpError as exc:
+            _error(exc.desc if exc.error_class == "GenericError" else str(exc))
+        except TrimigError as exc:
+            _error(str(exc))
+        except KeyboardInterrupt:
+            _error("interrupted")
+        return 1
+
+    return run
+
+
+def _error(message: str) -> None:
+    print(f"trimig: error: {message}", file=sys.stderr)
+
+
+def _print_json(value: Any, out: TextIO | None = None) -> None:
+    print(json.dumps(value), file=out or sys.stdout, flush=True)
+
+
+async def _ctl(client: QmpClient, args: argparse.Namespace) -> int:
+    arguments = parse_command_arguments(args.command, args.arguments)
+    result = await client.execute(args.command, arguments)
+    if args.json:
+        _print_json(result)
+    elif result != {}:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _simple(command: str) -> ClientAction:
+    async def action(client: QmpClient, args: argparse.Namespace) -> int:
+        result = await client.execute(command)
+        if args.json:
+            _print_json(result)
+        return 0
+
+    return action
+
+
+async def _migrate(client: QmpClient, args: argparse.Namespace) -> int:
+    result = await client.execute("migrate", {"uri": args.uri})
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"migration to {args.uri} started")
+    return 0
+
+
+# --- info tables ------------------------------------------------------------------------------
+
+
+def _ms(value: Any) -> str:
+    return f"{value} ms"
+
+
+def _bytes(value: Any) -> str:
+    return f"{format_size(value)} ({value} bytes)" if isinstance(value, int) else str(value)
+
+
+def _pages(value: Any) -> str:
+    return f"{value} pages"
+
+
+#: Known MigrationInfo fields: label and formatter, in display order.
+_MIGRATE_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "status": ("status", str),
+    "total-time": ("total time", _ms),
+    "setup-time": ("setup time", _ms),
+    "downtime": ("downtime", _ms),
+    "expected-downtime": ("expected downtime", _ms),
+    "cpu-throttle-percentage": ("cpu throttle", lambda v: f"{v} %"),
+    "socket-address": ("socket address", json.dumps),
+    "error-desc": ("error", str),
+    "postcopy-blocktime": ("postcopy blocktime", _ms),
+}
+_RAM_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "transferred": ("transferred", _bytes),
+    "remaining": ("remaining", _bytes),
+    "total": ("total", _bytes),
+    "duplicate": ("zero pages", _pages),
+    "normal": ("normal pages", _pages),
+    "normal-bytes": ("normal bytes", _bytes),
+    "dirty-pages-rate": ("dirty rate", lambda v: f"{v} pages/s"),
+    "mbps": ("throughput", lambda v: f"{v:.1f} Mbit/s" if isinstance(v, int | float) else str(v)),
+    "dirty-sync-count": ("dirty syncs (passes)", str),
+    "postcopy-requests": ("postcopy requests", str),
+    "page-size": ("page size", _bytes),
+    "pages-per-second": ("pages per second", str),
+    "precopy-bytes": ("precopy bytes", _bytes),
+    "downtime-bytes": ("downtime bytes", _bytes),
+    "postcopy-bytes": ("postcopy bytes", _bytes),
+    "multifd-bytes": ("multifd bytes", _bytes),
+}
+
+
+def _table(
+    values: dict[str, Any], fields: dict[str, tuple[str, Callable[[Any], str]]], indent: str = ""
+) -> list[tuple[str, str]]:
+    rows = [
+        (indent + label, fmt(values[key])) for key, (label, fmt) in fields.items() if key in values
+    ]
+    rows += [
+        (indent + key, json.dumps(value))
+        for key, value in values.items()
+        if key not in fields and not isinstance(value, dict)
+    ]
+    return rows
+
+
+def format_migrate_info(info: dict[str, Any]) -> str:
+    """A readable table of a query-migrate reply."""
+    if not info:
+        return "no migration has run"
+    rows = _table(info, _MIGRATE_FIELDS)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            rows.append((f"{key}:", ""))
+            rows += _table(value, _RAM_FIELDS if key == "ram" else {}, indent="  ")
+    return _render(rows)
+
+
+def _render(rows: list[tuple[str, str]]) -> str:
+    width = max((len(label) for label, _ in rows), default=0)
+    return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
+
+
+def _format_status(result: Any) -> str:
+    return _render(
+        [("running", json.dumps(result.get("running"))), ("status", result.get("status", "?"))]
+    )
+
+
+def _format_capabilities(result: Any) -> str:
+    return _render([(entry["capability"], "on" if entry["state"] else "off") for entry in result])
+
+
+def _format_parameters(result: Any) -> str:
+    return _render([(name, json.dumps(value)) for name, value in result.items()])
+
+
+_INFO_COMMANDS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "migrate": ("query-migrate", format_migrate_info),
+    "status": ("query-status", _format_status),
+    "capabilities": ("query-migrate-capabilities", _format_capabilities),
+    "parameters": ("query-migrate-parameters", _format_parameters),
+}
+
+
+async def _info(client: QmpClient, args: argparse.Namespace) -> int:
+    command, formatter = _INFO_COMMANDS[args.what]
+    result = await client.execute(command)
+    if args.json:
+        _print_json(result)
+    else:
+        print(formatter(result))
+    return 0
+
+
+# --- watch ------------------------------------------------------------------------------------
+
+
+def _pass_count(info: dict[str, Any], passes: int | None) -> int | None:
+    ram = info.get("ram")
+    synced = ram.get("dirty-sync-count") if isinstance(ram, dict) else None
+    counts = [count for count in (synced, passes) if isinstance(count, int)]
+    return max(counts) if counts else None
+
+
+def progress_line(info: dict[str, Any], passes: int | None = None) -> str:
+    """One line summarizing a query-migrate reply (``passes`` from MIGRATION_PASS if newer)."""
+    if "status" not in info:
+        return "waiting for a migration to start"
+    parts = [f"{info['status']:<15}"]
+    count = _pass_count(info, passes)
+    if count is not None:
+        parts.append(f"pass {count}")
+    ram = info.get("ram")
+    if isinstance(ram, dict):
+        total, remaining = ram.get("total", 0), ram.get("remaining", 0)
+        parts.append(f"sent {format_size(ram.get('transferred', 0))}")
+        if total:
+            parts.append(f"{100.0 * (total - remaining) / total:5.1f}% of {format_size(total)}")
+        parts.append(f"remaining {format_size(remaining)}")
+        parts.append(f"{ram.get('mbps', 0):.1f} Mbit/s")
+        parts.append(f"dirty {ram.get('dirty-pages-rate', 0)} pages/s")
+        if ram.get("postcopy-requests"):
+            parts.append(f"{ram['postcopy-requests']} page requests")
+    if "total-time" in info:
+        parts.append(f"{info['total-time'] / 1000:.1f} s")
+    if "downtime" in info:
+        parts.append(f"downtime {info['downtime']} ms")
+    if "error-desc" in info:
+        parts.append(f"error: {info['error-desc']}")
+    return "  ".join(parts)
+
+
+class _Progress:
+    """The watch display: a rewritten line on a terminal; elsewhere one line each time the
+    status or the pass changes."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._last_key: tuple[Any, ...] | None = None
+
+    def show(self, info: dict[str, Any], passes: int | None) -> None:
+        line = progress_line(info, passes)
+        if self._tty:
+            self._stream.write(f"\r\x1b[K{line}")
+        else:
+            key = (info.get("status"), _pass_count(info, passes))
+            if key == self._last_key:
+                return
+            self._last_key = key
+            self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def finish(self, info: dict[str, Any], passes: int | None) -> None:
+        self.show(info, passes)
+        if self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+async def _watch(client: QmpClient, args: argparse.Namespace) -> int:
+    return await watch_migration(client, interval=args.interval, json_output=args.json)
+
+
+async def watch_migration(
+    client: QmpClient,
+    *,
+    interval: float = 0.5,
+    json_output: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Follow the migration until it reaches completed, failed or cancelled.
+
+    Progress goes to ``err`` (stderr); with ``json_output`` every event and query-migrate
+    reply goes to ``out`` (stdout) as one JSON line each: ``{"event": ..., "data": ...,
+    "timestamp": ...}`` or ``{"query-migrate": {...}}``. Returns 0 for completed, else 1.
+    """
+    out = out or sys.stdout
+    progress = _Progress(err or sys.stderr)
+    passes: int | None = None
+    info: dict[str, Any] = {}
+    finished = trio.Event()
+
+    async def poll() -> dict[str, Any]:
+        nonlocal info
+        info = await client.execute("query-migrate")
+        if json_output:
+            _print_json({"query-migrate": info}, out)
+        else:
+            progress.show(info, passes)
+        if info.get("status") in FINISHED_STATUSES:
+            finished.set()
+        return info
+
+    async def follow_events(events: Any) -> None:
+        nonlocal passes
+        event: Event
+        async for event in events:
+            if json_output:
+                _print_json(
+                    {"event": event.name, "data": event.data, "timestamp": event.timestamp}, out
+                )
+            if event.name == "MIGRATION_PASS":
+                passes = event.data.get("pass", passes)
+            if event.name in ("MIGRATION", "MIGRATION_PASS"):
+                await poll()
+        if not finished.is_set():
+            raise TrimigError(f"QMP connection ended: {client.closed_reason}")
+
+    async def poll_periodically() -> None:
+        try:
+            while True:
+                await poll()
+                await trio.sleep(interval)
+        except TransportError:
+            return  # follow_events sees the subscription end and reports it
+
+    async with client.events() as events, trio.open_nursery() as nursery:
+        nursery.start_soon(follow_events, events)
+        nursery.start_soon(poll_periodically)
+        await finished.wait()
+        nursery.cancel_scope.cancel()
+    if not json_output:
+        progress.finish(info, passes)
+    return 0 if info.get("status") == "completed" else 1
+
+
+if __name__ == "__main__":
+    main()
