@@ -169,3 +169,18 @@ def test_module_entry_point_in_a_separate_process(threaded_server: ThreadedServe
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"running": True, "status": "running"}
+
+
+def test_wired_into_the_main_cli(
+    threaded_server: ThreadedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trimig.cli import main
+
+    path = threaded_server.path
+    assert main(["info", "status", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"running": True, "status": "running"}
+    assert main(["ctl", path, "stop"]) == 0
+    assert engine_of(threaded_server).running is False
+    # The main CLI owns `migrate`; with --qmp it forwards to the control command.
+    assert main(["migrate", "--qmp", path, "unix:/tmp/somewhere", "--json"]) == 0
+    assert ("migrate", "unix:/tmp/somewhere") in engine_of(threaded_server).calls

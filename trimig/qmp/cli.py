@@ -6,14 +6,15 @@
   object. A value is kept as text where the command's schema wants a string, else read as
   JSON when it parses (``state=true``, ``downtime-limit=300``) and as text otherwise.
 * ``info {migrate,status,capabilities,parameters} PATH``: readable tables.
-* ``migrate PATH URI``, ``start-postcopy PATH``, ``cancel PATH``.
+* ``start-postcopy PATH``, ``cancel PATH``, and ``migrate PATH URI`` (standalone only; in
+  trimig's main CLI that is ``trimig migrate --qmp PATH URI``, which forwards here).
 * ``watch PATH``: live progress from MIGRATION/MIGRATION_PASS events plus periodic
   query-migrate, on stderr; exits 0 when the migration completes, 1 if it fails or is
   cancelled.
 
 Every command takes ``--json``: machine-readable output on stdout. Each sub-parser sets
-``func`` to a callable ``(argparse.Namespace) -> int`` (the exit status), so the main CLI runs
-``args.func(args)``. :func:`run_control_command` does the same without ``trimig/cli.py``.
+``handler`` to a callable ``(argparse.Namespace) -> int`` (the exit status), so the main CLI runs
+``args.handler(args)``. :func:`run_control_command` does the same without ``trimig/cli.py``.
 Errors (a QMP error reply, no server at PATH) print ``trimig: error: ...`` and return 1.
 """
 
@@ -80,37 +81,40 @@ def _add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def add_control_commands(subparsers: Any) -> None:
-    """Register ctl, info, migrate, start-postcopy, cancel and watch on ``subparsers``
-    (the object ``ArgumentParser.add_subparsers()`` returns)."""
+def add_control_commands(subparsers: Any, *, include_migrate: bool = False) -> None:
+    """Register ctl, info, start-postcopy, cancel and watch on ``subparsers`` (the object
+    ``ArgumentParser.add_subparsers()`` returns), and ``migrate PATH URI`` if
+    ``include_migrate``: trimig's main CLI owns ``migrate`` (``trimig migrate --qmp PATH URI``
+    forwards here through :func:`run_control_command`)."""
     ctl = subparsers.add_parser("ctl", help="run any QMP command on a running engine")
     ctl.add_argument("path", help="QMP socket of the engine")
-    ctl.add_argument("command", help="QMP command name, e.g. query-migrate")
+    ctl.add_argument("qmp_command", metavar="COMMAND", help="QMP command name, e.g. query-migrate")
     ctl.add_argument("arguments", nargs="*", help="key=value pairs or one JSON object")
     _add_json_flag(ctl)
-    ctl.set_defaults(func=_client_command(_ctl))
+    ctl.set_defaults(handler=_client_command(_ctl))
 
     info = subparsers.add_parser("info", help="show migration state as a table")
     info.add_argument("what", choices=sorted(_INFO_COMMANDS), help="what to show")
     info.add_argument("path", help="QMP socket of the engine")
     _add_json_flag(info)
-    info.set_defaults(func=_client_command(_info))
+    info.set_defaults(handler=_client_command(_info))
 
-    migrate = subparsers.add_parser("migrate", help="start an outgoing migration")
-    migrate.add_argument("path", help="QMP socket of the source engine")
-    migrate.add_argument("uri", help="destination, e.g. tcp:HOST:PORT, unix:PATH, exec:CMD")
-    _add_json_flag(migrate)
-    migrate.set_defaults(func=_client_command(_migrate))
+    if include_migrate:
+        migrate = subparsers.add_parser("migrate", help="start an outgoing migration")
+        migrate.add_argument("path", help="QMP socket of the source engine")
+        migrate.add_argument("uri", help="destination, e.g. tcp:HOST:PORT, unix:PATH, exec:CMD")
+        _add_json_flag(migrate)
+        migrate.set_defaults(handler=_client_command(_migrate))
 
     postcopy = subparsers.add_parser("start-postcopy", help="switch a migration to postcopy")
     postcopy.add_argument("path", help="QMP socket of the source engine")
     _add_json_flag(postcopy)
-    postcopy.set_defaults(func=_client_command(_simple("migrate-start-postcopy")))
+    postcopy.set_defaults(handler=_client_command(_simple("migrate-start-postcopy")))
 
     cancel = subparsers.add_parser("cancel", help="cancel the running migration")
     cancel.add_argument("path", help="QMP socket of the source engine")
     _add_json_flag(cancel)
-    cancel.set_defaults(func=_client_command(_simple("migrate_cancel")))
+    cancel.set_defaults(handler=_client_command(_simple("migrate_cancel")))
 
     watch = subparsers.add_parser("watch", help="follow a migration until it ends")
     watch.add_argument("path", help="QMP socket of the engine")
@@ -118,15 +122,17 @@ def add_control_commands(subparsers: Any) -> None:
         "--interval", type=float, default=0.5, help="seconds between query-migrate polls"
     )
     _add_json_flag(watch)
-    watch.set_defaults(func=_client_command(_watch))
+    watch.set_defaults(handler=_client_command(_watch))
 
 
 def run_control_command(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (without the program name) as one control command and run it."""
     parser = argparse.ArgumentParser(prog="trimig", description="control a trimig engine")
-    add_control_commands(parser.add_subparsers(dest="command_name", required=True))
+    add_control_commands(
+        parser.add_subparsers(dest="control_command", required=True), include_migrate=True
+    )
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    result: int = args.handler(args)
     return result
 
 
@@ -167,8 +173,8 @@ def _print_json(value: Any, out: TextIO | None = None) -> None:
 
 
 async def _ctl(client: QmpClient, args: argparse.Namespace) -> int:
-    arguments = parse_command_arguments(args.command, args.arguments)
-    result = await client.execute(args.command, arguments)
+    arguments = parse_command_arguments(args.qmp_command, args.arguments)
+    result = await client.execute(args.qmp_command, arguments)
     if args.json:
         _print_json(result)
     elif result != {}:
