@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -99,7 +100,7 @@ class Guest:
             self._trio_sock = trio.socket.from_stdlib_socket(self.sock)
         command = {"op": "digest", "block": block, "offsets": list(offsets), "length": length}
         await self._trio_sock.send(json.dumps(command).encode())
-        packet = await self._trio_sock.recv(65536)
+        packet = await self._trio_sock.recv(1 << 20)
         if not packet:
             raise AssertionError(f"the guest child died (exit {self.process.wait()})")
         reply = json.loads(packet)
@@ -108,10 +109,8 @@ class Guest:
 
     def close(self) -> None:
         self.uffd.close()  # unregisters: wakes the child if it is blocked on a fault
-        try:
+        with contextlib.suppress(OSError):
             self.sock.send(json.dumps({"op": "exit"}).encode())
-        except OSError:
-            pass
         self.sock.close()
         try:
             self.process.wait(timeout=CHILD_TIMEOUT)

@@ -7,7 +7,7 @@ Over the SOCK_SEQPACKET socket SOCKET_FD it receives one packet
 per block attached (SCM_RIGHTS). It maps every memfd (shared), creates its own
 userfaultfd, registers every mapping for MISSING faults (MISSING_SHMEM, plus
 MISSING_HUGETLBFS for hugetlb blocks) and replies {"pid", "addresses": {name: address}}
-with the uffd attached. Then it serves one JSON command per packet:
+with the uffd attached, closing its own copy. Then it serves one JSON command per packet:
 
 * {"op": "digest", "block": b, "offsets": [...], "length": n}
       -> {"sha256": [hex of bytes [o, o+n) for each offset]}   (reading may fault)
@@ -32,7 +32,9 @@ def main() -> None:
     blocks = setup["blocks"]
     if len(fds) != len(blocks):
         raise SystemExit(f"got {len(fds)} memfds for {len(blocks)} blocks")
-    mappings = {block["name"]: Mapping(fd, block["size"]) for block, fd in zip(blocks, fds)}
+    mappings = {
+        block["name"]: Mapping(fd, block["size"]) for block, fd in zip(blocks, fds, strict=True)
+    }
     for fd in fds:
         os.close(fd)
     uffd = Userfaultfd.create(nonblocking=not setup.get("blocking_uffd", False))
@@ -44,6 +46,9 @@ def main() -> None:
         uffd.register(mapping.address, mapping.length, Mode.MISSING)
     hello = {"pid": os.getpid(), "addresses": {n: m.address for n, m in mappings.items()}}
     socket.send_fds(sock, [json.dumps(hello).encode()], [uffd.fileno()])
+    # The engine holds the only copy now: closing it there unregisters our ranges and
+    # wakes a thread blocked on a fault.
+    uffd.close()
     while True:
         packet = sock.recv(65536)
         if not packet:
