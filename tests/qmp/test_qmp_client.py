@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ from trimig.errors import TransportError
 from trimig.qmp.client import connect_unix
 from trimig.qmp.commands import version_info
 from trimig.qmp.protocol import QmpError
+from trimig.qmp.server import QmpServer
 
 
 async def test_execute_and_errors(qmp_path: str, engine: FakeEngine) -> None:
@@ -28,7 +30,7 @@ async def test_execute_and_errors(qmp_path: str, engine: FakeEngine) -> None:
 
 
 async def test_concurrent_executes_get_their_own_replies(qmp_path: str) -> None:
-    results: dict[int, object] = {}
+    results: dict[int, tuple[str, Any]] = {}
     async with connect_unix(qmp_path) as qmp:
 
         async def run(n: int) -> None:
@@ -38,7 +40,7 @@ async def test_concurrent_executes_get_their_own_replies(qmp_path: str) -> None:
         async with trio.open_nursery() as nursery:
             for n in range(20):
                 nursery.start_soon(run, n)
-    for n, (command, result) in results.items():  # type: ignore[misc]
+    for n, (command, result) in results.items():
         assert ("running" in result) == (command == "query-status"), n
 
 
@@ -73,3 +75,15 @@ async def test_connect_to_missing_socket(socket_dir: str) -> None:
     with pytest.raises(TransportError, match="cannot connect to QMP socket"):
         async with connect_unix(os.path.join(socket_dir, "absent")):
             pass
+
+
+async def test_connect_waits_for_a_starting_server(socket_dir: str, nursery: trio.Nursery) -> None:
+    path = os.path.join(socket_dir, "later.sock")
+
+    async def start_later() -> None:
+        await trio.sleep(0.2)
+        await nursery.start(QmpServer(FakeEngine()).serve_unix, path)
+
+    nursery.start_soon(start_later)
+    async with connect_unix(path, retry_for=5) as qmp:
+        assert (await qmp.execute("query-status"))["running"] is True

@@ -422,3 +422,17 @@ async def test_refuses_to_replace_a_regular_file(socket_dir: str, engine: FakeEn
         await QmpServer(engine).serve_unix(path)
     with open(path) as file:
         assert file.read() == "precious"
+
+
+async def test_a_crashing_handler_does_not_take_the_connection_down(
+    qmp_path: str, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> dict[str, Any]:
+        raise KeyError("oops")
+
+    monkeypatch.setattr(engine, "query_migrate", broken)
+    async with raw_client(qmp_path) as client:
+        reply = await client.execute("query-migrate", id=1)
+        assert reply["id"] == 1 and reply["error"]["class"] == "GenericError"
+        assert "internal error in query-migrate" in reply["error"]["desc"]
+        assert "return" in await client.execute("query-status")

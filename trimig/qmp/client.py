@@ -222,18 +222,28 @@ async def open_client(
 
 @asynccontextmanager
 async def connect_unix(
-    path: str | os.PathLike[str], *, negotiate: bool = True
+    path: str | os.PathLike[str], *, negotiate: bool = True, retry_for: float = 0.0
 ) -> AsyncIterator[QmpClient]:
     """Connect to the QMP unix socket at ``path``, read the greeting and negotiate.
 
-    TransportError names the path when nobody listens there.
+    ``retry_for``: keep retrying for that many seconds while the socket does not exist yet or
+    refuses connections (an engine that is still starting). TransportError names the path when
+    nobody listens there.
     """
     path = os.fspath(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise TransportError(f"cannot connect to QMP socket {path}: {exc.strerror}") from exc
+    deadline = trio.current_time() + retry_for
+    while True:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(path)
+            break
+        except OSError as exc:
+            sock.close()
+            retryable = isinstance(exc, FileNotFoundError | ConnectionRefusedError)
+            if not retryable or trio.current_time() >= deadline:
+                raise TransportError(
+                    f"cannot connect to QMP socket {path}: {exc.strerror}"
+                ) from exc
+        await trio.sleep(0.05)
     async with open_client(trio.SocketStream(sock), negotiate=negotiate) as client:
         yield client
