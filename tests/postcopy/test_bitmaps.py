@@ -125,6 +125,12 @@ def test_received_bitmap_is_addressed_in_bytes() -> None:
     assert received.block("pc.ram").runs() == [(1, 1), (3, 1)]
     with pytest.raises(ValueError, match="not aligned"):
         received.mark("pc.ram", 100)
+    received.mark_offsets("pc.ram", np.array([0, 63 * 4096], dtype=np.uint64))
+    assert received.block("pc.ram").runs() == [(0, 2), (3, 1), (63, 1)]
+    with pytest.raises(ValueError, match="offset 0x10 is not target-page aligned"):
+        received.mark_offsets("pc.ram", [4096, 16])
+    with pytest.raises(IndexError):
+        received.mark_offsets("pc.ram", [64 * 4096])
     with pytest.raises(KeyError, match="no RAM block named 'nope'"):
         received.block("nope")
 

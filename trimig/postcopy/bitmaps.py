@@ -251,6 +251,14 @@ class ReceivedBitmap:
         start, count = _pages(name, offset, length)
         self.block(name).set_range(start, count)
 
+    def mark_offsets(self, name: str, offsets: npt.ArrayLike) -> None:
+        """Mark the target pages at byte ``offsets`` (e.g. a RamPages event's) received."""
+        array = np.asarray(offsets).astype(np.int64, copy=False)
+        if array.size and (array % TARGET_PAGE_SIZE).any():
+            bad = int(array[np.flatnonzero(array % TARGET_PAGE_SIZE)[0]])
+            raise ValueError(f"RAM block {name!r}: offset {bad:#x} is not target-page aligned")
+        self.block(name).set_pages(array // TARGET_PAGE_SIZE)
+
     def clear(self, name: str, offset: int, length: int = TARGET_PAGE_SIZE) -> None:
         """Mark ``[offset, offset+length)`` of block ``name`` not received."""
         start, count = _pages(name, offset, length)
