@@ -10,6 +10,7 @@ an error reply and never closes the connection; a client that goes away only end
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -49,6 +50,10 @@ EVENT_QUEUE_LIMIT: Final = 1024
 SEND_TIMEOUT: Final = 10.0
 _RECEIVE_SIZE: Final = 65536
 _CLOSE_TIMEOUT: Final = 1.0
+#: accept() errors that mean "out of resources for now", not "the listener is broken".
+_ACCEPT_RESOURCE_ERRORS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
 
 
 class _ClientGone(Exception):
@@ -103,7 +108,14 @@ class QmpServer:
                 task_status.started(path)
                 try:
                     while True:
-                        stream = await listener.accept()
+                        try:
+                            stream = await listener.accept()
+                        except OSError as exc:
+                            if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+                                raise
+                            logger.warning("QMP accept failed (%s); retrying", exc.strerror)
+                            await trio.sleep(0.1)
+                            continue
                         nursery.start_soon(self._serve_connection, stream)
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
@@ -174,6 +186,8 @@ class QmpServer:
                 result = await commands.run_handler(spec, self._engine, arguments)
         except QmpError as exc:
             reply = error_message(exc.error_class, exc.desc, request.id, has_id=request.has_id)
+        except _ClientGone:
+            raise
         except Exception as exc:  # a bug in a handler must not take the connection down
             logger.exception("QMP command %r failed unexpectedly", request.command)
             desc = f"internal error in {request.command}: {type(exc).__name__}: {exc}"
