@@ -7,6 +7,7 @@ Modes:
   exit-on-request    says hello, then on the first request writes to stderr and exits 3
   silent             says hello, then reads requests and never answers (exits at EOF)
   wedged             says hello, then never reads again (a guest stuck in its work)
+  slow               like minimal, but answers each request only after 0.4 s
   no-hello           never says anything
   exit-before-hello  writes to stderr and exits 7
   bad-hello          says {"hello": 99}
@@ -48,12 +49,15 @@ def main() -> int:
             return 3
         if mode == "silent":
             continue
+        if mode == "slow":
+            time.sleep(0.4)
         command = request["cmd"]
         reply: dict[str, object] = {"reply": request["id"], "ok": True}
         if command in ("ping", "quit"):
             pass
         elif command == "query":
             reply["running"] = running
+            reply["blocks"] = []
         elif command in ("stop", "cont"):
             running = command == "cont"
             reply["running"] = running

@@ -72,6 +72,17 @@ async def test_silent_guest_times_out_naming_the_command(start_guest):
     assert guest.returncode == -signal.SIGTERM
 
 
+async def test_late_reply_to_an_abandoned_request_is_skipped(start_guest):
+    guest = await start_guest(fake("slow"))
+    with pytest.raises(GuestError, match="did not answer stop"):
+        await guest.stop(timeout=0.1)
+    status = await guest.query(timeout=2)
+    assert status["blocks"] == [], "the late reply to stop was taken for query's"
+    assert status["running"] is False
+    await guest.cont(timeout=2)
+    assert (await guest.query(timeout=2))["running"] is True
+
+
 async def test_aclose_terminates_a_wedged_guest(start_guest):
     guest = await start_guest(fake("wedged"))
     started = time.monotonic()
@@ -120,7 +131,7 @@ async def test_no_leaked_fds_or_processes(make_blocks):
 async def test_aclose_when_cancelled_still_reaps(make_blocks):
     before = open_fds()
     with trio.move_on_after(0.5):
-        async with GuestProcess.open(fake("silent")) as guest:
+        async with GuestProcess.open(fake("minimal")) as guest:
             await trio.sleep_forever()
     assert guest.returncode is not None
     assert open_fds() == before
