@@ -41,6 +41,7 @@ from . import protocol
 from .protocol import Command, Event, Role
 
 __all__ = [
+    "Event",
     "Guest",
     "GuestBlock",
     "GuestProgram",
