@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_migration_options(demo)
     demo.set_defaults(handler=_cmd_demo)
 
+    run = sub.add_parser(
+        "run",
+        help="run an engine with its guest, controlled over a QMP socket",
+        description="Start an engine and its guest (after '--'; default the built-in workload "
+        "guest) and serve QMP on a unix socket. A destination adds --incoming.",
+    )
+    run.add_argument("--qmp", required=True, metavar="unix:PATH", help="QMP control socket")
+    run.add_argument(
+        "--incoming", metavar="URI|defer", help="wait for a migration (on URI, or after migrate-incoming)"
+    )
+    _add_guest_options(run)
+    run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    run.set_defaults(handler=_cmd_run)
+
     probe = sub.add_parser("probe", help="report the kernel features trimig uses")
     probe.set_defaults(handler=_cmd_probe)
 
@@ -117,6 +131,32 @@ def report(info: dict[str, Any], as_json: bool) -> None:
         extra["verdict"] = verdict["detail"]
     body = {k: v for k, v in info.items() if k not in ("verified", "verdict", "destination")}
     print(statistics_table(body, extra))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine import open_engine
+    from .qmp.server import QmpServer
+
+    path = args.qmp[len("unix:") :] if args.qmp.startswith("unix:") else args.qmp
+    specs = default_block_specs(
+        parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
+    )
+    command = [part for part in args.guest_command if part != "--"] or workload_command(
+        dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
+    )
+
+    async def main() -> None:
+        async with open_engine(specs, command, incoming=args.incoming is not None) as engine:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(QmpServer(engine).serve_unix, path)
+                if args.incoming and args.incoming != "defer":
+                    await engine.migrate_incoming(args.incoming)
+                print(f"trimig: engine ready, QMP on unix:{path}", file=sys.stderr, flush=True)
+                await engine.quit_requested.wait()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -18,7 +17,7 @@ import attrs
 import trio
 
 from .errors import ConfigError
-from .guest.host import GuestProcess, Verdict
+from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from .progress import show_progress
@@ -29,21 +28,6 @@ from .transports import MemoryFabric
 log = logging.getLogger("trimig.demo")
 
 TRANSPORTS = ("unix", "tcp", "exec", "rdma")
-
-
-def workload_command(*, dirty_rate: int = 0, fill: str = "random", seed: int = 1) -> list[str]:
-    """The built-in workload guest's command line."""
-    return [
-        sys.executable,
-        "-m",
-        "trimig.guest.workload",
-        "--dirty-rate",
-        str(dirty_rate),
-        "--fill",
-        fill,
-        "--seed",
-        str(seed),
-    ]
 
 
 @attrs.define

@@ -92,7 +92,7 @@ class IncomingMigration:
             await self._fail(exc)
             raise
         try:
-            task_status.started(listener.address)
+            task_status.started(str(listener.address))
             stream = await listener.accept()
         except BaseException as exc:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
@@ -116,7 +116,7 @@ class IncomingMigration:
                 await self._load(channel)
                 await self._start_guest()
                 if self._return_path is not None:
-                    self._return_path.put(codec.encode_shut(0))
+                    self._return_path.put(codec.encode_rp_shut(0))
                     await self._return_path.flush()
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
@@ -134,7 +134,7 @@ class IncomingMigration:
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
             if stream_error and self._return_path is not None:
                 try:
-                    self._return_path.put(codec.encode_shut(1))
+                    self._return_path.put(codec.encode_rp_shut(1))
                     await self._return_path.flush()
                 except Exception:
                     log.debug("could not send SHUT(1)", exc_info=True)
@@ -182,7 +182,7 @@ class IncomingMigration:
             elif isinstance(event, codec.Ping):
                 if self._return_path is None:
                     raise RemoteProtocolError("PING received but no return path is open")
-                self._return_path.put(codec.encode_pong(event.value))
+                self._return_path.put(codec.encode_rp_pong(event.value))
                 await self._return_path.flush()
             elif isinstance(event, codec.PostcopyAdvise):
                 postcopy_advised = True

@@ -115,8 +115,8 @@ class OutgoingMigration:
                         " needs"
                     )
                 channel = self._channel = MigrationChannel(stream)
-                _uffd, addresses = await self.guest.track_dirty()
-                dirty_log = DirtyLog(self.guest.pid, self.blocks, addresses)
+                uffd, addresses = await self.guest.track_dirty()
+                dirty_log = DirtyLog(self.guest.pid, self.blocks, addresses, uffd)
                 async with trio.open_nursery() as nursery:
                     if self.capabilities.wants_return_path:
                         await nursery.start(self._read_return_path, channel)
@@ -161,8 +161,8 @@ class OutgoingMigration:
     async def _migrate(self, channel: MigrationChannel, dirty_log: DirtyLog) -> None:
         ram = RamSaver(self.blocks, self.stats)
         dirty_log.collect(ram.dirty)  # start the log afresh: every page is dirty anyway
-        channel.put(codec.encode_header())
-        channel.put(codec.encode_configuration(codec.MACHINE_NAME))
+        channel.put(codec.encode_file_header())
+        channel.put(codec.encode_configuration())
         if self.capabilities.wants_return_path:
             channel.put(codec.encode_open_return_path())
             channel.put(codec.encode_ping(1))
@@ -276,7 +276,7 @@ class OutgoingMigration:
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))
         state = await self.guest.save_state()
         channel.put(codec.encode_section_full(GUEST_SECTION_ID, "guest", 0, 1))
-        channel.put(codec.encode_device_state(state))
+        channel.put(codec.encode_blob(state))
         channel.put(codec.encode_section_footer(GUEST_SECTION_ID))
         channel.put(codec.encode_eof())
         await channel.flush()

@@ -20,6 +20,7 @@ import numpy as np
 from ..channel import MigrationChannel
 from ..codec import RamRecordEncoder
 from ..kernel.pagemap import PagemapScanner
+from ..kernel.uffd import Userfaultfd
 from ..migration import SourceStats
 from ..ram import TARGET_PAGE_SIZE, RamBlock
 
@@ -48,7 +49,14 @@ def ranges_to_pages(ranges: np.ndarray, base: int, npages: int) -> np.ndarray:
 class DirtyLog:
     """The kernel dirty log of one guest: PAGEMAP_SCAN over its WP-async mappings."""
 
-    def __init__(self, guest_pid: int, blocks: Sequence[RamBlock], addresses: Sequence[int]):
+    def __init__(
+        self,
+        guest_pid: int,
+        blocks: Sequence[RamBlock],
+        addresses: Sequence[int],
+        uffd: Userfaultfd,
+    ) -> None:
+        self._uffd = uffd
         self._scanner = PagemapScanner(guest_pid)
         self._blocks = list(zip(blocks, addresses, strict=True))
 
@@ -64,7 +72,9 @@ class DirtyLog:
         return newly
 
     def close(self) -> None:
+        """Stop reading the log; the guest unregisters its side with ``untrack_dirty``."""
         self._scanner.close()
+        self._uffd.close()
 
 
 class RamSaver:
