@@ -53,7 +53,7 @@ def memfd_create(name: str, *, hugetlb: bool = False) -> int:
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free ``[offset, offset + length)`` of a memfd (the file keeps its size; holes read as 0).
 
-    For a hugetlb memfd, ``offset`` and ``length`` must be multiples of the huge page size.
+    For a hugetlb memfd only the whole huge pages inside the range are freed.
     """
     if offset < 0 or length <= 0:
         raise ConfigError(f"punch_hole: bad range offset={offset} length={length}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import errno as errno_codes
 import os
-import select
 import time
 from types import TracebackType
 from typing import Any
@@ -205,6 +204,9 @@ class Userfaultfd:
     def create(cls, *, nonblocking: bool = True) -> Userfaultfd:
         """A new userfaultfd for this process (O_CLOEXEC, O_NONBLOCK unless told otherwise;
         kernel faults are reported too, i.e. not UFFD_USER_MODE_ONLY).
+
+        Keep it non-blocking to wait for faults with poll/epoll (trio's wait_readable):
+        the kernel reports POLLERR on a blocking userfaultfd.
 
         Uses the userfaultfd(2) system call, and ``/dev/userfaultfd`` if that is refused.
         """
@@ -469,10 +471,12 @@ class Userfaultfd:
         fd = self.fileno()
         events: list[UffdEvent] = []
         while True:
-            if not self._nonblocking and not _readable_now(fd):
-                break
             try:
-                size = os.readv(fd, [self._buffer])
+                if self._nonblocking:
+                    size = os.readv(fd, [self._buffer])
+                else:
+                    # poll() reports POLLERR on a blocking uffd, so ask this read not to wait.
+                    size = os.preadv(fd, [self._buffer], -1, os.RWF_NOWAIT)
             except BlockingIOError:
                 break
             except OSError as error:
@@ -558,12 +562,6 @@ def _fcntl_flags(fd: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as error:
         raise KernelError("fcntl(F_GETFL)", error.errno or 0, f"fd {fd}") from None
-
-
-def _readable_now(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _decode(message: Any) -> UffdEvent:
