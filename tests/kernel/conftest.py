@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -64,10 +65,8 @@ def hugepages() -> Iterator[HugePages]:
             )
     yield HugePages(HUGEPAGES_NEEDED)
     if raised:
-        try:
+        with contextlib.suppress(OSError):
             nr_path.write_text(str(original))
-        except OSError:
-            pass
 
 
 class Child:
@@ -127,10 +126,8 @@ class Child:
     def close(self) -> None:
         if hasattr(self, "uffd"):
             self.uffd.close()  # wakes the child if it is blocked on a fault
-        try:
+        with contextlib.suppress(OSError):
             self.sock.send(json.dumps({"op": "exit"}).encode())
-        except OSError:
-            pass
         self.sock.close()
         try:
             self.process.wait(timeout=CHILD_TIMEOUT)

@@ -24,10 +24,10 @@ from trimig.kernel import (
     Mode,
     PageFault,
     Userfaultfd,
+    _ffi,
     buffer_address,
     query_api,
 )
-from trimig.kernel import _ffi
 from trimig.kernel._ffi import ffi, libc
 
 P = PAGE_SIZE
