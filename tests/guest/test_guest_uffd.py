@@ -161,3 +161,29 @@ async def test_register_missing_needs_role_postcopy(start_guest, make_blocks):
     await guest.attach(make_blocks(LAYOUTS["4k"]), "new")
     with pytest.raises(GuestError, match="needs role 'postcopy'"):
         await guest.register_missing()
+
+
+async def test_guest_blocked_on_a_fault_wakes_when_the_engine_closes_its_uffd(
+    start_guest, make_blocks
+):
+    """The guest keeps no copy of the MISSING uffd: if the engine's copy goes (the engine
+    died, say), a guest blocked on a missing page is woken instead of hanging forever."""
+    specs = LAYOUTS["4k"]
+    source = await start_guest()
+    await source.attach(make_blocks(specs), "new")
+    state = await source.save_state()
+    destination = await start_guest()
+    await destination.attach(make_blocks(specs), "postcopy")
+    uffd, _ = await destination.register_missing()
+    await destination.load_state(state)
+    await destination.cont()
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(uffd.fileno())
+    assert uffd.read_faults(), "the guest did not fault"
+    with pytest.raises(GuestError, match="did not answer ping"):
+        await destination.ping(timeout=0.3)  # blocked in the kernel on the fault
+    uffd.close()
+    await destination.stop(timeout=5)
+    verdict = await destination.verify()
+    assert not verdict.verified  # the missing pages came back as zeros
+    assert verdict.raw["bad_page"]["page"] == 0

@@ -163,7 +163,9 @@ class Guest:
         #: True between ``cont`` and ``stop``.
         self.running = False
         self._discard_inhibited = False
-        self._missing_uffd: Userfaultfd | None = None
+        # The MISSING uffd is only the engine's (the guest closes its copy once sent).
+        self._missing_registered = False
+        self._close_after_reply: list[Userfaultfd] = []
         self._dirty_uffd: Userfaultfd | None = None
         self._quit = False
         self._poller = select.poll()
@@ -250,10 +252,9 @@ class Guest:
 
     def close(self) -> None:
         """Release the userfaultfds and the socket (mappings stay until process exit)."""
-        for uffd in (self._missing_uffd, self._dirty_uffd):
-            if uffd is not None:
-                uffd.close()
-        self._missing_uffd = self._dirty_uffd = None
+        if self._dirty_uffd is not None:
+            self._dirty_uffd.close()
+        self._dirty_uffd = None
         self._sock.close()
 
     # -- requests ---------------------------------------------------------------
@@ -264,24 +265,28 @@ class Guest:
             protocol.close_fds(fds)
             self._reply(protocol.reply_error(None, f"request without an integer id: {message}"))
             return
-        reply_fds: list[int] = []
         try:
             command = Command(str(message.get("cmd")))
         except ValueError:
             protocol.close_fds(fds)
             self._reply(protocol.reply_error(request_id, f"unknown command {message.get('cmd')!r}"))
             return
+        reply_fds: list[int] = []
         try:
-            if command is not Command.ATTACH and fds:
-                protocol.close_fds(fds)
-                raise GuestRequestError(f"{command} carries no fds, got {len(fds)}")
-            fields = self._dispatch(program, command, message, fds, reply_fds)
-        except Exception as error:
-            if not isinstance(error, TrimigError):
-                traceback.print_exc()
-            self._reply(protocol.reply_error(request_id, f"{command}: {error}"))
-            return
-        self._reply(protocol.reply_ok(request_id, **fields), reply_fds)
+            try:
+                if command is not Command.ATTACH and fds:
+                    protocol.close_fds(fds)
+                    raise GuestRequestError(f"{command} carries no fds, got {len(fds)}")
+                fields = self._dispatch(program, command, message, fds, reply_fds)
+            except Exception as error:
+                if not isinstance(error, TrimigError):
+                    traceback.print_exc()
+                self._reply(protocol.reply_error(request_id, f"{command}: {error}"))
+                return
+            self._reply(protocol.reply_ok(request_id, **fields), reply_fds)
+        finally:
+            while self._close_after_reply:
+                self._close_after_reply.pop().close()
         if command is Command.QUIT:
             self._quit = True
 
@@ -327,8 +332,7 @@ class Guest:
             return {"addresses": self._addresses(), "features": int(uffd_features(self.blocks,
                                                                                   Mode.MISSING))}
         if command is Command.UNREGISTER_MISSING:
-            self._release(self._missing_uffd)
-            self._missing_uffd = None
+            self._missing_registered = False
             return {}
         if command is Command.TRACK_DIRTY:
             uffd = self._track_dirty()
@@ -365,7 +369,7 @@ class Guest:
             "role": None if self.role is None else str(self.role),
             "blocks": [block.spec.to_json() for block in self.blocks],
             "discard_inhibited": self._discard_inhibited,
-            "missing_registered": self._missing_uffd is not None,
+            "missing_registered": self._missing_registered,
             "dirty_tracked": self._dirty_uffd is not None,
         }
 
@@ -422,19 +426,24 @@ class Guest:
         return {"discard_inhibited": self._discard_inhibited}
 
     def _register_missing(self) -> Userfaultfd:
-        if self._missing_uffd is not None:
+        """Register for MISSING faults. The guest's own copy of the uffd is closed once the
+        reply is sent: the registration then ends when the engine closes its copy, so a
+        guest blocked on a fault is woken if the engine goes away instead of hanging."""
+        if self._missing_registered:
             raise GuestRequestError("the mappings are already registered for missing pages")
         if self._dirty_uffd is not None:
             raise GuestRequestError("dirty tracking is on; untrack-dirty first")
         if self.role is not Role.POSTCOPY:
             raise GuestRequestError(f"register-missing needs role 'postcopy', not {self.role}")
-        self._missing_uffd = register_blocks(self.blocks, Mode.MISSING)
-        return self._missing_uffd
+        uffd = register_blocks(self.blocks, Mode.MISSING)
+        self._close_after_reply.append(uffd)
+        self._missing_registered = True
+        return uffd
 
     def _track_dirty(self) -> Userfaultfd:
         if self._dirty_uffd is not None:
             raise GuestRequestError("dirty tracking is already on")
-        if self._missing_uffd is not None:
+        if self._missing_registered:
             raise GuestRequestError("the mappings are registered for missing pages (postcopy)")
         self._dirty_uffd = register_blocks(self.blocks, Mode.WP)
         return self._dirty_uffd

@@ -259,11 +259,13 @@ class GuestProcess:
         self, *, timeout: float | None = None
     ) -> tuple[Userfaultfd, list[int]]:
         """Have the guest (role postcopy) register its mappings for MISSING faults; returns
-        its userfaultfd (ours to read and resolve faults on) and the mapping addresses."""
+        the userfaultfd (ours to read and resolve faults on) and the mapping addresses.
+
+        The guest keeps no copy: the registration lasts until we close the uffd."""
         return await self._uffd_request(Command.REGISTER_MISSING, timeout)
 
     async def unregister_missing(self, *, timeout: float | None = None) -> None:
-        """Have the guest unregister and close its MISSING userfaultfd (postcopy is over)."""
+        """Tell the guest postcopy is over (after closing the uffd of register_missing)."""
         await self._request(Command.UNREGISTER_MISSING, timeout=timeout)
 
     async def track_dirty(self, *, timeout: float | None = None) -> tuple[Userfaultfd, list[int]]:
