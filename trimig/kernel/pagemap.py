@@ -100,19 +100,19 @@ class PagemapScanner:
             count = libc.ioctl(self._fd, self._request, arg)
             if count < 0:
                 self._raise(errno(), start, end)
-            walk_start = arg.start
-            walk_end = arg.walk_end
             if count:
                 chunks.append(vector[:count, :2].copy())
-            if walk_end >= end:
+            # The kernel stops early only when the output vector is full. Otherwise the
+            # walk is complete, whatever walk_end says: Linux 6.18 leaves walk_end at the
+            # point of an internal restart (its bounce buffer filled) even when the walk
+            # then went on to the end.
+            if count < VECTOR_LENGTH:
                 break
-            if not count and walk_end <= walk_start:
-                raise KernelError(
-                    "PAGEMAP_SCAN", errno_codes.EINVAL,
-                    f"the scan of [{start:#x}, {end:#x}) made no progress at {walk_start:#x} "
-                    "(a huge page crossing the range boundary?)",
-                )
-            arg.start = walk_end
+            # Nothing before the last reported end is left to report.
+            resume = max(int(arg.walk_end), int(vector[count - 1, 1]))
+            if resume >= end:
+                break
+            arg.start = resume
         if not chunks:
             return _EMPTY
         ranges = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
