@@ -200,10 +200,12 @@ def test_missing_faults_across_processes(
 
     # A write fault, resolved with the second source page.
     faults.clear()
-    reply = child.request(
-        {"op": "write", "offsets": [2 * P + 1], "value": 0xEE},
-        lambda fault: (faults.append(fault), uffd.copy(fault.address, source_address + P, P)),
-    )
+
+    def resolve_write(fault: PageFault) -> None:
+        faults.append(fault)
+        uffd.copy(fault.address, source_address + P, P)
+
+    reply = child.request({"op": "write", "offsets": [2 * P + 1], "value": 0xEE}, resolve_write)
     assert reply == {"ok": True}
     assert [(f.address, f.write) for f in faults] == [(base + 2 * P, True)]
 
