@@ -11,9 +11,7 @@ from trimig.errors import RemoteProtocolError
 from .helpers import decode_in_pieces, decode_whole, drain, is_prefix
 from .streams import Built, streams
 
-SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -24,7 +22,9 @@ def test_generated_stream_round_trips(built: Built) -> None:
 
 @SETTINGS
 @given(streams(), st.data(), st.booleans())
-def test_any_split_gives_the_same_events(built: Built, data: st.DataObject, zero_copy: bool) -> None:
+def test_any_split_gives_the_same_events(
+    built: Built, data: st.DataObject, zero_copy: bool
+) -> None:
     size = len(built.data)
     cuts = data.draw(st.lists(st.integers(0, size), max_size=40))
     if data.draw(st.booleans()):  # many small pieces near the start as well
