@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,10 +13,11 @@ from typing import Any
 import trio
 
 from .demo import TRANSPORTS, migrate_locally, workload_command
-from .errors import TrimigError
+from .errors import ConfigError, TrimigError
 from .migration import MigrationCapabilities, MigrationParameters
 from .progress import statistics_table
 from .ram import default_block_specs
+from .transports import parse_uri
 from .units import parse_rate, parse_size
 
 
@@ -133,29 +135,67 @@ def report(info: dict[str, Any], as_json: bool) -> None:
     print(statistics_table(body, extra))
 
 
+#: Signals that shut a ``trimig run`` engine down cleanly (as ``quit`` does).
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    """Serve an engine over QMP until ``quit`` or a shutdown signal; 0 after a clean shutdown.
+
+    Either way the migration (if any) is cancelled, the guest quit and reaped, and the QMP
+    socket file removed.
+    """
     from .engine import open_engine
     from .qmp.server import QmpServer
 
-    path = args.qmp[len("unix:") :] if args.qmp.startswith("unix:") else args.qmp
+    if not args.qmp.startswith("unix:") or len(args.qmp) == len("unix:"):
+        raise ConfigError(f"--qmp {args.qmp!r}: expected unix:PATH")
+    path = args.qmp[len("unix:") :]
     specs = default_block_specs(
         parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
     )
     command = [part for part in args.guest_command if part != "--"] or workload_command(
         dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
     )
+    if args.incoming and args.incoming != "defer":
+        parse_uri(args.incoming)  # before starting anything
+    received: list[int] = []
+
+    async def serve() -> None:
+        async with (
+            open_engine(specs, command, incoming=args.incoming is not None) as engine,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(QmpServer(engine).serve_unix, path)
+            if args.incoming and args.incoming != "defer":
+                await engine.migrate_incoming(args.incoming)
+                print(
+                    f"trimig: waiting for a migration on {engine.incoming_address}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            print(f"trimig: engine ready, QMP on unix:{path}", file=sys.stderr, flush=True)
+            await engine.quit_requested.wait()
+            nursery.cancel_scope.cancel()
 
     async def main() -> None:
-        async with open_engine(specs, command, incoming=args.incoming is not None) as engine:
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(QmpServer(engine).serve_unix, path)
-                if args.incoming and args.incoming != "defer":
-                    await engine.migrate_incoming(args.incoming)
-                print(f"trimig: engine ready, QMP on unix:{path}", file=sys.stderr, flush=True)
-                await engine.quit_requested.wait()
+
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        received.append(signum)
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(stop_on_signal)
+                await serve()
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+    if received:
+        name = signal.Signals(received[0]).name
+        print(f"trimig: terminating on signal {name}", file=sys.stderr, flush=True)
     return 0
 
 

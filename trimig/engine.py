@@ -20,6 +20,7 @@ from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from .ram import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
+from .transports import TcpAddress, UnixAddress, parse_uri
 
 log = logging.getLogger("trimig.engine")
 
@@ -50,6 +51,9 @@ class Engine:
         self._run_state = "inmigrate" if incoming else "prelaunch"
         self._subscribers: set[trio.MemorySendChannel[tuple[str, dict[str, Any]]]] = set()
         self.quit_requested = trio.Event()
+        #: The real address an incoming migration listens on (``tcp:HOST:PORT`` with the
+        #: bound port when port 0 was asked for); None until migrate-incoming listens.
+        self.incoming_address: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -130,6 +134,7 @@ class Engine:
             raise ConfigError("there is no guest here to migrate (the engine is waiting for one)")
         if self._run_state == "postmigrate":
             raise ConfigError("the guest has already been migrated away")
+        parse_uri(uri)  # a malformed URI is the command's error, not a failed migration
         outgoing = OutgoingMigration(
             self.guest,
             self.blocks,
@@ -161,8 +166,17 @@ class Engine:
             self._run_state = "running" if self.guest and self.guest.running else "paused"
 
     async def migrate_incoming(self, uri: str) -> None:
+        """Listen on ``uri``; returns once listening (``incoming_address`` is then known).
+
+        Refused on an engine not started for incoming, or once an incoming migration has
+        started listening; a listen failure (bad URI, address in use) is this call's error and
+        leaves migrate-incoming allowed, as in QEMU.
+        """
         if not self._incoming_allowed:
+            if self._run_state == "inmigrate":
+                raise ConfigError("an incoming migration has already been started")
             raise ConfigError("migrate-incoming needs an engine started with --incoming defer")
+        parse_uri(uri)
         self._incoming_allowed = False
         incoming = IncomingMigration(
             self.specs,
@@ -171,7 +185,11 @@ class Engine:
             on_event=self._emit,
         )
         self.migration = incoming
-        await self._nursery.start(self._run_incoming, incoming, uri)
+        try:
+            await self._nursery.start(self._run_incoming, incoming, uri)
+        except Exception:
+            self._incoming_allowed = True
+            raise
 
     async def _run_incoming(
         self,
@@ -180,16 +198,19 @@ class Engine:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Listen (errors before listening go to the starter), then load one migration."""
+        listening = False
         with trio.CancelScope() as scope:
             self._migration_scope = scope
             try:
-                address = await self._nursery.start(incoming.listen_and_run, uri)
-                self.incoming_address = address
-                task_status.started()
-                await incoming.status.wait_value(
-                    lambda s: s in (MigrationStatus.COMPLETED, MigrationStatus.FAILED)
-                )
+                async with trio.open_nursery() as nursery:
+                    self.incoming_address = await nursery.start(incoming.listen_and_run, uri)
+                    listening = True
+                    log.info("incoming migration listening on %s", self.incoming_address)
+                    task_status.started()
             except Exception as exc:
+                if not listening:
+                    raise
                 log.warning("incoming migration on %s failed: %s", uri, exc)
             finally:
                 self._migration_scope = None
@@ -198,23 +219,31 @@ class Engine:
             self._run_state = "running"
 
     def start_postcopy(self) -> None:
-        if not isinstance(self.migration, OutgoingMigration) or not self.migration.status.value.is_running:
+        migration = self.migration
+        if not isinstance(migration, OutgoingMigration) or not migration.status.value.is_running:
             raise ConfigError("no outgoing migration is running")
-        self.migration.start_postcopy()
+        migration.start_postcopy()
 
     def cancel(self) -> None:
         migration = self.migration
         if migration is None or not migration.status.value.is_running:
             return
         if migration.status.value.is_postcopy:
-            raise ConfigError("postcopy is running: the guest lives on both sides; it cannot be cancelled")
+            raise ConfigError(
+                "postcopy is running: the guest lives on both sides; it cannot be cancelled"
+            )
         if self._migration_scope is not None:
             self._migration_scope.cancel()
 
     def query_migrate(self) -> dict[str, Any]:
         if self.migration is None:
             return {}
-        return self.migration.query()
+        info = self.migration.query()
+        if isinstance(self.migration, IncomingMigration) and self.incoming_address is not None:
+            socket_address = qmp_socket_address(self.incoming_address)
+            if socket_address is not None:
+                info["socket-address"] = [socket_address]
+        return info
 
     def query_status(self) -> dict[str, Any]:
         running = bool(self.guest and self.guest.running)
@@ -243,17 +272,35 @@ class Engine:
         self.quit_requested.set()
 
 
+def qmp_socket_address(address: str) -> dict[str, Any] | None:
+    """QEMU's ``SocketAddress`` for a listening URI (tcp or unix), else None."""
+    parsed = parse_uri(address)
+    if isinstance(parsed, TcpAddress):
+        return {"type": "inet", "host": parsed.host, "port": str(parsed.port)}
+    if isinstance(parsed, UnixAddress):
+        return {"type": "unix", "path": parsed.path}
+    return None
+
+
 @asynccontextmanager
 async def open_engine(
     specs: Sequence[RamBlockSpec], guest_command: Sequence[str], *, incoming: bool = False
 ) -> AsyncIterator[Engine]:
-    """An engine whose tasks live in a nursery this context owns; closed on exit."""
-    async with trio.open_nursery() as nursery:
-        engine = Engine(nursery, specs, guest_command, incoming=incoming)
-        try:
-            if not incoming:
-                await engine.start_guest()
-            yield engine
-        finally:
+    """An engine whose tasks live in a nursery this context owns.
+
+    On exit the engine's tasks (migrations) are cancelled and have ended before the guest is
+    closed and the RAM freed.
+    """
+    engine: Engine | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(nursery, specs, guest_command, incoming=incoming)
+            try:
+                if not incoming:
+                    await engine.start_guest()
+                yield engine
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if engine is not None:
             await engine.aclose()
-            nursery.cancel_scope.cancel()
