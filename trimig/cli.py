@@ -51,6 +51,8 @@ def _migration_settings(args: argparse.Namespace) -> tuple[MigrationCapabilities
     parameters.set("downtime-limit", args.downtime_limit)
     if args.postcopy:
         capabilities.set("postcopy-ram", True)
+        capabilities.set("postcopy-preempt", True)
+        parameters.set("x-postcopy-after-passes", 1)
     return capabilities, parameters
 
 

@@ -113,6 +113,10 @@ async def migrate_locally(
     """Start a guest, let it run ``warmup`` s, migrate it over ``transport``, verify it."""
     command = list(guest_command or workload_command())
     capabilities = capabilities or MigrationCapabilities()
+    parameters = parameters or MigrationParameters()
+    if postcopy_after_first_pass:
+        capabilities.set("postcopy-ram", True)
+        parameters.set("x-postcopy-after-passes", 1)
     async with transport_uris(transport) as (listen_uri, connect_uri, options):
         incoming = IncomingMigration(
             specs, guest_command=command, capabilities=capabilities, listen_options=options
@@ -136,8 +140,6 @@ async def migrate_locally(
                             await show_progress(outgoing.query)
 
                     nursery.start_soon(progress_task)
-                if postcopy_after_first_pass:
-                    nursery.start_soon(_start_postcopy_after_first_pass, outgoing)
                 await outgoing.run(connect_uri.format(address=address))
                 await incoming.status.wait_value(
                     lambda s: s in (MigrationStatus.COMPLETED, MigrationStatus.FAILED)
@@ -148,14 +150,6 @@ async def migrate_locally(
             return LocalMigrationResult(outgoing.query(), incoming.query(), verdict)
         finally:
             await incoming.aclose()
-
-
-async def _start_postcopy_after_first_pass(outgoing: OutgoingMigration) -> None:
-    await outgoing.status.wait_value(lambda s: s is not MigrationStatus.SETUP)
-    while outgoing.stats.dirty_sync_count < 1 and outgoing.status.value.is_running:
-        await trio.sleep(0.005)
-    if outgoing.status.value is MigrationStatus.ACTIVE:
-        outgoing.start_postcopy()
 
 
 async def _verify_destination(incoming: IncomingMigration, run_after: float) -> Verdict | None:

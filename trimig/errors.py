@@ -66,3 +66,11 @@ class GuestError(TrimigError):
 
 class MigrationFailed(TrimigError):
     """A migration ended in the ``failed`` state; ``__cause__`` holds the reason."""
+
+
+class MigrationPaused(TrimigError):
+    """Postcopy broke after the guest started on the destination: both sides are paused.
+
+    Neither side holds the whole guest, so nothing is resumed or thrown away; the
+    received bitmap is kept for a later recovery.
+    """

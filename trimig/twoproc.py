@@ -128,10 +128,6 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                         await show_progress(outgoing.query)
 
                 nursery.start_soon(progress)
-                if args.postcopy:
-                    from .demo import _start_postcopy_after_first_pass
-
-                    nursery.start_soon(_start_postcopy_after_first_pass, outgoing)
                 try:
                     await outgoing.run(args.uri)
                 finally:

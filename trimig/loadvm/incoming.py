@@ -18,17 +18,30 @@ from trio_util import AsyncValue
 
 from .. import codec
 from ..channel import MigrationChannel
-from ..errors import MigrationFailed, RemoteProtocolError
+from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationStatus
 from ..ram import RamBlock, RamBlockSpec, create_blocks
-from ..transports import ByteStream, listen
+from ..postcopy import PostcopyState
+from ..transports import ByteStream, Listener, listen
+from .postcopy import PostcopyIncoming
 from .ram import RamLoader
+from .reader import ReturnPathWriter, next_event
 
 log = logging.getLogger("trimig.loadvm")
 
 CLEANUP_TIMEOUT = 10.0
 KNOWN_DEVICE_SECTIONS = ("guest",)
+_IGNORED_EVENTS = (
+    codec.FileHeader,
+    codec.Configuration,
+    codec.SectionPart,
+    codec.SectionEnd,
+    codec.SectionFooter,
+    codec.RamEndOfSection,
+    codec.SwitchoverStart,
+    codec.VmDescription,
+)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -57,7 +70,12 @@ class IncomingMigration:
         self._listen_options = listen_options or {}
         self._on_event = on_event
         self._device_state: bytes | None = None
-        self._return_path: MigrationChannel | None = None
+        self._return_path: ReturnPathWriter | None = None
+        self._postcopy: PostcopyIncoming | None = None
+        #: The real listening address (QEMU's socket-address), once listening.
+        self.socket_address: str | None = None
+        #: postcopy-* statistics, once postcopy ended.
+        self.postcopy_stats: dict[str, object] = {}
 
     def _set_status(self, status: MigrationStatus) -> None:
         if self.status.value is status:
@@ -69,6 +87,10 @@ class IncomingMigration:
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
+        if self.socket_address is not None:
+            info["socket-address"] = [self.socket_address]
+        stats = self._postcopy.statistics() if self._postcopy is not None else self.postcopy_stats
+        info.update(stats)
         if self.error_desc:
             info["error-desc"] = self.error_desc
         return info
@@ -84,7 +106,11 @@ class IncomingMigration:
     async def listen_and_run(
         self, uri: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen on ``uri``, report the real address through ``task_status``, load one migration."""
+        """Listen on ``uri``, report the real address through ``task_status``, load one migration.
+
+        The listener stays open while the migration runs: in postcopy the source opens a
+        second connection for urgent pages.
+        """
         self._set_status(MigrationStatus.SETUP)
         try:
             listener = await listen(uri, **self._listen_options)
@@ -92,19 +118,23 @@ class IncomingMigration:
             await self._fail(exc)
             raise
         try:
-            task_status.started(str(listener.address))
-            stream = await listener.accept()
-        except BaseException as exc:
+            self.socket_address = str(listener.address)
+            task_status.started(self.socket_address)
+            try:
+                stream = await listener.accept()
+            except BaseException as exc:
+                await self._fail(exc)
+                raise
+            await self.run(stream, listener=listener)
+        finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 await listener.aclose()
-            await self._fail(exc)
-            raise
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            await listener.aclose()
-        await self.run(stream)
 
-    async def run(self, stream: ByteStream) -> None:
-        """Load a migration from an accepted stream. Completed on return; else raises."""
+    async def run(self, stream: ByteStream, *, listener: Listener | None = None) -> None:
+        """Load a migration from an accepted stream. Completed on return; else raises.
+
+        ``listener``, when given, accepts the postcopy urgent-page connection.
+        """
         self._set_status(MigrationStatus.SETUP)
         self.start_ns = time.monotonic_ns()
         try:
@@ -112,16 +142,30 @@ class IncomingMigration:
                 self.blocks = create_blocks(self.specs)
                 self.guest = await GuestProcess.start(self.guest_command)
                 channel = MigrationChannel(stream)
-                self._set_status(MigrationStatus.ACTIVE)
-                await self._load(channel)
-                await self._start_guest()
-                if self._return_path is not None:
-                    self._return_path.put(codec.encode_rp_shut(0))
-                    await self._return_path.flush()
+                async with trio.open_nursery() as nursery:
+                    self._set_status(MigrationStatus.ACTIVE)
+                    await self._load(channel, nursery, listener)
+                    if self._postcopy is not None and self._postcopy.state.state >= PostcopyState.LISTENING:
+                        await self._finish_postcopy(self._postcopy)
+                    else:
+                        await self._start_guest()
+                    if self._return_path is not None:
+                        await self._return_path.send(codec.encode_rp_shut(0))
+                    nursery.cancel_scope.cancel()
             finally:
+                if self._postcopy is not None:
+                    self.postcopy_stats = self._postcopy.statistics()
+                    self._postcopy.close()
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                     await stream.aclose()
         except BaseException as exc:
+            if self._postcopy is not None and self._postcopy.state.state >= PostcopyState.RUNNING:
+                await self._pause(exc)
+                if isinstance(exc, Exception):
+                    raise MigrationPaused(
+                        f"postcopy broke after the guest started here: {self.error_desc}"
+                    ) from exc
+                raise
             await self._fail(exc, stream_error=True)
             if isinstance(exc, Exception):
                 raise MigrationFailed(f"incoming migration failed: {self.error_desc}") from exc
@@ -129,13 +173,24 @@ class IncomingMigration:
         self.end_ns = time.monotonic_ns()
         self._set_status(MigrationStatus.COMPLETED)
 
+    async def _finish_postcopy(self, postcopy: PostcopyIncoming) -> None:
+        await postcopy.done.wait()
+        if postcopy.error is not None:
+            raise postcopy.error
+        await postcopy.finish()
+
+    async def _pause(self, exc: BaseException) -> None:
+        """After RUN the guest exists only in two halves: stop here, paused, and say so."""
+        self.error_desc = str(exc) or type(exc).__name__
+        log.error("postcopy paused: %s", self.error_desc)
+        self._set_status(MigrationStatus.POSTCOPY_PAUSED)
+
     async def _fail(self, exc: BaseException, *, stream_error: bool = False) -> None:
         self.error_desc = str(exc) or type(exc).__name__
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
             if stream_error and self._return_path is not None:
                 try:
-                    self._return_path.put(codec.encode_rp_shut(1))
-                    await self._return_path.flush()
+                    await self._return_path.send(codec.encode_rp_shut(1))
                 except Exception:
                     log.debug("could not send SHUT(1)", exc_info=True)
             await self.aclose()
@@ -151,16 +206,16 @@ class IncomingMigration:
             block.close()
         self.blocks = []
 
-    async def _load(self, channel: MigrationChannel) -> None:
-        decoder = codec.StreamDecoder()
+    async def _load(
+        self, channel: MigrationChannel, nursery: trio.Nursery, listener: Listener | None
+    ) -> None:
+        """Read the main stream until its end (precopy) or until POSTCOPY_RUN (postcopy)."""
+        decoder = codec.StreamDecoder(
+            local_page_sizes={block.name: block.page_size for block in self.blocks}
+        )
         ram = RamLoader(self.blocks)
-        postcopy_advised = False
         while True:
-            event = decoder.next_event()
-            if event is codec.NEED_DATA:
-                if not await channel.receive_into_decoder(decoder):
-                    decoder.receive_eof()
-                continue
+            event = await next_event(decoder, channel)
             if isinstance(event, codec.RamPages):
                 ram.load_pages(event)
             elif isinstance(event, codec.RamZeroPages):
@@ -168,43 +223,90 @@ class IncomingMigration:
             elif isinstance(event, codec.RamWritten):
                 ram.pages_written_remotely(event)
             elif isinstance(event, codec.RamMemSize):
-                ram.check_mem_size(event, postcopy=postcopy_advised)
+                ram.check_mem_size(event, postcopy=self._postcopy is not None)
                 await self._register_regions(channel)
-            elif isinstance(event, (codec.SectionStart, codec.SectionFull)):
-                if event.idstr != "ram" and event.idstr not in KNOWN_DEVICE_SECTIONS:
-                    raise RemoteProtocolError(
-                        f"unknown section {event.idstr!r} (instance {event.instance_id})"
-                    )
-            elif isinstance(event, codec.DeviceState):
-                self._device_state = event.data
-            elif isinstance(event, codec.OpenReturnPath):
-                self._return_path = channel.return_path()
-            elif isinstance(event, codec.Ping):
-                if self._return_path is None:
-                    raise RemoteProtocolError("PING received but no return path is open")
-                self._return_path.put(codec.encode_rp_pong(event.value))
-                await self._return_path.flush()
-            elif isinstance(event, codec.PostcopyAdvise):
-                postcopy_advised = True
             elif isinstance(event, codec.EndOfStream):
                 break
-            elif isinstance(
-                event,
-                (
-                    codec.FileHeader,
-                    codec.Configuration,
-                    codec.SectionPart,
-                    codec.SectionEnd,
-                    codec.SectionFooter,
-                    codec.RamEndOfSection,
-                    codec.SwitchoverStart,
-                ),
-            ):
-                continue
+            elif isinstance(event, codec.PostcopyAdvise):
+                if not self.capabilities.postcopy_ram:
+                    raise RemoteProtocolError(
+                        "the source advises postcopy but postcopy-ram is off here"
+                    )
+                if self._return_path is None:
+                    raise RemoteProtocolError("POSTCOPY_ADVISE without a return path")
+                assert self.guest is not None
+                self._postcopy = PostcopyIncoming(
+                    nursery, self.guest, self.blocks, ram, self._return_path, listener
+                )
+                self._postcopy.advise(event)
+            elif isinstance(event, codec.PostcopyRamDiscard):
+                self._require_postcopy(event).discard(event)
+            elif isinstance(event, codec.Packaged):
+                await self._load_package(event.blob, channel, decoder)
+                return
             else:
-                raise RemoteProtocolError(f"unexpected {type(event).__name__} in a precopy stream")
+                await self._handle_common(event, channel)
         if self._device_state is None:
             raise RemoteProtocolError("the stream ended without the guest's device state")
+
+    def _require_postcopy(self, event: object) -> PostcopyIncoming:
+        if self._postcopy is None:
+            raise RemoteProtocolError(f"{type(event).__name__} without POSTCOPY_ADVISE first")
+        return self._postcopy
+
+    async def _handle_common(self, event: object, channel: MigrationChannel) -> None:
+        """Events valid both in the main stream and inside a package."""
+        if isinstance(event, (codec.SectionStart, codec.SectionFull)):
+            if event.idstr != "ram" and event.idstr not in KNOWN_DEVICE_SECTIONS:
+                raise RemoteProtocolError(
+                    f"unknown section {event.idstr!r} (instance {event.instance_id})"
+                )
+        elif isinstance(event, codec.DeviceState):
+            self._device_state = event.data
+        elif isinstance(event, codec.OpenReturnPath):
+            self._return_path = ReturnPathWriter(channel.return_path())
+        elif isinstance(event, codec.Ping):
+            if self._return_path is None:
+                raise RemoteProtocolError("PING received but no return path is open")
+            await self._return_path.send(codec.encode_rp_pong(event.value))
+        elif not isinstance(event, _IGNORED_EVENTS):
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} in the stream")
+
+    async def _load_package(
+        self, blob: bytes, channel: MigrationChannel, decoder: codec.StreamDecoder
+    ) -> None:
+        """PACKAGED: LISTEN, the device state, PINGs and RUN, read from memory.
+
+        The main stream is free meanwhile: at LISTEN its listener task takes it over,
+        so a device load that touches missing RAM can be served.
+        """
+        postcopy = self._require_postcopy("PACKAGED")
+        package = codec.StreamDecoder(expect_header=False)
+        package.receive_data(blob)
+        package.receive_eof()
+        while True:
+            event = package.next_event()
+            if isinstance(event, codec.PostcopyListen):
+                await postcopy.listen(channel, decoder)
+                self._set_status(MigrationStatus.POSTCOPY_DEVICE)
+            elif isinstance(event, codec.DeviceState):
+                if postcopy.state.state < PostcopyState.LISTENING:
+                    raise RemoteProtocolError("device state in the package before POSTCOPY_LISTEN")
+                self._device_state = event.data
+                assert self.guest is not None
+                await self.guest.load_state(event.data)
+            elif isinstance(event, codec.PostcopyRun):
+                if self._device_state is None:
+                    raise RemoteProtocolError("POSTCOPY_RUN before the guest's device state")
+                await postcopy.run_guest()
+                self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+                if self._on_event:
+                    self._on_event("RESUME", {})
+                return
+            elif event is codec.NEED_DATA or isinstance(event, codec.EndOfStream):
+                raise RemoteProtocolError("the PACKAGED blob ended before POSTCOPY_RUN")
+            else:
+                await self._handle_common(event, channel)
 
     async def _register_regions(self, channel: MigrationChannel) -> None:
         """On the RDMA-shaped transport, offer our blocks as regions the source writes into."""

@@ -14,6 +14,7 @@ import numpy as np
 from .. import codec
 from ..errors import RemoteProtocolError
 from ..kernel.memory import punch_hole
+from ..postcopy.bitmaps import ReceivedBitmap
 from ..ram import TARGET_PAGE_SIZE, RamBlock
 
 
@@ -24,8 +25,8 @@ class RamLoader:
         self.blocks = {block.name: block for block in blocks}
         #: Pages this loader wrote data into (so a later ZERO must clear them).
         self.written = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in blocks}
-        #: Pages received at least once (the postcopy received bitmap starts from this).
-        self.received = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in blocks}
+        #: Pages received at least once: the postcopy received bitmap starts from this.
+        self.received = ReceivedBitmap(blocks)
         self.mem_size_seen = False
 
     def check_mem_size(self, event: codec.RamMemSize, *, postcopy: bool) -> None:
@@ -73,7 +74,7 @@ class RamLoader:
         else:
             block.pages[index] = event.pages
         self.written[block.name][index] = True
-        self.received[block.name][index] = True
+        self.received.block(block.name).set_pages(index)
 
     def load_zero_pages(self, event: codec.RamZeroPages) -> None:
         """Make pages zero without allocating them."""
@@ -84,7 +85,7 @@ class RamLoader:
         for start, end in _runs(to_clear):
             punch_hole(block.fd, start * TARGET_PAGE_SIZE, (end - start) * TARGET_PAGE_SIZE)
         written[to_clear] = False
-        self.received[block.name][index] = True
+        self.received.block(block.name).set_pages(index)
 
     def pages_written_remotely(self, event: codec.RamWritten) -> None:
         """The RDMA-shaped transport wrote ``npages`` pages into our region one-sided."""
@@ -96,7 +97,37 @@ class RamLoader:
                 f"the end of RAM block {block.name!r}"
             )
         self.written[block.name][first : first + event.npages] = True
-        self.received[block.name][first : first + event.npages] = True
+        self.received.block(block.name).set_range(first, event.npages)
+
+    def discard(self, name: str, start: int, length: int) -> None:
+        """POSTCOPY_RAM_DISCARD before LISTEN: free the range and forget it was received."""
+        block = self._block(name)
+        if start % block.page_size or length % block.page_size or start + length > block.size:
+            raise RemoteProtocolError(
+                f"discard of RAM block {name!r} (start {start:#x}, length {length:#x}) is not "
+                f"host-page aligned or runs past the block's end {block.size:#x}"
+            )
+        punch_hole(block.fd, start, length)
+        first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
+        self.written[name][first : first + count] = False
+        self.received.block(name).clear_range(first, count)
+
+    def take_zero_holes(self) -> dict[str, np.ndarray]:
+        """At LISTEN: host pages received (as zero) but never written are still holes.
+
+        A guest access to one faults although nothing more will come from the source,
+        so these pages leave the received bitmap and are returned (one bool per target
+        page) for the fault path to place zero locally.
+        """
+        holes: dict[str, np.ndarray] = {}
+        for name, block in self.blocks.items():
+            per_host = block.page_size // TARGET_PAGE_SIZE
+            received = self.received.block(name).bits.reshape(-1, per_host).all(axis=1)
+            written = self.written[name].reshape(-1, per_host).any(axis=1)
+            hole = np.repeat(received & ~written, per_host)
+            self.received.block(name).clear_where(hole)
+            holes[name] = hole
+        return holes
 
 
 def _runs(index: np.ndarray) -> list[tuple[int, int]]:

@@ -158,6 +158,13 @@ class PageBitmap:
             raise IndexError(f"page index out of range for a bitmap of {self.npages} pages")
         self._bits[index] = True
 
+    def clear_where(self, mask: npt.ArrayLike) -> None:
+        """Clear every page whose entry in the boolean ``mask`` (one per page) is true."""
+        array = np.asarray(mask, dtype=np.bool_)
+        if array.shape != self._bits.shape:
+            raise ValueError(f"mask has shape {array.shape}, the bitmap {self._bits.shape}")
+        self._bits[array] = False
+
     def fill(self, value: bool) -> None:
         """Set or clear every page."""
         self._bits[:] = value

@@ -18,11 +18,27 @@ from trio_util import AsyncValue
 
 from .. import codec
 from ..channel import MigrationChannel, RateLimiter
-from ..errors import ConfigError, MigrationFailed, RemoteProtocolError, TransportError
+from ..errors import (
+    ConfigError,
+    MigrationFailed,
+    MigrationPaused,
+    RemoteProtocolError,
+    TransportError,
+)
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
 from ..ram import RamBlock
 from ..transports import connect
+from ..postcopy import PageRequestQueue
+from .postcopy import (
+    PING_AFTER_DISCARD,
+    PING_AFTER_PACKAGE,
+    PING_PACKAGE_LOADED,
+    UrgentSender,
+    discard_commands,
+    package,
+    send_background,
+)
 from .ram import DirtyLog, RamSaver
 
 log = logging.getLogger("trimig.savevm")
@@ -67,6 +83,12 @@ class OutgoingMigration:
         self._return_path_error: BaseException | None = None
         self._guest_stopped_by_us = False
         self._limiter = RateLimiter(self.parameters.max_bandwidth)
+        self._ram: RamSaver | None = None
+        self._requests: PageRequestQueue | None = None
+        self._urgent: MigrationChannel | None = None
+        self._urgent_sender: UrgentSender | None = None
+        self._postcopy_running = False
+        self._pongs: dict[int, trio.Event] = {}
 
     # -- control -----------------------------------------------------------------------
 
@@ -120,12 +142,25 @@ class OutgoingMigration:
                 async with trio.open_nursery() as nursery:
                     if self.capabilities.wants_return_path:
                         await nursery.start(self._read_return_path, channel)
-                    await self._migrate(channel, dirty_log)
+                    await self._migrate(channel, dirty_log, nursery, uri)
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                    if self._urgent is not None:
+                        await self._urgent.aclose()
                     await stream.aclose()
         except BaseException as exc:
+            if self._postcopy_running:
+                # The guest now runs on the destination: never resume it here.
+                if dirty_log is not None:
+                    dirty_log.close()
+                self.stats.error_desc = str(exc) or type(exc).__name__
+                self._set_status(MigrationStatus.POSTCOPY_PAUSED)
+                if isinstance(exc, Exception):
+                    raise MigrationPaused(
+                        f"postcopy to {uri} broke after the switch: {self.stats.error_desc}"
+                    ) from exc
+                raise
             await self._recover_source(dirty_log)
             if isinstance(exc, trio.Cancelled):
                 self._set_status(MigrationStatus.CANCELLED)
@@ -158,8 +193,11 @@ class OutgoingMigration:
         if dirty_log is not None:
             dirty_log.close()
 
-    async def _migrate(self, channel: MigrationChannel, dirty_log: DirtyLog) -> None:
-        ram = RamSaver(self.blocks, self.stats)
+    async def _migrate(
+        self, channel: MigrationChannel, dirty_log: DirtyLog, nursery: trio.Nursery, uri: str
+    ) -> None:
+        ram = self._ram = RamSaver(self.blocks, self.stats)
+        self._requests = PageRequestQueue(self.blocks)
         dirty_log.collect(ram.dirty)  # start the log afresh: every page is dirty anyway
         channel.put(codec.encode_file_header())
         channel.put(codec.encode_configuration())
@@ -211,15 +249,22 @@ class OutgoingMigration:
             bandwidth = self.parameters.avail_switchover_bandwidth or self.stats.bandwidth
             threshold = bandwidth * self.parameters.downtime_limit / 1000
             self.stats.expected_downtime_ms = int(ram.remaining_bytes / max(bandwidth, 1) * 1000)
+            after = self.parameters.x_postcopy_after_passes
+            if (
+                self.capabilities.postcopy_ram
+                and after
+                and self.stats.dirty_sync_count >= after
+            ):
+                self._postcopy_requested = True
+            if self._postcopy_requested:
+                # Asked for postcopy: switch now, even if precopy could finish.
+                await self._run_postcopy(channel, ram, dirty_log, uri)
+                return
             if ram.remaining_bytes <= threshold:
+                self.stats.converging = True
                 break
             self.stats.converging = False
             self.stats.non_converging_passes += 1
-            after = self.parameters.x_postcopy_after_passes
-            if self.capabilities.postcopy_ram and after and self.stats.non_converging_passes >= after:
-                self._postcopy_requested = True
-            if self._postcopy_requested:
-                raise NotImplementedError("postcopy switch-over is wired in trimig.postcopy")
             log.info(
                 "pass %d: %d bytes remain, threshold %d: not converging yet",
                 self.stats.dirty_sync_count,
@@ -289,6 +334,67 @@ class OutgoingMigration:
             await channel.send_eof()
         self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
 
+    # -- postcopy ------------------------------------------------------------------------
+
+    async def _run_postcopy(
+        self, channel: MigrationChannel, ram: RamSaver, dirty_log: DirtyLog, uri: str
+    ) -> None:
+        """Switch to postcopy, then stream the rest while serving page requests."""
+        assert self._requests is not None
+        if self.capabilities.postcopy_preempt:
+            self._urgent = MigrationChannel(await connect(uri, **self._connect_options))
+        self._urgent_sender = UrgentSender(ram, self._urgent)
+        self.stats.downtime_start_ns = time.monotonic_ns()
+        await self.guest.stop()
+        self._guest_stopped_by_us = True
+        if self._on_event:
+            self._on_event("STOP", {})
+        self._set_status(MigrationStatus.DEVICE)
+        bytes_before = channel.bytes_sent
+        channel.put(codec.encode_switchover_start())
+        dirty_log.collect(ram.dirty)  # exact: the guest is stopped
+        self.stats.dirty_sync_count += 1
+        ram.finish_bulk_pass()
+        ram.encoder.reset()
+        for command in discard_commands(ram):
+            channel.put(command)
+        channel.put(codec.encode_ping(PING_AFTER_DISCARD))
+        state = await self.guest.save_state()
+        device = codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state)
+        self._check_return_path()
+        # Last point of return: once the package is out the destination may run the guest.
+        self._postcopy_running = True
+        channel.put(codec.encode_packaged(package(device)))
+        channel.put(codec.encode_ping(PING_AFTER_PACKAGE))
+        await channel.flush()
+        self._set_status(MigrationStatus.POSTCOPY_DEVICE)
+        await self._pong(PING_AFTER_PACKAGE).wait()  # the guest runs on the destination
+        self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
+        self.stats.downtime_bytes = channel.bytes_sent - bytes_before
+        self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+        self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
+        postcopy_start = channel.bytes_sent
+        await send_background(
+            channel,
+            ram,
+            self._requests,
+            self._urgent_sender,
+            self._limiter,
+            section_id=RAM_SECTION_ID,
+            flush_bytes=FLUSH_BYTES,
+            slice_seconds=ITERATION_SLICE,
+        )
+        channel.put(codec.encode_section_end(RAM_SECTION_ID))
+        channel.put(codec.encode_end_of_section())
+        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
+        channel.put(codec.encode_eof())
+        await channel.flush()
+        self.stats.remaining = 0
+        await self._wait_for_shut()
+        urgent_bytes = self._urgent.bytes_sent if self._urgent is not None else 0
+        self.stats.postcopy_bytes = channel.bytes_sent - postcopy_start + urgent_bytes
+        self.stats.transferred = channel.bytes_sent + urgent_bytes
+
     # -- return path ---------------------------------------------------------------------
 
     async def _read_return_path(
@@ -310,12 +416,28 @@ class OutgoingMigration:
                     self._shut.set()
                     return
                 if isinstance(event, codec.Pong):
-                    log.debug("PONG %d", event.value)
+                    self._pong(event.value).set()
+                    if event.value == PING_PACKAGE_LOADED and self._postcopy_running:
+                        self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
                     continue
-                raise RemoteProtocolError(f"unexpected return-path message {event!r} in precopy")
+                if isinstance(event, codec.ReqPages):
+                    await self._page_requested(event)
+                    continue
+                raise RemoteProtocolError(f"unexpected return-path message {event!r}")
         except (RemoteProtocolError, TransportError) as exc:
             self._return_path_error = exc
             self._shut.set()
+
+    def _pong(self, value: int) -> trio.Event:
+        return self._pongs.setdefault(value, trio.Event())
+
+    async def _page_requested(self, event: codec.ReqPages) -> None:
+        if self._requests is None or not self._postcopy_running:
+            raise RemoteProtocolError("page request from the destination before postcopy started")
+        request = self._requests.put(event.block, event.start, event.length)
+        self.stats.postcopy_requests = self._requests.requests
+        if self._urgent_sender is not None and self._urgent_sender.urgent is not None:
+            await self._urgent_sender.send_now(request)
 
     def _check_return_path(self) -> None:
         if self._return_path_error is not None:

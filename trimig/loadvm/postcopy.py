@@ -1,0 +1,243 @@
+"""The destination's postcopy: from ADVISE to the end of the stream.
+
+At LISTEN the guest process attaches its blocks, registers them with its own
+userfaultfd in MISSING mode and hands the uffd over. Three tasks then run in the
+incoming migration's nursery:
+
+* the fault handler, which turns guest faults into page requests on the return path;
+* the main listener, which reads the rest of the main stream and places its pages;
+* the urgent reader, which places the pages the source sends on its second
+  (preempt) connection in answer to requests.
+
+Every placement is a whole host page, atomically, through the uffd (COPY or ZEROPAGE),
+which also wakes the faulting guest thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import trio
+
+from .. import codec
+from ..channel import MigrationChannel
+from ..errors import RemoteProtocolError, TransportError
+from ..guest.host import GuestProcess
+from ..kernel.probe import probe
+from ..kernel.uffd import Userfaultfd
+from ..postcopy import (
+    MAIN_CHANNEL,
+    PREEMPT_CHANNEL,
+    FaultHandler,
+    GuestRamBlock,
+    PagePlacer,
+    PostcopyStateMachine,
+    check_postcopy_support,
+)
+from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..transports import ByteStream, Listener
+from .ram import RamLoader
+from .reader import ReturnPathWriter, next_event
+
+log = logging.getLogger("trimig.loadvm.postcopy")
+
+#: The placer's gathering channel for pages placed locally (known zeros), beside the
+#: main and preempt channels, so a local placement never splits a host page being gathered.
+LOCAL_CHANNEL = 2
+
+#: Events of the main stream after LISTEN that carry nothing to do.
+_STRUCTURAL = (
+    codec.SectionPart,
+    codec.SectionEnd,
+    codec.SectionFooter,
+    codec.RamEndOfSection,
+)
+
+
+class PostcopyIncoming:
+    """Destination postcopy state for one incoming migration; its tasks run in ``nursery``."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        guest: GuestProcess,
+        blocks: Sequence[RamBlock],
+        ram: RamLoader,
+        return_path: ReturnPathWriter,
+        listener: Listener | None,
+    ) -> None:
+        self._nursery = nursery
+        self.guest = guest
+        self.blocks = list(blocks)
+        self.ram = ram
+        self._return_path = return_path
+        self._listener = listener
+        self.state = PostcopyStateMachine()
+        self.placer: PagePlacer | None = None
+        self.faults: FaultHandler | None = None
+        self._uffd: Userfaultfd | None = None
+        self._zero_holes: dict[str, np.ndarray] = {}
+        self._listening = trio.Event()
+        #: Set when the main stream reached its end (all pages placed) or failed.
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self._last_requested_block: str | None = None
+        self._helper_scopes: list[trio.CancelScope] = []
+
+    # -- commands before LISTEN ---------------------------------------------------------
+
+    def advise(self, event: codec.PostcopyAdvise) -> None:
+        """POSTCOPY_ADVISE: page sizes must match ours and the kernel must support postcopy."""
+        self.state.on_advise()
+        if event.target_page_size != TARGET_PAGE_SIZE:
+            raise RemoteProtocolError(
+                f"target page size {event.target_page_size} differs from ours ({TARGET_PAGE_SIZE})"
+            )
+        summary = 0
+        for block in self.blocks:
+            summary |= block.page_size
+        if event.page_size_summary != summary:
+            raise RemoteProtocolError(
+                f"page size summary {event.page_size_summary:#x} differs from ours ({summary:#x}): "
+                "the two sides' RAM blocks use different page sizes"
+            )
+        check_postcopy_support(self.blocks, probe())
+        if self._listener is not None:
+            self._nursery.start_soon(self._accept_urgent_channel, self._listener)
+
+    def discard(self, event: codec.PostcopyRamDiscard) -> None:
+        """POSTCOPY_RAM_DISCARD: free pages that went stale after they were sent."""
+        self.state.on_discard()
+        for start, length in event.ranges:
+            self.ram.discard(event.block, start, length)
+
+    # -- LISTEN and RUN -----------------------------------------------------------------
+
+    async def listen(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
+        """POSTCOPY_LISTEN: attach the guest under userfaultfd and start the postcopy tasks.
+
+        From here on the main listener owns ``channel`` and ``decoder``.
+        """
+        self.state.on_listen()
+        await self.guest.attach(self.blocks, "postcopy")
+        self._uffd, addresses = await self.guest.register_missing()
+        guest_blocks = [
+            GuestRamBlock(block.name, address, block.size, block.page_size, block.fd)
+            for block, address in zip(self.blocks, addresses, strict=True)
+        ]
+        self._zero_holes = self.ram.take_zero_holes()
+        received = self.ram.received
+        self.faults = FaultHandler(self._uffd, guest_blocks, received, self._request_page)
+        self.placer = PagePlacer(
+            self._uffd, guest_blocks, received, channels=3, on_placed=self.faults.pages_placed
+        )
+        await self._nursery.start(self._run_helper, self.faults.run)
+        self._nursery.start_soon(self._listen_main, channel, decoder)
+        self._listening.set()
+
+    async def run_guest(self) -> None:
+        """POSTCOPY_RUN: the guest runs here from now on, faulting in what is missing."""
+        self.state.on_run()
+        await self.guest.notify("postcopy-start")
+        await self.guest.cont()
+
+    async def finish(self) -> None:
+        """After the main stream's end: stop the helpers, unregister, tell the guest."""
+        self.state.on_end()
+        self._cancel_helpers()
+        await self.guest.unregister_missing()
+        await self.guest.notify("postcopy-end")
+
+    def close(self) -> None:
+        """Cancel the helper tasks and close our copy of the uffd (safe to repeat)."""
+        self._cancel_helpers()
+        if self._uffd is not None:
+            self._uffd.close()
+            self._uffd = None
+
+    def statistics(self) -> dict[str, object]:
+        """postcopy-requests, latency, latency distribution and blocktime (query-migrate names)."""
+        if self.faults is None:
+            return {}
+        return self.faults.stats().as_qmp()
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def _helper_scope(self) -> trio.CancelScope:
+        scope = trio.CancelScope()
+        self._helper_scopes.append(scope)
+        return scope
+
+    def _cancel_helpers(self) -> None:
+        for scope in self._helper_scopes:
+            scope.cancel()
+
+    async def _run_helper(self, body: object, *, task_status: trio.TaskStatus[None]) -> None:
+        with self._helper_scope():
+            await body(task_status=task_status)  # type: ignore[operator]
+
+    async def _request_page(self, block: str, offset: int, length: int) -> None:
+        """Fault handler callback: ask the source for a host page, or place a known zero."""
+        holes = self._zero_holes.get(block)
+        if holes is not None and holes[offset // TARGET_PAGE_SIZE]:
+            assert self.placer is not None
+            holes[offset // TARGET_PAGE_SIZE : (offset + length) // TARGET_PAGE_SIZE] = False
+            offsets = np.arange(offset, offset + length, TARGET_PAGE_SIZE, dtype=np.uint64)
+            self.placer.place_zero(block, offsets, channel=LOCAL_CHANNEL)
+            return
+        named = block if block != self._last_requested_block else None
+        self._last_requested_block = block
+        try:
+            await self._return_path.send(codec.encode_rp_req_pages(offset, length, named))
+        except TransportError as exc:
+            log.warning("page request for %s+%#x not sent: %s", block, offset, exc)
+
+    async def _listen_main(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
+        """Read the rest of the main stream, placing pages, until its end."""
+        assert self.placer is not None
+        try:
+            while True:
+                event = await next_event(decoder, channel)
+                if isinstance(event, codec.RamPages):
+                    self.placer.place(event.block, event.offsets, event.pages, channel=MAIN_CHANNEL)
+                elif isinstance(event, codec.RamZeroPages):
+                    self.placer.place_zero(event.block, event.offsets, channel=MAIN_CHANNEL)
+                elif isinstance(event, codec.EndOfStream):
+                    break
+                elif isinstance(event, _STRUCTURAL) or isinstance(event, codec.Ping):
+                    if isinstance(event, codec.Ping):
+                        await self._return_path.send(codec.encode_rp_pong(event.value))
+                else:
+                    raise RemoteProtocolError(
+                        f"unexpected {type(event).__name__} in the stream during postcopy"
+                    )
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    async def _accept_urgent_channel(self, listener: Listener) -> None:
+        """Take the source's second connection as the urgent (preempt) page channel."""
+        with self._helper_scope():
+            stream = await listener.accept()
+            try:
+                await self._read_urgent(stream)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await stream.aclose()
+
+    async def _read_urgent(self, stream: ByteStream) -> None:
+        channel = MigrationChannel(stream)
+        decoder = codec.RamChannelDecoder({block.name: block.size for block in self.blocks})
+        await self._listening.wait()
+        assert self.placer is not None
+        while True:
+            event = await next_event(decoder, channel)
+            if isinstance(event, codec.RamPages):
+                self.placer.place(event.block, event.offsets, event.pages, channel=PREEMPT_CHANNEL)
+            elif isinstance(event, codec.RamZeroPages):
+                self.placer.place_zero(event.block, event.offsets, channel=PREEMPT_CHANNEL)
+            else:  # EOS or the channel closed
+                return
