@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import trio
 
-from .errors import ConfigError
+from .errors import ConfigError, TrimigError
 from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
@@ -123,7 +123,7 @@ async def migrate_locally(
         )
         try:
             async with running_guest(specs, command) as (guest, blocks), trio.open_nursery() as nursery:
-                address = await nursery.start(incoming.listen_and_run, listen_uri)
+                address = await nursery.start(_receive, incoming, listen_uri)
                 await trio.sleep(warmup)
                 outgoing = OutgoingMigration(
                     guest,
@@ -150,6 +150,16 @@ async def migrate_locally(
             return LocalMigrationResult(outgoing.query(), incoming.query(), verdict)
         finally:
             await incoming.aclose()
+
+
+async def _receive(
+    incoming: IncomingMigration, uri: str, *, task_status: trio.TaskStatus[str]
+) -> None:
+    """The destination's task: its failure shows in its status; the source's error is the one raised."""
+    try:
+        await incoming.listen_and_run(uri, task_status=task_status)
+    except TrimigError as exc:
+        log.info("incoming migration ended: %s", exc)
 
 
 async def _verify_destination(incoming: IncomingMigration, run_after: float) -> Verdict | None:

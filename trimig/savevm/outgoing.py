@@ -73,7 +73,8 @@ class OutgoingMigration:
         self.capabilities = capabilities or MigrationCapabilities()
         self.parameters = parameters or MigrationParameters()
         self.status: AsyncValue[MigrationStatus] = AsyncValue(MigrationStatus.NONE)
-        self.stats = SourceStats(total=sum(block.size for block in self.blocks))
+        total = sum(block.size for block in self.blocks)
+        self.stats = SourceStats(total=total, remaining=total)
         self._connect_options = connect_options or {}
         self._on_event = on_event
         self._postcopy_requested = False
