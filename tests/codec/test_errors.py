@@ -212,7 +212,7 @@ def test_mem_size_page_size_is_read_only_after_advise_for_non_4k_blocks() -> Non
 
 
 def drain_until_need(decoder: StreamDecoder) -> list[object]:
-    events = []
+    events: list[object] = []
     while (event := decoder.next_event()) is not NEED_DATA:
         events.append(event)
     return events

@@ -137,7 +137,7 @@ def primed_decoder(npages: int) -> StreamDecoder:
 
 
 def ram_events(decoder: StreamDecoder | RamChannelDecoder) -> list[object]:
-    events = []
+    events: list[object] = []
     while (event := decoder.next_event()) is not NEED_DATA:
         if isinstance(event, RamPages | RamZeroPages | RamWritten | RamEndOfSection):
             events.append(event)
@@ -323,5 +323,5 @@ def test_successor_and_ram_channel_decoders_share_the_block_list() -> None:
     preempt = decoder.ram_channel_decoder()
     preempt_encoder = RamRecordEncoder()
     preempt.receive_data(b"".join(preempt_encoder.encode_pages("m", [7 * PAGE], memory)))
-    (event,) = ram_events(preempt)  # type: ignore[arg-type]
+    (event,) = ram_events(preempt)
     assert isinstance(event, RamPages) and event.offsets.tolist() == [7 * PAGE]

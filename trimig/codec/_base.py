@@ -9,7 +9,7 @@ from trimig.codec.events import NEED_DATA, NeedData
 from trimig.errors import LocalProtocolError, RemoteProtocolError
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from trimig.codec._wire import BytesLike
 
 EventT = TypeVar("EventT")
 
@@ -50,7 +50,7 @@ class DecoderBase(Generic[EventT]):
         if self._eof:
             raise LocalProtocolError(f"{what} after receive_eof()")
 
-    def receive_data(self, data: Buffer) -> None:
+    def receive_data(self, data: BytesLike) -> None:
         """Append bytes from the peer (copied into the decoder's buffer)."""
         self._check_open("receive_data")
         self._buffer.barrier()

@@ -18,15 +18,24 @@ import numpy as np
 from trimig.errors import LocalProtocolError
 
 if TYPE_CHECKING:
+    from typing import Any, TypeAlias
+
+    import numpy.typing as npt
     from typing_extensions import Buffer
+
+    #: What the codec accepts as bytes: anything with the buffer protocol
+    #: (numpy arrays are listed because their stubs lack ``__buffer__`` on 3.11).
+    BytesLike: TypeAlias = Buffer | npt.NDArray[Any]
 
 _MIN_CAPACITY = 1 << 16
 
 
-def as_byte_view(data: Buffer) -> memoryview:
+def as_byte_view(data: BytesLike) -> memoryview:
     """A flat, byte-format memoryview of any C-contiguous buffer."""
-    view = memoryview(data)
+    view = data.data if isinstance(data, np.ndarray) else memoryview(data)
     if view.format != "B" or view.ndim != 1:
+        if not view.c_contiguous:
+            raise LocalProtocolError("the codec needs a C-contiguous buffer")
         view = view.cast("B")
     return view
 
@@ -104,7 +113,7 @@ class ReceiveBuffer:
         self.end += nbytes
         self._lent = 0
 
-    def append(self, data: Buffer) -> None:
+    def append(self, data: BytesLike) -> None:
         """Copy ``data`` in after the unconsumed bytes."""
         view = as_byte_view(data)
         size = len(view)

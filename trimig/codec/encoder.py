@@ -31,7 +31,7 @@ from trimig.codec.ram import encode_end_of_section, encode_mem_size
 from trimig.errors import LocalProtocolError
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from trimig.codec._wire import BytesLike
 
 #: Longest machine type name trimig writes or accepts.
 MAX_MACHINE_TYPE_LENGTH = 256
@@ -101,14 +101,14 @@ def encode_section_footer(section_id: int) -> bytes:
     )
 
 
-def encode_blob(data: Buffer) -> bytes:
+def encode_blob(data: BytesLike) -> bytes:
     """trimig's device-state body: be32 length, then the bytes."""
     raw = bytes(data)
     return BE32.pack(check_uint(len(raw), 32, "device state length")) + raw
 
 
 def encode_device_section(
-    section_id: int, idstr: str, instance_id: int, version_id: int, data: Buffer
+    section_id: int, idstr: str, instance_id: int, version_id: int, data: BytesLike
 ) -> bytes:
     """A whole non-RAM device: FULL header, blob body, footer."""
     if idstr == RAM_IDSTR:
@@ -137,7 +137,7 @@ def encode_eof() -> bytes:
     return bytes((SectionType.EOF,))
 
 
-def encode_vm_description(json: Buffer) -> bytes:
+def encode_vm_description(json: BytesLike) -> bytes:
     """``QEMU_VM_VMDESCRIPTION``: be32 length and the JSON text (after EOF only)."""
     raw = bytes(json)
     return (
@@ -219,7 +219,7 @@ def encode_postcopy_ram_discards(block: str, ranges: Iterable[tuple[int, int]]) 
     return commands
 
 
-def encode_packaged(blob: Buffer) -> bytes:
+def encode_packaged(blob: BytesLike) -> bytes:
     """PACKAGED: the command (be32 blob length) followed by the blob itself.
 
     The blob is a header-less stream: LISTEN, device sections, pings, RUN.

@@ -58,7 +58,7 @@ from trimig.codec.events import (
 from trimig.errors import LocalProtocolError
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from trimig.codec._wire import BytesLike
 
 #: One ``PAGE`` record laid out in the stream: be64 word, then the page.
 PAGE_RECORD_DTYPE = np.dtype([("hdr", ">u8"), ("data", np.uint8, (TARGET_PAGE_SIZE,))])
@@ -153,7 +153,7 @@ class RamRecordEncoder:
         return None if block_name == self.last_block else name
 
     def encode_pages(
-        self, block_name: str, offsets: npt.ArrayLike, source: Buffer
+        self, block_name: str, offsets: npt.ArrayLike, source: BytesLike
     ) -> list[bytes | memoryview]:
         """PAGE records for ``offsets`` (bytes into the block) as a gather list.
 

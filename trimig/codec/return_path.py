@@ -47,7 +47,7 @@ from trimig.codec.events import (
 from trimig.errors import LocalProtocolError
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from trimig.codec._wire import BytesLike
 
 
 # --- Received bitmaps ----------------------------------------------------------------
@@ -109,7 +109,7 @@ def encode_rp_req_pages(start: int, length: int, block: str | None = None) -> by
     return encode_rp_message(RpMsg.REQ_PAGES_ID, head + encode_counted(block, "RAM block name"))
 
 
-def encode_rp_recv_bitmap(block: str, bitmap: Buffer) -> bytes:
+def encode_rp_recv_bitmap(block: str, bitmap: BytesLike) -> bytes:
     """RECV_BITMAP frame plus the out-of-frame size, bitmap and end marker.
 
     ``bitmap`` is in wire layout (see :func:`pack_received_bitmap`); its length
