@@ -146,7 +146,7 @@ class PostcopyIncoming:
     async def finish(self) -> None:
         """After the main stream's end: stop the helpers, unregister, tell the guest."""
         self.state.on_end()
-        self._cancel_helpers()
+        self.close()  # closing our uffd ends the registration (the guest closed its copy)
         await self.guest.unregister_missing()
         await self.guest.notify("postcopy-end")
 
@@ -154,6 +154,7 @@ class PostcopyIncoming:
         """Cancel the helper tasks and close our copy of the uffd (safe to repeat)."""
         self._cancel_helpers()
         if self._uffd is not None:
+            trio.lowlevel.notify_closing(self._uffd.fileno())
             self._uffd.close()
             self._uffd = None
 

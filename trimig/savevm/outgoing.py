@@ -163,7 +163,7 @@ class OutgoingMigration:
                     ) from exc
                 raise
             await self._recover_source(dirty_log)
-            if isinstance(exc, trio.Cancelled):
+            if _is_cancellation(exc):
                 self._set_status(MigrationStatus.CANCELLED)
                 raise
             self.stats.error_desc = str(exc) or type(exc).__name__
@@ -459,3 +459,11 @@ class OutgoingMigration:
             raise RemoteProtocolError(
                 f"destination reported an error loading the stream (SHUT status {self._shut_status})"
             )
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """True for trio.Cancelled, or a group made only of them (a cancelled nursery)."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    group = getattr(exc, "exceptions", None)
+    return bool(group) and all(_is_cancellation(inner) for inner in group)
