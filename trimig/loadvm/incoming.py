@@ -238,7 +238,7 @@ class IncomingMigration:
                 self._postcopy = PostcopyIncoming(
                     nursery, self.guest, self.blocks, ram, self._return_path, listener
                 )
-                self._postcopy.advise(event)
+                await self._postcopy.advise(event)
             elif isinstance(event, codec.PostcopyRamDiscard):
                 self._require_postcopy(event).discard(event)
             elif isinstance(event, codec.Packaged):

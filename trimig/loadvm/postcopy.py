@@ -16,7 +16,7 @@ which also wakes the faulting guest thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 import trio
@@ -84,11 +84,13 @@ class PostcopyIncoming:
         self.done = trio.Event()
         self.error: BaseException | None = None
         self._last_requested_block: str | None = None
-        self._helper_scopes: list[trio.CancelScope] = []
+        self._helpers: trio.Nursery | None = None
+        self._helpers_scope = trio.CancelScope()
+        self._helpers_done = trio.Event()
 
     # -- commands before LISTEN ---------------------------------------------------------
 
-    def advise(self, event: codec.PostcopyAdvise) -> None:
+    async def advise(self, event: codec.PostcopyAdvise) -> None:
         """POSTCOPY_ADVISE: page sizes must match ours and the kernel must support postcopy."""
         self.state.on_advise()
         if event.target_page_size != TARGET_PAGE_SIZE:
@@ -104,8 +106,9 @@ class PostcopyIncoming:
                 "the two sides' RAM blocks use different page sizes"
             )
         check_postcopy_support(self.blocks, probe())
+        await self._nursery.start(self._supervise_helpers)
         if self._listener is not None:
-            self._nursery.start_soon(self._accept_urgent_channel, self._listener)
+            self._start_helper(self._accept_urgent_channel, self._listener)
 
     def discard(self, event: codec.PostcopyRamDiscard) -> None:
         """POSTCOPY_RAM_DISCARD: free pages that went stale after they were sent."""
@@ -133,7 +136,8 @@ class PostcopyIncoming:
         self.placer = PagePlacer(
             self._uffd, guest_blocks, received, channels=3, on_placed=self.faults.pages_placed
         )
-        await self._nursery.start(self._run_helper, self.faults.run)
+        assert self._helpers is not None
+        await self._helpers.start(self.faults.run)
         self._nursery.start_soon(self._listen_main, channel, decoder)
         self._listening.set()
 
@@ -146,15 +150,17 @@ class PostcopyIncoming:
     async def finish(self) -> None:
         """After the main stream's end: stop the helpers, unregister, tell the guest."""
         self.state.on_end()
+        self._helpers_scope.cancel()
+        await self._helpers_done.wait()
         self.close()  # closing our uffd ends the registration (the guest closed its copy)
         await self.guest.unregister_missing()
         await self.guest.notify("postcopy-end")
 
     def close(self) -> None:
-        """Cancel the helper tasks and close our copy of the uffd (safe to repeat)."""
-        self._cancel_helpers()
+        """Close our copy of the uffd (safe to repeat). The helper tasks must be over:
+        call it after ``finish`` or once the owning nursery has exited."""
+        self._helpers_scope.cancel()
         if self._uffd is not None:
-            trio.lowlevel.notify_closing(self._uffd.fileno())
             self._uffd.close()
             self._uffd = None
 
@@ -166,18 +172,21 @@ class PostcopyIncoming:
 
     # -- tasks --------------------------------------------------------------------------
 
-    def _helper_scope(self) -> trio.CancelScope:
-        scope = trio.CancelScope()
-        self._helper_scopes.append(scope)
-        return scope
+    async def _supervise_helpers(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Own the fault handler and the urgent reader, so ``finish`` can stop and await them."""
+        try:
+            with self._helpers_scope:
+                async with trio.open_nursery() as nursery:
+                    self._helpers = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._helpers = None
+            self._helpers_done.set()
 
-    def _cancel_helpers(self) -> None:
-        for scope in self._helper_scopes:
-            scope.cancel()
-
-    async def _run_helper(self, body: object, *, task_status: trio.TaskStatus[None]) -> None:
-        with self._helper_scope():
-            await body(task_status=task_status)  # type: ignore[operator]
+    def _start_helper(self, function: Callable[..., Awaitable[None]], *args: object) -> None:
+        assert self._helpers is not None
+        self._helpers.start_soon(function, *args)
 
     async def _request_page(self, block: str, offset: int, length: int) -> None:
         """Fault handler callback: ask the source for a host page, or place a known zero."""
@@ -221,13 +230,12 @@ class PostcopyIncoming:
 
     async def _accept_urgent_channel(self, listener: Listener) -> None:
         """Take the source's second connection as the urgent (preempt) page channel."""
-        with self._helper_scope():
-            stream = await listener.accept()
-            try:
-                await self._read_urgent(stream)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await stream.aclose()
+        stream = await listener.accept()
+        try:
+            await self._read_urgent(stream)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await stream.aclose()
 
     async def _read_urgent(self, stream: ByteStream) -> None:
         channel = MigrationChannel(stream)
