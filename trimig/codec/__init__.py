@@ -4,7 +4,7 @@ No I/O here: encoders return bytes (or gather lists), decoders take bytes and
 hand out events. ``docs/wire-format.md`` documents every byte.
 """
 
-from trimig.codec._base import DEFAULT_RECEIVE_SIZE
+from trimig.codec._base import DEFAULT_RECEIVE_SIZE, DecoderBase
 from trimig.codec.constants import (
     MACHINE_TYPE,
     MAX_DISCARDS_PER_COMMAND,
@@ -104,6 +104,7 @@ __all__ = [
     "TARGET_PAGE_SIZE",
     "ChannelClosed",
     "Configuration",
+    "DecoderBase",
     "DeviceState",
     "EndOfStream",
     "FileHeader",
