@@ -26,6 +26,7 @@ from ..postcopy import PostcopyState
 from ..transports import ByteStream, Listener, listen
 from .postcopy import PostcopyIncoming
 from .ram import RamLoader
+from ..trace import trace
 from .reader import ReturnPathWriter, next_event
 
 log = logging.getLogger("trimig.loadvm")
@@ -72,6 +73,7 @@ class IncomingMigration:
         self._device_state: bytes | None = None
         self._return_path: ReturnPathWriter | None = None
         self._postcopy: PostcopyIncoming | None = None
+        self._ram: RamLoader | None = None
         #: The real listening address (QEMU's socket-address), once listening.
         self.socket_address: str | None = None
         #: postcopy-* statistics, once postcopy ended.
@@ -81,6 +83,7 @@ class IncomingMigration:
         if self.status.value is status:
             return
         log.info("incoming status %s -> %s", self.status.value.value, status.value)
+        trace("destination_status", old=self.status.value.value, new=status.value)
         self.status.value = status
         if self._on_event:
             self._on_event("MIGRATION", {"status": status.value})
@@ -94,6 +97,14 @@ class IncomingMigration:
         if self.error_desc:
             info["error-desc"] = self.error_desc
         return info
+
+    def dump_bitmaps(self) -> str:
+        """Text dump of each block's received bitmap (QEMU's ram_debug_dump_bitmap)."""
+        if self._ram is None:
+            return ""
+        return "".join(
+            f"{name} received:\n{self._ram.received.dump(name)}" for name in self._ram.received
+        )
 
     def take_guest(self) -> tuple[GuestProcess, list[RamBlock]]:
         """After completion: hand the running guest and its blocks to the caller, who closes them."""
@@ -213,7 +224,7 @@ class IncomingMigration:
         decoder = codec.StreamDecoder(
             local_page_sizes={block.name: block.page_size for block in self.blocks}
         )
-        ram = RamLoader(self.blocks)
+        ram = self._ram = RamLoader(self.blocks)
         while True:
             event = await next_event(decoder, channel)
             if isinstance(event, codec.RamPages):

@@ -39,6 +39,7 @@ from ..postcopy import (
 from ..ram import TARGET_PAGE_SIZE, RamBlock
 from ..transports import ByteStream, Listener
 from .ram import RamLoader
+from ..trace import trace
 from .reader import ReturnPathWriter, next_event
 
 log = logging.getLogger("trimig.loadvm.postcopy")
@@ -80,6 +81,7 @@ class PostcopyIncoming:
         self._uffd: Userfaultfd | None = None
         self._zero_holes: dict[str, np.ndarray] = {}
         self._listening = trio.Event()
+        self._running = trio.Event()
         #: Set when the main stream reached its end (all pages placed) or failed.
         self.done = trio.Event()
         self.error: BaseException | None = None
@@ -93,6 +95,7 @@ class PostcopyIncoming:
     async def advise(self, event: codec.PostcopyAdvise) -> None:
         """POSTCOPY_ADVISE: page sizes must match ours and the kernel must support postcopy."""
         self.state.on_advise()
+        trace("postcopy_advise", summary=hex(event.page_size_summary))
         if event.target_page_size != TARGET_PAGE_SIZE:
             raise RemoteProtocolError(
                 f"target page size {event.target_page_size} differs from ours ({TARGET_PAGE_SIZE})"
@@ -113,6 +116,7 @@ class PostcopyIncoming:
     def discard(self, event: codec.PostcopyRamDiscard) -> None:
         """POSTCOPY_RAM_DISCARD: free pages that went stale after they were sent."""
         self.state.on_discard()
+        trace("postcopy_discard", block=event.block, ranges=len(event.ranges))
         for start, length in event.ranges:
             self.ram.discard(event.block, start, length)
 
@@ -124,6 +128,7 @@ class PostcopyIncoming:
         From here on the main listener owns ``channel`` and ``decoder``.
         """
         self.state.on_listen()
+        trace("postcopy_listen")
         await self.guest.attach(self.blocks, "postcopy")
         self._uffd, addresses = await self.guest.register_missing()
         guest_blocks = [
@@ -144,12 +149,15 @@ class PostcopyIncoming:
     async def run_guest(self) -> None:
         """POSTCOPY_RUN: the guest runs here from now on, faulting in what is missing."""
         self.state.on_run()
+        trace("postcopy_run")
         await self.guest.notify("postcopy-start")
         await self.guest.cont()
+        self._running.set()
 
     async def finish(self) -> None:
         """After the main stream's end: stop the helpers, unregister, tell the guest."""
         self.state.on_end()
+        trace("postcopy_end", **self.statistics())
         self._helpers_scope.cancel()
         await self._helpers_done.wait()
         self.close()  # closing our uffd ends the registration (the guest closed its copy)
@@ -216,9 +224,12 @@ class PostcopyIncoming:
                     self.placer.place_zero(event.block, event.offsets, channel=MAIN_CHANNEL)
                 elif isinstance(event, codec.EndOfStream):
                     break
-                elif isinstance(event, _STRUCTURAL) or isinstance(event, codec.Ping):
-                    if isinstance(event, codec.Ping):
-                        await self._return_path.send(codec.encode_rp_pong(event.value))
+                elif isinstance(event, codec.Ping):
+                    # A PONG acknowledges everything before its PING, the package included:
+                    # answer once the guest runs, without holding up the pages behind it.
+                    self._nursery.start_soon(self._pong_once_running, event.value)
+                elif isinstance(event, _STRUCTURAL):
+                    continue
                 else:
                     raise RemoteProtocolError(
                         f"unexpected {type(event).__name__} in the stream during postcopy"
@@ -227,6 +238,10 @@ class PostcopyIncoming:
             self.error = exc
         finally:
             self.done.set()
+
+    async def _pong_once_running(self, value: int) -> None:
+        await self._running.wait()
+        await self._return_path.send(codec.encode_rp_pong(value))
 
     async def _accept_urgent_channel(self, listener: Listener) -> None:
         """Take the source's second connection as the urgent (preempt) page channel."""

@@ -39,6 +39,8 @@ from .postcopy import (
     package,
     send_background,
 )
+from ..postcopy import dump_bitmap
+from ..trace import trace
 from .ram import DirtyLog, RamSaver
 
 log = logging.getLogger("trimig.savevm")
@@ -111,10 +113,21 @@ class OutgoingMigration:
             self.stats.transferred = self._channel.bytes_sent
         return self.stats.query(self.status.value)
 
+    def dump_bitmaps(self) -> str:
+        """Text dump of each block's dirty and sent bitmaps (QEMU's ram_debug_dump_bitmap)."""
+        if self._ram is None:
+            return ""
+        parts = []
+        for block in self.blocks:
+            parts.append(f"{block.name} dirty:\n{dump_bitmap(self._ram.dirty[block.name])}")
+            parts.append(f"{block.name} sent:\n{dump_bitmap(self._ram.sent[block.name])}")
+        return "".join(parts)
+
     def _set_status(self, status: MigrationStatus) -> None:
         if self.status.value is status:
             return
         log.info("migration status %s -> %s", self.status.value.value, status.value)
+        trace("source_status", old=self.status.value.value, new=status.value)
         self.status.value = status
         if self._on_event:
             self._on_event("MIGRATION", {"status": status.value})
@@ -240,6 +253,8 @@ class OutgoingMigration:
                 bulk_pass = False
             newly = dirty_log.collect(ram.dirty)
             self.stats.dirty_sync_count += 1
+            trace("dirty_sync", count=self.stats.dirty_sync_count, newly_dirty=newly,
+                  remaining=ram.remaining_bytes, bandwidth=int(self.stats.bandwidth))
             self.stats.dirty_pages_rate = int(newly / elapsed)
             self.stats.remaining = ram.remaining_bytes
             self.stats.transferred = channel.bytes_sent
@@ -357,8 +372,10 @@ class OutgoingMigration:
         self.stats.dirty_sync_count += 1
         ram.finish_bulk_pass()
         ram.encoder.reset()
-        for command in discard_commands(ram):
+        discards = discard_commands(ram)
+        for command in discards:
             channel.put(command)
+        trace("postcopy_discard", commands=len(discards), dirty_pages=ram.dirty_pages)
         channel.put(codec.encode_ping(PING_AFTER_DISCARD))
         state = await self.guest.save_state()
         device = codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state)
@@ -368,10 +385,12 @@ class OutgoingMigration:
         channel.put(codec.encode_packaged(package(device)))
         channel.put(codec.encode_ping(PING_AFTER_PACKAGE))
         await channel.flush()
+        trace("postcopy_package_sent", device_state=len(state))
         self._set_status(MigrationStatus.POSTCOPY_DEVICE)
         await self._pong(PING_AFTER_PACKAGE).wait()  # the guest runs on the destination
         self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
         self.stats.downtime_bytes = channel.bytes_sent - bytes_before
+        trace("postcopy_running_on_destination", downtime_us=self.stats.downtime_ns // 1000)
         self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
         self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
         postcopy_start = channel.bytes_sent
@@ -436,6 +455,7 @@ class OutgoingMigration:
         if self._requests is None or not self._postcopy_running:
             raise RemoteProtocolError("page request from the destination before postcopy started")
         request = self._requests.put(event.block, event.start, event.length)
+        trace("page_request", block=request.block, start=hex(request.start), length=request.length)
         self.stats.postcopy_requests = self._requests.requests
         if self._urgent_sender is not None and self._urgent_sender.urgent is not None:
             await self._urgent_sender.send_now(request)

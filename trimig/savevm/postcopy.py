@@ -80,6 +80,7 @@ class UrgentSender:
         if len(pages) == 0:
             return 0  # already sent: it is in flight on the main channel
         dirty[:] = False
+        self.ram.sent[block.name][pages] = True
         encoder = self.encoder if channel is self.urgent else self.ram.encoder
         rows = block.pages[pages]
         is_zero = rows.view(np.uint64).max(axis=1) == 0

@@ -86,6 +86,8 @@ class RamSaver:
         self.stats = stats
         #: One bool per target page: True = the destination's copy is stale.
         self.dirty = {b.name: np.ones(b.spec.target_pages, dtype=bool) for b in self.blocks}
+        #: One bool per target page: sent at least once (for the debug dump).
+        self.sent = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in self.blocks}
         #: Pages that hold data in the memfd (not holes), known for the bulk pass only.
         self._populated = {b.name: _populated_pages(b) for b in self.blocks}
         self._cursor = (0, 0)  # (block index, window index)
@@ -128,6 +130,7 @@ class RamSaver:
         if len(pages) == 0:
             return 0
         dirty[:] = False
+        self.sent[block.name][pages] = True
         populated = self._populated.get(block.name)
         if populated is not None:
             present = populated[pages]
