@@ -100,16 +100,20 @@ class MigrationParameters:
     downtime_limit: int = 300  # ms
     max_postcopy_bandwidth: int = 0  # bytes/s, 0 = unlimited
     avail_switchover_bandwidth: int = 0  # bytes/s, 0 = use the measured bandwidth
-    #: Automatic postcopy switch: after this many precopy passes that did not converge
-    #: (0 = never switch automatically). trimig's own parameter.
+    #: Switch to postcopy after this many precopy passes, converging or not (0 = off).
+    #: trimig's own parameter; ``trimig demo --postcopy`` sets it to 1.
     x_postcopy_after_passes: int = 0
+    #: The automatic policy: switch to postcopy once this many consecutive passes did
+    #: not converge (0 = off). trimig's own parameter.
+    x_postcopy_auto_passes: int = 0
 
-    _LIMITS = {  # noqa: RUF012
+    _LIMITS = {
         "max-bandwidth": (0, 1 << 50),
         "downtime-limit": (0, 2_000_000),
         "max-postcopy-bandwidth": (0, 1 << 50),
         "avail-switchover-bandwidth": (0, 1 << 50),
         "x-postcopy-after-passes": (0, 1 << 20),
+        "x-postcopy-auto-passes": (0, 1 << 20),
     }
 
     def set(self, name: str, value: Any) -> None:

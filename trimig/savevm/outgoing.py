@@ -281,6 +281,11 @@ class OutgoingMigration:
                 break
             self.stats.converging = False
             self.stats.non_converging_passes += 1
+            auto = self.parameters.x_postcopy_auto_passes
+            if self.capabilities.postcopy_ram and auto and self.stats.non_converging_passes >= auto:
+                trace("postcopy_auto_switch", passes=self.stats.non_converging_passes)
+                await self._run_postcopy(channel, ram, dirty_log, uri)
+                return
             log.info(
                 "pass %d: %d bytes remain, threshold %d: not converging yet",
                 self.stats.dirty_sync_count,
