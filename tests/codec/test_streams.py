@@ -34,9 +34,9 @@ def test_any_split_gives_the_same_events(
 
 
 @SETTINGS
-@given(streams(), st.integers(1, 9000))
+@given(streams(), st.sampled_from([1, 2, 3, 5, 8, 9, 100, 4103, 4104, 4105, 9000]))
 def test_byte_at_a_time_and_chunked_feeding(built: Built, chunk: int) -> None:
-    cuts = range(0, len(built.data), chunk)
+    cuts = list(range(0, len(built.data), chunk))[:2000]  # then the rest in one piece
     assert decode_in_pieces(built.data, cuts, built.decoder(), zero_copy=True) == built.events
 
 
@@ -72,7 +72,7 @@ def test_every_truncation_raises(built: Built, data: st.DataObject) -> None:
 @settings(max_examples=5, deadline=None)
 @given(streams())
 def test_exhaustive_truncation_of_small_streams(built: Built) -> None:
-    assume(len(built.data) < 40_000)
+    assume(len(built.data) < 20_000)
     for cut in range(len(built.data)):
         items, error = _decode_truncated(built, cut)
         assert is_prefix(items, built.events)
