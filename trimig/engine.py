@@ -246,7 +246,10 @@ class Engine:
         return info
 
     def query_status(self) -> dict[str, Any]:
-        running = bool(self.guest and self.guest.running)
+        guest = self.guest
+        if guest is None and isinstance(self.migration, IncomingMigration):
+            guest = self.migration.guest  # in postcopy it runs before the migration completes
+        running = bool(guest and guest.running)
         status = "running" if running else self._run_state
         if not running and status == "running":
             status = "paused"

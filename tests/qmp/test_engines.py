@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qmp_helpers import listening, raw_client
 
 from trimig.qmp.client import QmpClient, connect_unix
@@ -189,8 +189,8 @@ async def _events_until(
     async with asyncio.timeout(timeout):
         while True:
             event = await listener.get()
-            name: str = event["event"]
-            data: dict[str, Any] = event.get("data", {})
+            name = str(event["event"])
+            data: Any = event.get("data", {})
             received.append({"event": name, "data": data})
             if name == "MIGRATION" and data["status"] in (final, "failed"):
                 return received
@@ -278,10 +278,6 @@ def test_qemu_qmp_migrates_between_two_engines(start_engine: StartEngine) -> Non
     asyncio.run(asyncio.wait_for(session(), 90))
 
 
-@pytest.mark.skip(
-    reason="postcopy is not wired yet: migrate-start-postcopy makes the source fail "
-    "(OutgoingMigration raises NotImplementedError at the switch)"
-)
 def test_qemu_qmp_postcopy_between_two_engines(start_engine: StartEngine) -> None:
     source = start_engine("src")
     destination = start_engine("dst", "--incoming", "defer")
@@ -296,29 +292,44 @@ def test_qemu_qmp_postcopy_between_two_engines(start_engine: StartEngine) -> Non
         }
         for client in (src, dst):
             await _qemu_execute(client, "migrate-set-capabilities", capabilities)
-        # Slow enough that the switch happens in the middle of precopy.
-        await _qemu_execute(src, "migrate-set-parameters", {"max-bandwidth": 64 << 20})
+        # Slow enough that the switch comes in the middle of precopy and postcopy lasts a while.
+        await _qemu_execute(
+            src,
+            "migrate-set-parameters",
+            {"max-bandwidth": 64 << 20, "max-postcopy-bandwidth": 64 << 20},
+        )
         src_events, dst_events = EventListener(), EventListener()
         src.register_listener(src_events)
         dst.register_listener(dst_events)
         await _qemu_execute(dst, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-        await _qemu_execute(
-            src, "migrate", {"uri": tcp_uri(await _qemu_execute(dst, "query-migrate"))}
-        )
+        uri = tcp_uri(await _qemu_execute(dst, "query-migrate"))
+        await _qemu_execute(src, "migrate", {"uri": uri})
         async with asyncio.timeout(MIGRATION_TIMEOUT):
             while (await _qemu_execute(src, "query-migrate"))["status"] != "active":
                 await asyncio.sleep(0.01)
         await _qemu_execute(src, "migrate-start-postcopy")
+        destination_events = await _events_until(dst_events, "postcopy-active")
+        # Postcopy: the guest runs on the destination while its pages still arrive.
+        assert (await _qemu_execute(dst, "query-status"))["status"] == "running"
+        source_status = await _qemu_execute(src, "query-status")
+        assert source_status["running"] is False
+        with pytest.raises(ExecuteError) as refused:
+            await _qemu_execute(src, "migrate_cancel")
+        assert "postcopy" in str(refused.value)
         source_events = await _events_until(src_events, "completed")
-        destination_events = await _events_until(dst_events, "completed")
+        destination_events += await _events_until(dst_events, "completed")
 
-        statuses = _statuses(source_events)
-        assert statuses[:2] == ["setup", "active"] and statuses[-1] == "completed"
-        assert "postcopy-active" in statuses
-        assert "postcopy-active" in _statuses(destination_events)
-        assert _statuses(destination_events)[-1] == "completed"
+        assert _statuses(source_events) == [
+            "setup", "active", "device", "postcopy-device", "postcopy-active", "completed"
+        ]  # fmt: skip
+        assert {"event": "STOP", "data": {}} in source_events
+        assert _statuses(destination_events) == [
+            "setup", "active", "postcopy-device", "postcopy-active", "completed"
+        ]  # fmt: skip
+        assert {"event": "RESUME", "data": {}} in destination_events
         info = await _qemu_execute(src, "query-migrate")
-        assert info["status"] == "completed" and info["ram"]["postcopy-bytes"] > 0
+        assert info["status"] == "completed"
+        assert info["ram"]["postcopy-bytes"] > 0 and info["ram"]["remaining"] == 0
         assert (await _qemu_execute(src, "query-status"))["status"] == "postmigrate"
         assert (await _qemu_execute(dst, "query-status"))["status"] == "running"
         await _quit_qemu(src, source)
