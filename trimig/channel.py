@@ -335,7 +335,7 @@ class RateLimiter:
     def __init__(self, bytes_per_second: int = 0) -> None:
         self._rate = 0
         self.set_rate(bytes_per_second)
-        self._window_start: float | None = None
+        self._window_end: float | None = None
         self._used = 0.0
 
     @property
@@ -355,21 +355,21 @@ class RateLimiter:
         self._rate = bytes_per_second
 
     def _roll(self, now: float) -> None:
-        """Move the window forward to ``now``, paying the debt of each elapsed window."""
-        if self._window_start is None:
-            self._window_start = now
+        """Move to the window holding ``now``, paying the debt of each window that ended."""
+        if self._window_end is None:
+            self._window_end = now + BUFFER_DELAY
             return
-        elapsed = int((now - self._window_start) / BUFFER_DELAY)
-        if elapsed > 0:
-            self._window_start += elapsed * BUFFER_DELAY
-            self._used = max(0.0, self._used - elapsed * self._rate * BUFFER_DELAY)
+        if now >= self._window_end:
+            ended = int((now - self._window_end) / BUFFER_DELAY) + 1
+            self._window_end += ended * BUFFER_DELAY
+            self._used = max(0.0, self._used - ended * self._rate * BUFFER_DELAY)
 
     async def wait(self, nbytes: int) -> None:
         """Account ``nbytes`` just sent; sleep while the budget is exhausted."""
         if nbytes < 0:
             raise LocalProtocolError(f"RateLimiter.wait({nbytes}): negative byte count")
         if self._rate == 0:
-            self._window_start = None
+            self._window_end = None
             self._used = 0.0
             await trio.lowlevel.checkpoint()
             return
@@ -377,8 +377,8 @@ class RateLimiter:
         self._used += nbytes
         slept = False
         while self._rate and self._used >= self._rate * BUFFER_DELAY:
-            assert self._window_start is not None
-            await trio.sleep_until(self._window_start + BUFFER_DELAY)
+            assert self._window_end is not None
+            await trio.sleep_until(self._window_end)
             slept = True
             self._roll(trio.current_time())
         if not self._rate:
