@@ -549,27 +549,27 @@ async def test_cli_drives_two_engines(start_engine: StartEngine) -> None:
     source = start_engine("src", "--dirty-rate", "16M")
     # --incoming with a URI (not defer): listening from the start, on a port of the kernel's.
     destination = start_engine("dst", "--dirty-rate", "16M", "--incoming", "tcp:127.0.0.1:0")
-    async with (
-        connect_unix(source.path, retry_for=START_TIMEOUT),
-        connect_unix(destination.path, retry_for=START_TIMEOUT),
-    ):
-        pass  # both are up
-    assert "waiting for a migration on tcp:127.0.0.1:" in destination.stderr()
+    # --wait: the engines are still starting (their sockets do not exist yet).
+    assert not os.path.exists(source.path) and not os.path.exists(destination.path)
+    tables: dict[str, str] = {}
+
+    async def status_table(engine: EngineProcess) -> None:
+        result = await _trimig("info", "status", "--wait", str(START_TIMEOUT), engine.path)
+        tables[engine.name] = result.stdout.decode()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            _trimig,
-            "ctl",
-            source.path,
-            "migrate-set-capabilities",
-            'capabilities=[{"capability": "events", "state": true}]',
-        )
-        status = await _trimig("ctl", destination.path, "query-status")
-    assert json.loads(status.stdout) == {
-        "running": False,
-        "singlestep": False,
-        "status": "inmigrate",
-    }
+        for engine in (source, destination):
+            nursery.start_soon(status_table, engine)
+    assert tables["src"].split() == ["running", "true", "status", "running"]
+    assert tables["dst"].split() == ["running", "false", "status", "inmigrate"]
+    assert "waiting for a migration on tcp:127.0.0.1:" in destination.stderr()
+
+    await _trimig(
+        "ctl",
+        source.path,
+        "migrate-set-capabilities",
+        'capabilities=[{"capability": "events", "state": true}]',
+    )
     info = json.loads((await _trimig("info", "migrate", destination.path, "--json")).stdout)
     assert info["status"] == "setup"
     uri = tcp_uri(info)

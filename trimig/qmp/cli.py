@@ -8,6 +8,7 @@
 * ``info {migrate,status,capabilities,parameters} PATH``: readable tables.
 * ``start-postcopy PATH``, ``cancel PATH``, and ``migrate PATH URI`` (standalone only; in
   trimig's main CLI that is ``trimig migrate --qmp PATH URI``, which forwards here).
+* ``--wait SECONDS`` on every command: retry connecting while the engine is still starting.
 * ``watch PATH``: live progress from MIGRATION/MIGRATION_PASS events plus periodic
   query-migrate, on stderr; exits 0 when the migration completes, 1 if it fails or is
   cancelled.
@@ -77,8 +78,17 @@ def parse_command_arguments(command: str, words: Sequence[str]) -> dict[str, Any
     return arguments
 
 
-def _add_json_flag(parser: argparse.ArgumentParser) -> None:
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--wait``, which every control command takes."""
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep trying to connect for up to SECONDS while the socket is missing or refuses "
+        "(an engine still starting); default: fail at once",
+    )
 
 
 def add_control_commands(subparsers: Any, *, include_migrate: bool = False) -> None:
@@ -90,30 +100,30 @@ def add_control_commands(subparsers: Any, *, include_migrate: bool = False) -> N
     ctl.add_argument("path", help="QMP socket of the engine")
     ctl.add_argument("qmp_command", metavar="COMMAND", help="QMP command name, e.g. query-migrate")
     ctl.add_argument("arguments", nargs="*", help="key=value pairs or one JSON object")
-    _add_json_flag(ctl)
+    _add_common_flags(ctl)
     ctl.set_defaults(handler=_client_command(_ctl))
 
     info = subparsers.add_parser("info", help="show migration state as a table")
     info.add_argument("what", choices=sorted(_INFO_COMMANDS), help="what to show")
     info.add_argument("path", help="QMP socket of the engine")
-    _add_json_flag(info)
+    _add_common_flags(info)
     info.set_defaults(handler=_client_command(_info))
 
     if include_migrate:
         migrate = subparsers.add_parser("migrate", help="start an outgoing migration")
         migrate.add_argument("path", help="QMP socket of the source engine")
         migrate.add_argument("uri", help="destination, e.g. tcp:HOST:PORT, unix:PATH, exec:CMD")
-        _add_json_flag(migrate)
+        _add_common_flags(migrate)
         migrate.set_defaults(handler=_client_command(_migrate))
 
     postcopy = subparsers.add_parser("start-postcopy", help="switch a migration to postcopy")
     postcopy.add_argument("path", help="QMP socket of the source engine")
-    _add_json_flag(postcopy)
+    _add_common_flags(postcopy)
     postcopy.set_defaults(handler=_client_command(_simple("migrate-start-postcopy")))
 
     cancel = subparsers.add_parser("cancel", help="cancel the running migration")
     cancel.add_argument("path", help="QMP socket of the source engine")
-    _add_json_flag(cancel)
+    _add_common_flags(cancel)
     cancel.set_defaults(handler=_client_command(_simple("migrate_cancel")))
 
     watch = subparsers.add_parser("watch", help="follow a migration until it ends")
@@ -121,7 +131,7 @@ def add_control_commands(subparsers: Any, *, include_migrate: bool = False) -> N
     watch.add_argument(
         "--interval", type=float, default=0.5, help="seconds between query-migrate polls"
     )
-    _add_json_flag(watch)
+    _add_common_flags(watch)
     watch.set_defaults(handler=_client_command(_watch))
 
 
@@ -148,7 +158,7 @@ def _client_command(action: ClientAction) -> Callable[[argparse.Namespace], int]
 
     def run(args: argparse.Namespace) -> int:
         async def connect_and_run() -> int:
-            async with connect_unix(args.path) as client:
+            async with connect_unix(args.path, retry_for=getattr(args, "wait", 0.0)) as client:
                 return await action(client, args)
 
         try:
