@@ -90,7 +90,13 @@ class OutgoingMigration:
         self._requests: PageRequestQueue | None = None
         self._urgent: MigrationChannel | None = None
         self._urgent_sender: UrgentSender | None = None
+        #: The package (LISTEN, device state, RUN) is on its way: page requests are valid.
+        self._package_sent = False
+        #: PONG(0x42) came back: the destination loaded the package and runs the guest, so
+        #: from now on a failure pauses instead of resuming the guest here.
         self._postcopy_running = False
+        #: The work of run(); the return-path reader cancels it when the path fails.
+        self._work = trio.CancelScope()
         self._pongs: dict[int, trio.Event] = {}
 
     # -- control -----------------------------------------------------------------------
@@ -156,7 +162,10 @@ class OutgoingMigration:
                 async with trio.open_nursery() as nursery:
                     if self.capabilities.wants_return_path:
                         await nursery.start(self._read_return_path, channel)
-                    await self._migrate(channel, dirty_log, nursery, uri)
+                    with self._work:
+                        await self._migrate(channel, dirty_log, nursery, uri)
+                    if self._work.cancelled_caught and self._return_path_error is not None:
+                        raise self._return_path_error
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
@@ -366,8 +375,8 @@ class OutgoingMigration:
             self._urgent = MigrationChannel(await connect(uri, **self._connect_options))
         self._urgent_sender = UrgentSender(ram, self._urgent)
         self.stats.downtime_start_ns = time.monotonic_ns()
+        self._guest_stopped_by_us = True  # before the await: a cancelled stop may have stopped it
         await self.guest.stop()
-        self._guest_stopped_by_us = True
         if self._on_event:
             self._on_event("STOP", {})
         self._set_status(MigrationStatus.DEVICE)
@@ -385,13 +394,14 @@ class OutgoingMigration:
         state = await self.guest.save_state()
         device = codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state)
         self._check_return_path()
-        # Last point of return: once the package is out the destination may run the guest.
-        self._postcopy_running = True
+        # postcopy-device: until PONG(0x42) says the destination loaded the package (and is
+        # about to run the guest), a failure still resumes the guest here, as in QEMU 10.2.
+        self._package_sent = True
+        self._set_status(MigrationStatus.POSTCOPY_DEVICE)
         channel.put(codec.encode_packaged(package(device)))
         channel.put(codec.encode_ping(PING_AFTER_PACKAGE))
         await channel.flush()
         trace("postcopy_package_sent", device_state=len(state))
-        self._set_status(MigrationStatus.POSTCOPY_DEVICE)
         await self._pong(PING_AFTER_PACKAGE).wait()  # the guest runs on the destination
         self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
         self.stats.downtime_bytes = channel.bytes_sent - bytes_before
@@ -441,23 +451,29 @@ class OutgoingMigration:
                     self._shut.set()
                     return
                 if isinstance(event, codec.Pong):
-                    self._pong(event.value).set()
-                    if event.value == PING_PACKAGE_LOADED and self._postcopy_running:
+                    if event.value == PING_PACKAGE_LOADED and self._package_sent:
+                        # The point of no return: the destination runs the guest now.
+                        self._postcopy_running = True
                         self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+                    self._pong(event.value).set()
                     continue
                 if isinstance(event, codec.ReqPages):
                     await self._page_requested(event)
                     continue
+                if isinstance(event, codec.ChannelClosed):
+                    raise TransportError("the destination closed the return path without SHUT")
                 raise RemoteProtocolError(f"unexpected return-path message {event!r}")
         except (RemoteProtocolError, TransportError) as exc:
+            # Fail (or, once the guest runs on the destination, pause) now: cancel the work.
             self._return_path_error = exc
             self._shut.set()
+            self._work.cancel()
 
     def _pong(self, value: int) -> trio.Event:
         return self._pongs.setdefault(value, trio.Event())
 
     async def _page_requested(self, event: codec.ReqPages) -> None:
-        if self._requests is None or not self._postcopy_running:
+        if self._requests is None or not self._package_sent:
             raise RemoteProtocolError("page request from the destination before postcopy started")
         request = self._requests.put(event.block, event.start, event.length)
         trace("page_request", block=request.block, start=hex(request.start), length=request.length)
