@@ -18,6 +18,7 @@ from trio_util import AsyncValue
 
 from .. import codec
 from ..channel import MigrationChannel
+from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationStatus
@@ -166,7 +167,6 @@ class IncomingMigration:
             finally:
                 if self._postcopy is not None:
                     self.postcopy_stats = self._postcopy.statistics()
-                    self._postcopy.close()
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                     await stream.aclose()
         except BaseException as exc:
@@ -209,6 +209,10 @@ class IncomingMigration:
 
     async def aclose(self) -> None:
         """Stop the guest (if still ours) and free the blocks. Safe to call more than once."""
+        if self._postcopy is not None:
+            # Closing our uffd ends the registration: a guest blocked on a missing page
+            # (postcopy-paused) wakes and can be told to quit.
+            self._postcopy.close()
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
             if self.guest is not None:
                 await self.guest.aclose()
@@ -295,9 +299,19 @@ class IncomingMigration:
         package = codec.StreamDecoder(expect_header=False)
         package.receive_data(blob)
         package.receive_eof()
+        confirmed = False
         while True:
             event = package.next_event()
-            if isinstance(event, codec.PostcopyListen):
+            if postcopy.error is not None and not confirmed:
+                # The main stream broke while the package loads: the source will resume the
+                # guest, so confirm nothing and run nothing.
+                raise postcopy.error
+            if isinstance(event, codec.Ping) and event.value == QEMU_VM_PING_PACKAGED_LOADED:
+                # PONG(0x42) commits both sides: once it is out, the source pauses instead of
+                # resuming on a failure, so from here on the guest must run here.
+                await self._handle_common(event, channel)
+                confirmed = True
+            elif isinstance(event, codec.PostcopyListen):
                 await postcopy.listen(channel, decoder)
                 self._set_status(MigrationStatus.POSTCOPY_DEVICE)
             elif isinstance(event, codec.DeviceState):

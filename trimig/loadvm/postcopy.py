@@ -241,7 +241,10 @@ class PostcopyIncoming:
 
     async def _pong_once_running(self, value: int) -> None:
         await self._running.wait()
-        await self._return_path.send(codec.encode_rp_pong(value))
+        try:
+            await self._return_path.send(codec.encode_rp_pong(value))
+        except TransportError as exc:  # the listener reports the broken stream
+            log.warning("PONG(%d) not sent: %s", value, exc)
 
     async def _accept_urgent_channel(self, listener: Listener) -> None:
         """Take the source's second connection as the urgent (preempt) page channel."""
