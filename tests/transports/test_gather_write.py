@@ -55,10 +55,14 @@ async def test_partial_writes_resend_exactly_the_rest_without_copying() -> None:
 def test_byte_buffers_flattens_and_drops_empty() -> None:
     pages = np.arange(3 * 4096, dtype=np.uint8).reshape(3, 4096)
     words = np.arange(4, dtype=">u4")
-    views, lengths = byte_buffers([b"", pages, words, bytearray(b"ab"), memoryview(b"")])
-    assert lengths == [3 * 4096, 16, 2]
+    buffers = [b"", pages, words, bytearray(b"ab"), memoryview(b""), memoryview(pages)]
+    views, lengths = byte_buffers(buffers)
+    assert lengths == [3 * 4096, 16, 2, 3 * 4096]
     assert bytes(views[0]) == pages.tobytes()
     assert bytes(views[1]) == words.tobytes()
+    assert bytes(views[3]) == pages.tobytes()
+    for view in (views[0], views[1], views[3]):
+        assert isinstance(view, memoryview) and view.ndim == 1 and view.itemsize == 1
 
 
 def test_byte_buffers_refuses_non_contiguous() -> None:

@@ -133,8 +133,16 @@ def byte_buffers(buffers: Sequence[Buffer]) -> tuple[list[Buffer], list[int]]:
     views: list[Buffer] = []
     lengths: list[int] = []
     for buffer in buffers:
-        if isinstance(buffer, bytes | bytearray):
+        kind = type(buffer)
+        if kind is bytes or kind is bytearray:
             length = len(buffer)
+        elif (
+            kind is memoryview
+            and buffer.ndim == 1  # type: ignore[union-attr]
+            and buffer.itemsize == 1  # type: ignore[union-attr]
+            and buffer.c_contiguous  # type: ignore[union-attr]
+        ):
+            length = buffer.nbytes  # type: ignore[union-attr]
         else:
             view = memoryview(buffer)
             if not view.c_contiguous:
