@@ -99,3 +99,13 @@ async def test_accept_after_close_is_a_transport_error(short_tmp: str) -> None:
     await listener.aclose()
     with pytest.raises(TransportError, match="closed locally"):
         await listener.accept()
+
+
+async def test_unix_listener_leaves_another_kind_of_socket_alone(short_tmp: str) -> None:
+    path = f"{short_tmp}/seqpacket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as other:
+        other.bind(path)
+        other.listen(1)
+        with pytest.raises(TransportError, match="is a socket in use"):
+            await listen(f"unix:{path}")
+        assert os.path.exists(path)

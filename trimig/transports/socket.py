@@ -260,8 +260,12 @@ async def bind_unix_socket(
         probe = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
         try:
             await probe.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(path)  # nobody answers: a stale socket file
+        except OSError as error:
+            raise transport_error(
+                f"listening on {uri} ({path} is a socket in use)", error
+            ) from None
         else:
             raise TransportError(f"cannot listen on {uri}: another process is listening there")
         finally:
