@@ -10,6 +10,7 @@ import pytest
 
 from trimig.errors import GuestError
 from trimig.kernel import PageFault, Userfaultfd
+from trimig.postcopy import faults
 from trimig.postcopy.bitmaps import ReceivedBitmap
 from trimig.postcopy.blocks import GuestRamBlock, PageRequest
 from trimig.postcopy.faults import LATENCY_BUCKETS, FaultHandler, latency_bucket
@@ -100,7 +101,32 @@ async def test_latency_and_blocktime(uffd: Userfaultfd) -> None:
         "postcopy-vcpu-blocktime": [21],
         "postcopy-vcpu-latency": [stats.latency_ns],
         "postcopy-non-vcpu-latency": 0,
+        "x-postcopy-latency-p50": 10 * MS,
+        "x-postcopy-latency-p99": 15 * MS,
     }
+    assert sorted(handler.latencies().tolist()) == [1 * MS, 10 * MS, 15 * MS]
+
+
+async def test_latency_percentiles_are_exact_over_the_recent_samples(
+    uffd: Userfaultfd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faults, "LATENCY_SAMPLES", 100)
+    clock = Clock()
+    handler, _, received = make_handler(uffd, clock)
+    assert (handler.stats().latency_p50_ns, handler.stats().latency_p99_ns) == (0, 0)
+    # 150 faults with latencies 1..150 µs: only the last 100 (51..150 µs) are kept.
+    for page in range(150):
+        clock.now = page * MS
+        await handler.handle_fault(fault(RAM.address + (page % 16) * PAGE))
+        clock.now = page * MS + (page + 1) * 1000
+        received.mark("ram", (page % 16) * PAGE)
+        handler.page_placed("ram", (page % 16) * PAGE)
+        received.clear("ram", (page % 16) * PAGE, PAGE)
+    stats = handler.stats()
+    assert sorted(handler.latencies().tolist()) == [us * 1000 for us in range(51, 151)]
+    assert stats.latency_p50_ns == 100 * 1000  # nearest rank: the 50th of 100
+    assert stats.latency_p99_ns == 149 * 1000
+    assert stats.latency_ns == sum(range(1, 151)) * 1000 // 150  # the average covers all
 
 
 async def test_received_pages_are_not_requested(uffd: Userfaultfd) -> None:

@@ -29,6 +29,9 @@ LATENCY_BUCKETS = 24
 """postcopy-latency-dist: bucket N counts faults resolved in [2^N, 2^(N+1)) µs;
 faults under 1 µs count in bucket 0, those of 2^23 µs or more in the last."""
 
+LATENCY_SAMPLES = 1 << 16
+"""Raw latencies kept for exact percentiles: the most recent this many (512 KiB)."""
+
 RequestPage = Callable[[str, int, int], Awaitable[None]]
 """``await request_page(block, start, length)``: send REQ_PAGES(_ID) on the return path.
 It may block (e.g. until a paused migration recovers); the request stays outstanding."""
@@ -50,6 +53,10 @@ class FaultStats:
     """Fault messages read (including ones for pages that had arrived meanwhile)."""
     outstanding: int
     """Requested pages not placed yet."""
+    latency_p50_ns: int = 0
+    """Median latency of the last LATENCY_SAMPLES completed requests (0 before any)."""
+    latency_p99_ns: int = 0
+    """99th percentile (nearest rank) of the same samples."""
 
     def as_qmp(self) -> dict[str, Any]:
         """The query-migrate fields. The workload guest has one thread, so the per-vCPU
@@ -62,6 +69,8 @@ class FaultStats:
             "postcopy-vcpu-blocktime": [self.blocktime_ms],
             "postcopy-vcpu-latency": [self.latency_ns],
             "postcopy-non-vcpu-latency": 0,
+            "x-postcopy-latency-p50": self.latency_p50_ns,
+            "x-postcopy-latency-p99": self.latency_p99_ns,
         }
 
 
@@ -113,6 +122,7 @@ class FaultHandler:
         self._completed = 0
         self._latency_total_ns = 0
         self._latency_dist = [0] * LATENCY_BUCKETS
+        self._samples = np.zeros(LATENCY_SAMPLES, dtype=np.int64)  # ring, by completion
         self._blocked_since: int | None = None
         self._blocktime_ns = 0
 
@@ -177,6 +187,7 @@ class FaultHandler:
     def _complete(self, requested_at: int) -> None:
         now = self._clock()
         latency = max(0, now - requested_at)
+        self._samples[self._completed % LATENCY_SAMPLES] = latency
         self._completed += 1
         self._latency_total_ns += latency
         self._latency_dist[latency_bucket(latency)] += 1
@@ -193,12 +204,24 @@ class FaultHandler:
             for name, offset in self._requested
         ]
 
+    def latencies(self) -> npt.NDArray[np.int64]:
+        """The raw latencies (ns) of the last LATENCY_SAMPLES completed requests, a copy,
+        in no particular order."""
+        return self._samples[: min(self._completed, LATENCY_SAMPLES)].copy()
+
     def stats(self) -> FaultStats:
         """Current statistics; blocktime includes a stall still in progress."""
         blocktime = self._blocktime_ns
         if self._blocked_since is not None:
             blocktime += max(0, self._clock() - self._blocked_since)
         average = self._latency_total_ns // self._completed if self._completed else 0
+        p50 = p99 = 0
+        if self._completed:
+            samples = self._samples[: min(self._completed, LATENCY_SAMPLES)]
+            p50, p99 = (
+                int(value)
+                for value in np.percentile(samples, (50, 99), method="inverted_cdf")
+            )
         return FaultStats(
             requests=self._requests,
             latency_ns=average,
@@ -206,6 +229,8 @@ class FaultHandler:
             blocktime_ms=blocktime // 1_000_000,
             faults=self._faults,
             outstanding=len(self._requested),
+            latency_p50_ns=p50,
+            latency_p99_ns=p99,
         )
 
     def _find(self, address: int) -> GuestRamBlock:

@@ -252,6 +252,10 @@ class OutgoingMigration:
             self._check_return_path()
             finished_pass = await self._send_part(channel, ram)
             if not finished_pass:
+                if self._postcopy_requested:
+                    # migrate-start-postcopy takes effect at the next slice, as in QEMU.
+                    await self._run_postcopy(channel, ram, dirty_log, uri)
+                    return
                 continue
             # A whole pass is out: sync the dirty log and decide.
             elapsed = max(time.monotonic() - pass_started, 1e-6)
