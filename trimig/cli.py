@@ -148,11 +148,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     socket file removed.
     """
     from .engine import open_engine
-    from .qmp.server import QmpServer
+    from .qmp.server import QmpServer, check_socket_path
 
-    if not args.qmp.startswith("unix:") or len(args.qmp) == len("unix:"):
-        raise ConfigError(f"--qmp {args.qmp!r}: expected unix:PATH")
-    path = args.qmp[len("unix:") :]
+    path = args.qmp[len("unix:") :] if args.qmp.startswith("unix:") else args.qmp
+    if not path or (path is args.qmp and ":" in path.split("/", 1)[0]):
+        raise ConfigError(f"--qmp {args.qmp!r}: expected unix:PATH (QMP is served on unix sockets)")
+    check_socket_path(path)  # before the guest starts: a socket in use is an error at once
     specs = default_block_specs(
         parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
     )

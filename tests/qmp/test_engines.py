@@ -503,6 +503,11 @@ async def test_two_clients_and_vanishing_clients(start_engine: StartEngine) -> N
             # The server still takes new clients.
             async with connect_unix(source.path) as third:
                 assert (await third.execute("query-status"))["status"] == "postmigrate"
+            # A second engine on this live socket is refused before it starts a guest.
+            second_engine = await _trimig("run", "--qmp", f"unix:{source.path}", check=False)
+            assert second_engine.returncode == 1
+            assert b"is in use by another process" in second_engine.stderr
+            assert (await first.execute("query-status"))["status"] == "postmigrate"
             await _quit(first, source)
 
 

@@ -268,6 +268,12 @@ async def _bind_unix(path: str) -> trio.socket.SocketType:
     return sock
 
 
+def check_socket_path(path: str | os.PathLike[str]) -> None:
+    """Refuse now (ConfigError) a path ``serve_unix`` would refuse: a live socket or a file that
+    is not a socket. A stale socket file is removed. For callers with slow work to do first."""
+    _remove_stale_socket(os.fspath(path))
+
+
 def _remove_stale_socket(path: str) -> None:
     """Remove ``path`` if it is a socket nobody listens on; refuse to touch anything else."""
     try:
