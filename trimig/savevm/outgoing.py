@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,7 +164,11 @@ class OutgoingMigration:
                     if self.capabilities.wants_return_path:
                         await nursery.start(self._read_return_path, channel)
                     with self._work:
-                        await self._migrate(channel, dirty_log, nursery, uri)
+                        try:
+                            await self._migrate(channel, dirty_log, nursery, uri)
+                        except BaseException as exc:  # also the Cancelled this scope catches
+                            _forget_locals(exc)
+                            raise
                     if self._work.cancelled_caught and self._return_path_error is not None:
                         raise self._return_path_error
                     nursery.cancel_scope.cancel()
@@ -171,8 +176,12 @@ class OutgoingMigration:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                     if self._urgent is not None:
                         await self._urgent.aclose()
-                    await stream.aclose()
+                    if self._channel is not None:
+                        await self._channel.aclose()  # drops unsent page views, closes the stream
+                    else:
+                        await stream.aclose()
         except BaseException as exc:
+            _forget_locals(exc)
             if self._postcopy_running:
                 # The guest now runs on the destination: never resume it here.
                 if dirty_log is not None:
@@ -504,6 +513,23 @@ class OutgoingMigration:
             raise RemoteProtocolError(
                 f"destination reported an error loading the stream (SHUT status {self._shut_status})"
             )
+
+
+def _forget_locals(exc: BaseException) -> None:
+    """Clear the finished frames in the tracebacks of ``exc`` and its causes (they stay
+    printable): their locals include gather lists, views of guest RAM, which a caller
+    holding the error (or a channel keeping the error of its failed send) would
+    otherwise pin, so the guest's blocks could not be unmapped."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+        pending.extend(getattr(error, "exceptions", ()))
 
 
 def _is_cancellation(exc: BaseException) -> bool:
