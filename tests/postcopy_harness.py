@@ -1,0 +1,352 @@
+"""Both sides of a real migration in one trio run, for the postcopy end-to-end tests.
+
+Unlike ``trimig.demo.migrate_locally`` every outcome is kept as a value (statuses,
+errors, the destination guest's verdict), the destination's accepted stream can be
+wrapped (``CuttableStream`` cuts it like a pulled cable at a chosen moment), and
+callbacks see each side's events as they happen, so a test can cancel or cut at a
+precise point of the postcopy sequence.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import trio
+
+from trimig import codec
+from trimig.demo import running_guest, transport_uris
+from trimig.guest.host import GuestProcess, Verdict, workload_command
+from trimig.loadvm.incoming import IncomingMigration
+from trimig.migration import MigrationCapabilities, MigrationParameters, MigrationStatus
+from trimig.ram import RamBlock, RamBlockSpec
+from trimig.savevm.outgoing import OutgoingMigration
+from trimig.transports import ByteStream, Listener, listen
+from trimig.transports.base import Buffer, RegionRegistry
+
+#: No single wait of a test may take longer than this (seconds).
+DEADLINE = 20.0
+
+EventHook = Callable[["Pair", str, dict[str, Any]], None]
+StreamWrapper = Callable[[ByteStream], ByteStream]
+
+#: The bytes that start a PACKAGED command: 0x08, be16 7, be16 4 (its be32 length follows).
+PACKAGED_MARKER = codec.encode_command(codec.MigCmd.PACKAGED, b"\0\0\0\0")[:5]
+
+
+def postcopy_settings(
+    *, preempt: bool = False, after_passes: int = 1, **parameters: Any
+) -> tuple[MigrationCapabilities, MigrationParameters]:
+    """Capabilities and parameters for a postcopy switch after ``after_passes`` passes."""
+    capabilities = MigrationCapabilities()
+    capabilities.set("postcopy-ram", True)
+    if preempt:
+        capabilities.set("postcopy-preempt", True)
+    settings = MigrationParameters()
+    settings.set("x-postcopy-after-passes", after_passes)
+    for name, value in parameters.items():
+        settings.set(name.replace("_", "-"), value)
+    return capabilities, settings
+
+
+class CuttableStream:
+    """A socket ByteStream proxy that a test cuts (``cut``) like a pulled cable.
+
+    Cutting shuts the socket down both ways: our blocked reads see EOF, our writes
+    fail, and the peer sees the same. ``cut_inside_package`` arms a cut that lets
+    ``keep`` bytes of the next PACKAGED command through and loses the rest.
+    """
+
+    def __init__(self, inner: ByteStream) -> None:
+        fileno = getattr(inner, "fileno", None)
+        if fileno is None:
+            raise TypeError(f"only socket streams can be cut, not {type(inner).__name__}")
+        self._inner = inner
+        self._fd: int = fileno()
+        self.cut_done = False
+        self._package_cut_keep: int | None = None
+        self._tail = b""
+
+    # ByteStream -----------------------------------------------------------------------
+    @property
+    def transport(self) -> str:
+        return str(getattr(self._inner, "transport", "socket"))
+
+    @property
+    def has_return_path(self) -> bool:
+        return self._inner.has_return_path
+
+    @property
+    def regions(self) -> RegionRegistry | None:
+        return self._inner.regions
+
+    async def send_buffers(self, buffers: Sequence[Buffer]) -> None:
+        await self._inner.send_buffers(buffers)
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        count = await self._inner.receive_into(buffer)
+        if self._package_cut_keep is not None and count:
+            data = self._tail + bytes(buffer[:count])
+            where = data.find(PACKAGED_MARKER)
+            if where >= 0:
+                keep = where - len(self._tail) + len(PACKAGED_MARKER) + self._package_cut_keep
+                self._package_cut_keep = None
+                self.cut()
+                return max(0, min(count, keep))
+            self._tail = data[-(len(PACKAGED_MARKER) - 1) :]
+        return count
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    # the cut --------------------------------------------------------------------------
+    def cut(self) -> None:
+        """Shut the connection down in both directions, now (synchronous)."""
+        if self.cut_done:
+            return
+        self.cut_done = True
+        duplicate = socket.socket(fileno=os.dup(self._fd))
+        try:
+            duplicate.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+        finally:
+            duplicate.close()
+
+    def cut_inside_package(self, keep: int) -> None:
+        """Cut when the PACKAGED command arrives, passing its 9-byte header minus 4 plus
+        ``keep`` bytes (so ``keep`` < 4 + blob length cuts inside it)."""
+        self._package_cut_keep = keep
+
+
+@attrs.define
+class Pair:
+    """A source guest and both migration objects; outcomes are filled in by ``run``."""
+
+    source_guest: GuestProcess
+    source_blocks: list[RamBlock]
+    outgoing: OutgoingMigration
+    incoming: IncomingMigration
+    connect_uri: str = ""
+    source_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    source_error: BaseException | None = None
+    source_cancelled: bool = False
+    dest_error: BaseException | None = None
+    dest_stream: ByteStream | None = None
+    source_events: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
+    dest_events: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
+    verdict: Verdict | None = None
+    dest_snapshot_at_stop: list[bytes] | None = None
+    #: Bytes the destination received on connections after the main one (the urgent
+    #: channel of postcopy-preempt).
+    urgent_bytes_received: int = 0
+    urgent_connections: int = 0
+    #: Whatever a test's hooks want to keep.
+    notes: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def source_statuses(self) -> list[str]:
+        return [info["status"] for name, info in self.source_events if name == "MIGRATION"]
+
+    @property
+    def dest_statuses(self) -> list[str]:
+        return [info["status"] for name, info in self.dest_events if name == "MIGRATION"]
+
+
+def read_block(block: RamBlock) -> bytes:
+    """A block's memory read through its memfd (holes read as zeros and stay holes)."""
+    return os.pread(block.fd, block.size, 0)
+
+
+async def run_pair(
+    specs: Sequence[RamBlockSpec],
+    *,
+    transport: str = "unix",
+    capabilities: MigrationCapabilities,
+    parameters: MigrationParameters,
+    source_command: Sequence[str] | None = None,
+    dest_command: Sequence[str] | None = None,
+    warmup: float = 0.3,
+    run_after: float = 0.2,
+    wrap_dest_stream: StreamWrapper | None = None,
+    on_source_event: EventHook | None = None,
+    on_dest_event: EventHook | None = None,
+    snapshot_dest_at_stop: bool = False,
+    control: Callable[[Pair], Awaitable[None]] | None = None,
+    after: Callable[[Pair], Any] | None = None,
+) -> Pair:
+    """Start a guest, migrate it over ``transport``, keep every outcome.
+
+    After a completed migration the destination guest runs ``run_after`` s and is
+    verified (``verdict``). ``control(pair)`` runs beside the migration (cancelled once
+    both sides have ended); ``after(pair)`` (sync or async) runs while both sides'
+    objects still exist, before anything is closed. Every wait is bounded by DEADLINE.
+    """
+    source_command = list(source_command or workload_command(dirty_rate="max"))
+    dest_command = list(dest_command or source_command)
+    async with transport_uris(transport) as (listen_uri, connect_uri, options):
+        pair: Pair | None = None
+
+        def source_hook(name: str, info: dict[str, Any]) -> None:
+            assert pair is not None
+            pair.source_events.append((name, info))
+            if name == "STOP" and snapshot_dest_at_stop:
+                # Synchronous, so the destination cannot have reached LISTEN yet.
+                pair.dest_snapshot_at_stop = [read_block(b) for b in pair.incoming.blocks]
+            if on_source_event is not None:
+                on_source_event(pair, name, info)
+
+        def dest_hook(name: str, info: dict[str, Any]) -> None:
+            assert pair is not None
+            pair.dest_events.append((name, info))
+            if on_dest_event is not None:
+                on_dest_event(pair, name, info)
+
+        incoming = IncomingMigration(
+            specs,
+            guest_command=dest_command,
+            capabilities=capabilities,
+            listen_options=options,
+            on_event=dest_hook,
+        )
+        try:
+            with trio.fail_after(DEADLINE):
+                async with running_guest(specs, source_command) as (guest, blocks):
+                    outgoing = OutgoingMigration(
+                        guest,
+                        blocks,
+                        capabilities=capabilities,
+                        parameters=parameters,
+                        connect_options=options,
+                        on_event=source_hook,
+                    )
+                    pair = Pair(guest, blocks, outgoing, incoming)
+                    async with trio.open_nursery() as nursery:
+                        address = await nursery.start(
+                            _receive, pair, listen_uri, options, wrap_dest_stream
+                        )
+                        pair.connect_uri = connect_uri.format(address=address)
+                        control_scope = trio.CancelScope()
+                        if control is not None:
+
+                            async def run_control() -> None:
+                                assert pair is not None and control is not None
+                                with control_scope:
+                                    await control(pair)
+
+                            nursery.start_soon(run_control)
+                        await trio.sleep(warmup)
+                        with pair.source_scope:
+                            try:
+                                await outgoing.run(pair.connect_uri)
+                            except Exception as exc:  # kept as a value
+                                pair.source_error = exc
+                        pair.source_cancelled = pair.source_scope.cancelled_caught
+                        await incoming.status.wait_value(
+                            lambda s: s
+                            in (
+                                MigrationStatus.COMPLETED,
+                                MigrationStatus.FAILED,
+                                MigrationStatus.POSTCOPY_PAUSED,
+                            )
+                        )
+                        control_scope.cancel()
+                    if incoming.status.value is MigrationStatus.COMPLETED and run_after >= 0:
+                        await trio.sleep(run_after)
+                        assert incoming.guest is not None
+                        await incoming.guest.stop()
+                        pair.verdict = await incoming.guest.verify()
+                    if after is not None:
+                        result = after(pair)
+                        if hasattr(result, "__await__"):
+                            await result
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(DEADLINE):
+                await incoming.aclose()
+        assert pair is not None
+        return pair
+
+
+async def _receive(
+    pair: Pair,
+    uri: str,
+    options: dict[str, Any],
+    wrap: StreamWrapper | None,
+    *,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    """The destination: accept one connection (wrapped), load the migration, keep the error."""
+    listener = CountingListener(await listen(uri, **options), pair)
+    try:
+        task_status.started(str(listener.address))
+        stream = await listener.accept()
+        if wrap is not None:
+            stream = wrap(stream)
+        pair.dest_stream = stream
+        try:
+            await pair.incoming.run(stream, listener=listener)
+        except Exception as exc:  # kept as a value
+            pair.dest_error = exc
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
+
+
+class CountingListener:
+    """A Listener proxy: connections after the first (the urgent channel) are counted."""
+
+    def __init__(self, inner: Listener, pair: Pair) -> None:
+        self._inner = inner
+        self._pair = pair
+        self._accepted = 0
+
+    @property
+    def address(self) -> Any:
+        return self._inner.address
+
+    async def accept(self) -> ByteStream:
+        stream = await self._inner.accept()
+        self._accepted += 1
+        if self._accepted == 1:
+            return stream
+        self._pair.urgent_connections += 1
+        return _CountingStream(stream, self._pair)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> CountingListener:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _CountingStream:
+    """Counts the bytes received into ``pair.urgent_bytes_received``."""
+
+    def __init__(self, inner: ByteStream, pair: Pair) -> None:
+        self._inner = inner
+        self._pair = pair
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        count = await self._inner.receive_into(buffer)
+        self._pair.urgent_bytes_received += count
+        return count
+
+
+def pages_differing(before: bytes, after: bytes) -> np.ndarray:
+    """Indices of the 4 KiB pages that differ between two equal-sized images."""
+    a = np.frombuffer(before, dtype=np.uint8).reshape(-1, 4096)
+    b = np.frombuffer(after, dtype=np.uint8).reshape(-1, 4096)
+    return np.flatnonzero((a != b).any(axis=1))
