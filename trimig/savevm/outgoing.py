@@ -415,11 +415,10 @@ class OutgoingMigration:
         channel.put(codec.encode_ping(PING_AFTER_PACKAGE))
         await channel.flush()
         trace("postcopy_package_sent", device_state=len(state))
-        await self._pong(PING_AFTER_PACKAGE).wait()  # the guest runs on the destination
-        self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
         self.stats.downtime_bytes = channel.bytes_sent - bytes_before
-        trace("postcopy_running_on_destination", downtime_us=self.stats.downtime_ns // 1000)
-        self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+        # Stream (and serve requests) at once, as QEMU: loading the device state on the
+        # destination may fault before the guest runs. PONG(4), sent once the guest runs
+        # there, ends the downtime (see _read_return_path).
         self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
         postcopy_start = channel.bytes_sent
         await send_background(
@@ -432,6 +431,7 @@ class OutgoingMigration:
             flush_bytes=FLUSH_BYTES,
             slice_seconds=ITERATION_SLICE,
         )
+        await self._pong(PING_AFTER_PACKAGE).wait()  # complete only once the guest runs there
         channel.put(codec.encode_section_end(RAM_SECTION_ID))
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))
@@ -468,6 +468,10 @@ class OutgoingMigration:
                         # The point of no return: the destination runs the guest now.
                         self._postcopy_running = True
                         self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+                    elif event.value == PING_AFTER_PACKAGE and self._package_sent:
+                        self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
+                        trace("postcopy_running_on_destination",
+                              downtime_us=self.stats.downtime_ns // 1000)
                     self._pong(event.value).set()
                     continue
                 if isinstance(event, codec.ReqPages):
@@ -492,6 +496,9 @@ class OutgoingMigration:
         trace("page_request", block=request.block, start=hex(request.start), length=request.length)
         self.stats.postcopy_requests = self._requests.requests
         if self._urgent_sender is not None and self._urgent_sender.urgent is not None:
+            # Served here, at once: take it off the queue, which is the background sender's
+            # (a request left there would also keep it from ever honouring its rate limit).
+            request = self._requests.get_nowait() or request
             await self._urgent_sender.send_now(request)
 
     def _check_return_path(self) -> None:

@@ -141,3 +141,4 @@ async def send_background(
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(section_id))
         await channel.flush()
+        ram.stats.remaining = ram.remaining_bytes
