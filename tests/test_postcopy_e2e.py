@@ -8,6 +8,7 @@ sockets. Each test migrates a few MiB; every wait is bounded (harness DEADLINE).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,12 +27,18 @@ from postcopy_harness import (
 from trimig.demo import running_guest
 from trimig.errors import ConfigError, MigrationFailed
 from trimig.guest.host import workload_command
+from trimig.guest.workload import workload_arguments
 from trimig.kernel import HUGE_PAGE_SIZE
 from trimig.migration import MigrationStatus
 from trimig.ram import RamBlockSpec, default_block_specs
 from trimig.savevm.outgoing import OutgoingMigration
 
 RAM = 8 << 20
+#: Where the destination guest must fault: RAM that outgrows what the socket buffers and
+#: the background stream's first unthrottled 4 MiB can bring before the guest runs there,
+#: streamed at 4 MB/s after that (requests jump the queue).
+FAULTING_RAM = 16 << 20
+SLOW_STREAM = {"max_postcopy_bandwidth": "4M"}
 #: A destination guest that never writes (one byte of pages per second): its memory after
 #: postcopy is exactly what arrived, so it can be compared with the source byte for byte.
 IDLE_GUEST = workload_command(dirty_rate=1)
@@ -100,9 +107,10 @@ def assert_completed_and_verified(pair: Pair) -> None:
 @pytest.mark.parametrize("preempt", [False, True], ids=["main-only", "preempt"])
 @pytest.mark.parametrize("transport", ["tcp", "unix", "rdma"])
 async def test_postcopy_of_a_dirtying_guest(transport: str, preempt: bool) -> None:
-    capabilities, parameters = postcopy_settings(preempt=preempt)
+    # The slow background stream leaves pages missing when the guest starts there.
+    capabilities, parameters = postcopy_settings(preempt=preempt, **SLOW_STREAM)
     pair = await run_pair(
-        default_block_specs(RAM),
+        default_block_specs(FAULTING_RAM),
         transport=transport,
         capabilities=capabilities,
         parameters=parameters,
@@ -153,13 +161,11 @@ async def test_postcopy_over_exec_is_refused_at_setup() -> None:
 @pytest.mark.parametrize("preempt", [False, True], ids=["main-only", "preempt"])
 async def test_guest_that_must_fault(preempt: bool) -> None:
     """Every page is dirty at the switch (maximal dirty rate) and the background stream is
-    capped at 16 MB/s, so the destination guest, sweeping its whole RAM at once, touches
-    pages long before the stream brings them: it faults, and each fault is a request."""
-    capabilities, parameters = postcopy_settings(
-        preempt=preempt, max_postcopy_bandwidth="16M"
-    )
+    slow, so the destination guest, sweeping its whole RAM at once, touches pages long
+    before the stream brings them: it faults, and each fault is a request."""
+    capabilities, parameters = postcopy_settings(preempt=preempt, **SLOW_STREAM)
     pair = await run_pair(
-        default_block_specs(RAM),
+        default_block_specs(FAULTING_RAM),
         capabilities=capabilities,
         parameters=parameters,
         source_command=workload_command(dirty_rate="max"),
@@ -183,8 +189,8 @@ async def test_guest_that_must_fault(preempt: bool) -> None:
 
 @pytest.mark.parametrize("preempt", [False, True], ids=["main-only", "preempt"])
 async def test_postcopy_with_a_hugetlb_block(hugepages: int, preempt: bool) -> None:
-    specs = default_block_specs(RAM, huge=2 * HUGE_PAGE_SIZE)
-    capabilities, parameters = postcopy_settings(preempt=preempt, max_postcopy_bandwidth="16M")
+    specs = default_block_specs(FAULTING_RAM, huge=2 * HUGE_PAGE_SIZE)
+    capabilities, parameters = postcopy_settings(preempt=preempt, **SLOW_STREAM)
     pair = await run_pair(specs, capabilities=capabilities, parameters=parameters)
     assert_completed_and_verified(pair)
     assert pair.incoming.query()["postcopy-requests"] > 0
@@ -255,3 +261,27 @@ async def test_rewritten_pages_arrive_in_their_new_version() -> None:
     # The guest rewrote pages after they had reached the destination (else this test
     # would check nothing): at the maximal dirty rate, every page.
     assert checked["pc.ram"] > RAM // 4096 // 2, checked
+
+
+# -- a device load that touches RAM ----------------------------------------------------
+
+GUESTS = os.path.join(os.path.dirname(__file__), "postcopy_guests.py")
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-only", "preempt"])
+async def test_device_state_load_that_faults(preempt: bool) -> None:
+    """Loading the device state reads RAM that has not arrived (QEMU's reason to package
+    the device state): the load faults before the guest runs, in postcopy-device, and the
+    source serves those requests although it has no PONG(0x42) yet."""
+    command = [
+        sys.executable, GUESTS, "device-reads-ram", *workload_arguments(dirty_rate="max")
+    ]
+    capabilities, parameters = postcopy_settings(preempt=preempt, **SLOW_STREAM)
+    pair = await run_pair(
+        default_block_specs(FAULTING_RAM),
+        capabilities=capabilities,
+        parameters=parameters,
+        source_command=command,
+    )
+    assert_completed_and_verified(pair)
+    assert pair.incoming.query()["postcopy-requests"] > 0

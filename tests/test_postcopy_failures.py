@@ -40,6 +40,7 @@ from trimig.transports.socket import SocketStream
 
 RAM = 8 << 20
 SMALL_RAM = 4 << 20
+FAULTING_RAM = 16 << 20  # see test_postcopy_e2e.py
 #: A bad return path must end the migration this fast (the source reacts at once).
 REACTION_DEADLINE = 10.0
 
@@ -354,14 +355,15 @@ async def check_paused_then_close(pair: Pair) -> None:
 
 @pytest.mark.parametrize("action", ["cancel", "cut"])
 async def test_failure_after_run_pauses_both_sides(action: str) -> None:
-    capabilities, parameters = postcopy_settings()
+    # A slow background stream: many pages are still missing when the guest starts there.
+    capabilities, parameters = postcopy_settings(max_postcopy_bandwidth="4M")
     hooks: dict[str, Any] = {}
     if action == "cancel":
         hooks["control"] = cancel_once_both_run
     else:
         hooks["on_dest_event"] = when_destination("postcopy-active", "cut")
     pair = await run_pair(
-        default_block_specs(RAM),
+        default_block_specs(FAULTING_RAM),
         capabilities=capabilities,
         parameters=parameters,
         wrap_dest_stream=CuttableStream,
