@@ -1,6 +1,7 @@
-"""Guest programs for the postcopy end-to-end tests: ``python postcopy_guests.py KIND [workload options]``.
+"""Guest programs for the postcopy end-to-end tests.
 
-Kinds:
+``python postcopy_guests.py KIND [workload options]``; kinds:
+
   device-reads-ram   the built-in workload, but loading its device state reads RAM (the
                      counter of every 64th page), as a device reading its rings would:
                      on a postcopy destination that load faults before the guest runs,

@@ -285,3 +285,42 @@ async def test_device_state_load_that_faults(preempt: bool) -> None:
     )
     assert_completed_and_verified(pair)
     assert pair.incoming.query()["postcopy-requests"] > 0
+
+
+# -- the trigger -----------------------------------------------------------------------
+
+
+async def test_start_postcopy_switches_a_running_precopy() -> None:
+    """``start_postcopy()`` (migrate-start-postcopy) during a precopy that would take a
+    while (bandwidth-capped) switches at the next slice, before the first pass ends."""
+    capabilities, parameters = postcopy_settings(after_passes=0, max_bandwidth="16M")
+
+    async def trigger(pair: Pair) -> None:
+        await pair.outgoing.status.wait_value(MigrationStatus.ACTIVE)
+        await trio.sleep(0.1)
+        pair.outgoing.start_postcopy()
+
+    pair = await run_pair(
+        default_block_specs(RAM), capabilities=capabilities, parameters=parameters,
+        control=trigger,
+    )
+    assert_completed_and_verified(pair)
+    # 8 MiB at 16 MB/s is half a second of precopy: it switched long before the pass ended.
+    assert pair.outgoing.query()["ram"]["dirty-sync-count"] == 1  # only the switch's sync
+
+
+async def test_postcopy_enabled_but_never_triggered_completes_in_precopy() -> None:
+    """postcopy-ram on, no trigger: ADVISE went out, yet precopy converges and completes
+    (the destination drops its unused postcopy state), as in QEMU."""
+    capabilities, parameters = postcopy_settings(after_passes=0)
+    pair = await run_pair(
+        default_block_specs(RAM),
+        capabilities=capabilities,
+        parameters=parameters,
+        source_command=workload_command(dirty_rate="1M"),
+    )
+    assert pair.source_error is None and pair.dest_error is None
+    assert pair.verdict is not None and pair.verdict.verified
+    assert pair.source_statuses == ["setup", "active", "device", "completed"]
+    assert pair.dest_statuses == ["setup", "active", "completed"]
+    assert pair.outgoing.query()["ram"]["postcopy-bytes"] == 0
