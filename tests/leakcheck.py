@@ -1,21 +1,25 @@
-"""Leak checks for tests: file descriptors and child processes of the test process.
+"""Leak checks for tests: file descriptors, child processes and memfd mappings of the test process.
 
-Usage, explicit (objects still alive, e.g. right after a cancelled operation and aclose())::
+The whole suite runs under the autouse ``no_leaks`` fixture of ``tests/conftest.py``; a
+test whose scaffolding (not the code under test) keeps something open past its end is
+marked ``@pytest.mark.leaks_allowed("why")``.
+
+Explicit use (objects still alive, e.g. right after a cancelled operation and aclose())::
 
     before = ResourceSnapshot.take()
     ...
     assert_no_leaks(before)
 
-or as a fixture (sync, so it brackets the whole trio run of an async test)::
+or around a block::
 
-    @pytest.fixture(autouse=True)
-    def no_leaks():
-        with leak_check():
-            yield
+    with leak_check():
+        ...
 
-A leak is an fd open now that was not open before (same number and same target) or a child
-process (running or zombie) that was not there before. Objects freed by the garbage
-collector count as leaks only if they are still open after ``gc.collect()``.
+A leak is an fd open now that was not open before (same number and same target), a child
+process (running or zombie) that was not there before, or a shared mapping of a memfd
+(a ``/memfd:`` line of /proc/self/maps: guest RAM blocks are ``/memfd:trimig:NAME``) that
+was not there before. Objects freed by the garbage collector count as leaks only if they
+are still open after ``gc.collect()``.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ import contextlib
 import gc
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import attrs
+
+#: /proc/self/maps names a memfd mapping "/memfd:NAME (deleted)".
+MEMFD_MAPPING = "/memfd:"
 
 
 def open_fds() -> dict[int, str]:
@@ -51,6 +59,12 @@ def child_pids() -> set[int]:
     return pids
 
 
+def memfd_mappings() -> Counter[str]:
+    """This process's memfd mappings: each /proc/self/maps line naming a memfd, counted."""
+    with open("/proc/self/maps") as maps:
+        return Counter(line.rstrip("\n") for line in maps if MEMFD_MAPPING in line)
+
+
 def describe_process(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -67,19 +81,22 @@ def describe_process(pid: int) -> str:
 class ResourceSnapshot:
     fds: dict[int, str]
     children: frozenset[int]
+    mappings: Counter[str] = attrs.field(factory=Counter)
 
     @classmethod
     def take(cls) -> ResourceSnapshot:
-        return cls(open_fds(), frozenset(child_pids()))
+        return cls(open_fds(), frozenset(child_pids()), memfd_mappings())
 
     def leaks(self) -> list[str]:
-        """Descriptions of fds and children that exist now but did not at the snapshot."""
+        """Descriptions of fds, children and memfd mappings that exist now but did not at
+        the snapshot."""
         found = [
             f"fd {fd} -> {target}"
             for fd, target in sorted(open_fds().items())
             if self.fds.get(fd) != target
         ]
         found += [describe_process(pid) for pid in sorted(child_pids() - self.children)]
+        found += [f"mapping {line}" for line in sorted(memfd_mappings() - self.mappings)]
         return found
 
 

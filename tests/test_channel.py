@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 import pytest
 import trio
-from leakcheck import leak_check
 
 from trimig.channel import BUFFER_DELAY, MigrationChannel, RateLimiter
 from trimig.errors import ConfigError, LocalProtocolError, TransportError
 from trimig.transports import Buffer, SocketStream
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    with leak_check():
-        yield
 
 
 @pytest.fixture

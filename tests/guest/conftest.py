@@ -1,46 +1,17 @@
-"""Fixtures for the guest tests: RAM blocks, guest processes, huge pages."""
+"""Fixtures for the guest tests: RAM blocks, guest processes.
+
+(``hugepages`` is the suite's, in tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from trimig.guest.host import GuestProcess
-from trimig.kernel.memory import HUGE_PAGE_SIZE
 from trimig.ram import RamBlock, RamBlockSpec, create_blocks
-
-HUGEPAGES_SYSFS = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE_SIZE // 1024}kB")
-HUGEPAGES_NEEDED = 4
-
-
-@pytest.fixture(scope="session")
-def hugepages() -> Iterator[int]:
-    """Ensure HUGEPAGES_NEEDED free 2 MiB huge pages (raising the pool, lowered back after);
-    skips with the reason only if the kernel refuses."""
-    if not HUGEPAGES_SYSFS.exists():
-        pytest.skip(f"the kernel has no 2 MiB hugetlb pool ({HUGEPAGES_SYSFS} is missing)")
-    nr_path = HUGEPAGES_SYSFS / "nr_hugepages"
-    original = int(nr_path.read_text())
-    free = int((HUGEPAGES_SYSFS / "free_hugepages").read_text())
-    raised = False
-    if free < HUGEPAGES_NEEDED:
-        try:
-            nr_path.write_text(str(original + HUGEPAGES_NEEDED - free))
-        except OSError as error:
-            pytest.skip(f"the kernel refused to reserve huge pages: {error}")
-        raised = True
-        free = int((HUGEPAGES_SYSFS / "free_hugepages").read_text())
-        if free < HUGEPAGES_NEEDED:
-            nr_path.write_text(str(original))
-            pytest.skip(f"only {free} free huge pages, {HUGEPAGES_NEEDED} are needed")
-    yield HUGEPAGES_NEEDED
-    if raised:
-        with contextlib.suppress(OSError):
-            nr_path.write_text(str(original))
 
 
 @pytest.fixture

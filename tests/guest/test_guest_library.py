@@ -115,6 +115,9 @@ class Harness:
             protocol.close_fds(fds)
 
     def close(self) -> None:
+        # Guest.close() leaves the mappings to process exit; in-process, unmap them here.
+        for block in self.guest.blocks:
+            block.close()
         self.guest.close()
         self.engine.close()
 

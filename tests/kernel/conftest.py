@@ -1,4 +1,7 @@
-"""Fixtures for the kernel binding tests: huge pages and a guest-like child process."""
+"""Fixtures for the kernel binding tests: a guest-like child process, memfds.
+
+(``hugepages`` is the suite's, in tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
@@ -16,57 +19,10 @@ from typing import Any
 
 import pytest
 
-from trimig.kernel import HUGE_PAGE_SIZE, PageFault, Userfaultfd
+from trimig.kernel import PageFault, Userfaultfd
 
-HUGEPAGES_SYSFS = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE_SIZE // 1024}kB")
-HUGEPAGES_NEEDED = 8
 CHILD_SCRIPT = Path(__file__).with_name("uffd_child.py")
 CHILD_TIMEOUT = 10.0
-
-
-def _read_int(path: Path) -> int:
-    return int(path.read_text())
-
-
-class HugePages:
-    """What the ``hugepages`` fixture yields: ``count`` pages are free for the tests."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def free(self) -> int:
-        """The number of free 2 MiB huge pages right now."""
-        return _read_int(HUGEPAGES_SYSFS / "free_hugepages")
-
-
-@pytest.fixture(scope="session")
-def hugepages() -> Iterator[HugePages]:
-    """Ensure at least HUGEPAGES_NEEDED free 2 MiB huge pages.
-
-    Raises the pool through sysfs if needed (and lowers it back afterwards); skips
-    with the reason only if the kernel refuses."""
-    if not HUGEPAGES_SYSFS.exists():
-        pytest.skip(f"the kernel has no 2 MiB hugetlb pool ({HUGEPAGES_SYSFS} is missing)")
-    nr_path = HUGEPAGES_SYSFS / "nr_hugepages"
-    original = _read_int(nr_path)
-    free = _read_int(HUGEPAGES_SYSFS / "free_hugepages")
-    raised = False
-    if free < HUGEPAGES_NEEDED:
-        try:
-            nr_path.write_text(str(original + HUGEPAGES_NEEDED - free))
-        except OSError as error:
-            pytest.skip(f"the kernel refused to reserve huge pages: {error}")
-        raised = True
-        free = _read_int(HUGEPAGES_SYSFS / "free_hugepages")
-        if free < HUGEPAGES_NEEDED:
-            nr_path.write_text(str(original))
-            pytest.skip(
-                f"the kernel gave only {free} free huge pages, {HUGEPAGES_NEEDED} are needed"
-            )
-    yield HugePages(HUGEPAGES_NEEDED)
-    if raised:
-        with contextlib.suppress(OSError):
-            nr_path.write_text(str(original))
 
 
 class Child:

@@ -1,4 +1,7 @@
-"""Fixtures for the postcopy tests: huge pages and a guest child that faults."""
+"""Fixtures for the postcopy tests: a guest child that faults.
+
+(``hugepages`` is the suite's, in tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
@@ -20,35 +23,8 @@ from trimig.kernel import HUGE_PAGE_SIZE, Userfaultfd, memfd_create
 from trimig.postcopy.bitmaps import ReceivedBitmap
 from trimig.postcopy.blocks import TARGET_PAGE_SIZE, GuestRamBlock
 
-HUGEPAGES_SYSFS = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE_SIZE // 1024}kB")
-HUGEPAGES_NEEDED = 8
 CHILD_SCRIPT = Path(__file__).with_name("guest_child.py")
 CHILD_TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="session")
-def hugepages() -> Iterator[int]:
-    """Make HUGEPAGES_NEEDED 2 MiB huge pages free (restoring the pool afterwards);
-    skip with the kernel's reason only if it refuses."""
-    if not HUGEPAGES_SYSFS.exists():
-        pytest.skip(f"the kernel has no 2 MiB hugetlb pool ({HUGEPAGES_SYSFS} is missing)")
-    nr_path = HUGEPAGES_SYSFS / "nr_hugepages"
-    original = int(nr_path.read_text())
-    free = int((HUGEPAGES_SYSFS / "free_hugepages").read_text())
-    raised = False
-    if free < HUGEPAGES_NEEDED:
-        try:
-            nr_path.write_text(str(original + HUGEPAGES_NEEDED - free))
-        except OSError as error:
-            pytest.skip(f"the kernel refused to reserve huge pages: {error}")
-        raised = True
-        free = int((HUGEPAGES_SYSFS / "free_hugepages").read_text())
-        if free < HUGEPAGES_NEEDED:
-            nr_path.write_text(str(original))
-            pytest.skip(f"the kernel gave only {free} free huge pages of {HUGEPAGES_NEEDED}")
-    yield HUGEPAGES_NEEDED
-    if raised:
-        nr_path.write_text(str(original))
 
 
 class Guest:

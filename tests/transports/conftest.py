@@ -1,27 +1,16 @@
-"""Fixtures for the transport tests: leak checking, short socket paths, connected pairs."""
+"""Fixtures for the transport tests: short socket paths, connected pairs.
+
+(The leak check around every test is the suite's ``no_leaks``, in tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
-
-# tests/leakcheck.py is the suite-wide helper; make it importable from here.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from leakcheck import leak_check
 from transport_pairs import TRANSPORTS, Setup, make_setup
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Every transport test must leave no fd and no child process behind."""
-    with leak_check():
-        yield
 
 
 @pytest.fixture
