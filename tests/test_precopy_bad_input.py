@@ -1,0 +1,307 @@
+"""Bad input on the destination: a clear error naming what was wrong, never a hang.
+
+Crafted streams (wrong magic, wrong version, an unknown section, an unknown RAM block)
+go through a real unix socket; a real recorded stream is replayed cut at many offsets
+through ``exec:head -c N FILE``. Bad URIs are refused with a ConfigError naming them.
+The source side of a refusal is in test_precopy_source_recovery.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import trio
+from precopy_harness import DEADLINE, GUEST_COMMAND, GUEST_RAM, guest_specs, source_guest
+
+from trimig import codec
+from trimig.errors import ConfigError, MigrationFailed, RemoteProtocolError
+from trimig.loadvm.incoming import IncomingMigration
+from trimig.migration import MigrationStatus
+from trimig.savevm.outgoing import GUEST_SECTION_ID, RAM_SECTION_ID, OutgoingMigration
+from trimig.transports import connect
+
+MiB = 1 << 20
+#: A guest that speaks the guest protocol and nothing more (hello, ping, quit, ...).
+MINIMAL_GUEST = [
+    sys.executable,
+    str(Path(__file__).with_name("guest") / "fake_guest.py"),
+    "minimal",
+]
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A temporary directory with a short path (unix socket paths hold 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="tpb", dir="/tmp") as path:
+        yield path
+
+
+async def load(
+    listen_uri: str,
+    *,
+    send: bytes | None = None,
+    guest_command: Sequence[str] = GUEST_COMMAND,
+) -> tuple[IncomingMigration, BaseException | None]:
+    """Run a destination on ``listen_uri`` until it ends (bounded); if ``send`` is given,
+    connect to it and send those bytes, then EOF. Returns the destination and its error."""
+    incoming = IncomingMigration(guest_specs(), guest_command=guest_command)
+    error: BaseException | None = None
+    try:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+
+                async def receive(*, task_status: trio.TaskStatus[str]) -> None:
+                    nonlocal error
+                    try:
+                        await incoming.listen_and_run(listen_uri, task_status=task_status)
+                    except MigrationFailed as exc:
+                        error = exc
+
+                address = await nursery.start(receive)
+                if send is not None:
+                    stream = await connect(address)
+                    try:
+                        await stream.send_buffers([send])
+                        await stream.send_eof()
+                        await incoming.status.wait_value(
+                            lambda s: s in (MigrationStatus.FAILED, MigrationStatus.COMPLETED)
+                        )
+                    finally:
+                        await stream.aclose()
+    finally:
+        with trio.CancelScope(shield=True):
+            await incoming.aclose()
+    return incoming, error
+
+
+def remote_protocol_error(error: BaseException | None) -> RemoteProtocolError:
+    """The RemoteProtocolError behind a destination's MigrationFailed."""
+    assert isinstance(error, MigrationFailed), repr(error)
+    cause = error.__cause__
+    assert isinstance(cause, RemoteProtocolError), repr(cause)
+    assert str(cause) in str(error)
+    return cause
+
+
+def stream_start() -> bytes:
+    return codec.encode_file_header() + codec.encode_configuration()
+
+
+def ram_setup(blocks: Sequence[tuple[str, int]]) -> bytes:
+    infos = [codec.RamBlockInfo(name, size, 4096) for name, size in blocks]
+    return (
+        codec.encode_section_start(RAM_SECTION_ID, "ram", 0, 4)
+        + codec.encode_mem_size(infos, postcopy=False)
+        + codec.encode_end_of_section()
+        + codec.encode_section_footer(RAM_SECTION_ID)
+    )
+
+
+def guest_section(idstr: str = "guest") -> bytes:
+    return (
+        codec.encode_section_full(GUEST_SECTION_ID, idstr, 0, 1)
+        + codec.encode_blob(b"{}")
+        + codec.encode_section_footer(GUEST_SECTION_ID)
+    )
+
+
+GOOD_RAM = ram_setup([("pc.ram", GUEST_RAM)])
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        pytest.param(b"QEVN" + stream_start()[4:], "bad magic 0x5145564e", id="wrong-magic"),
+        pytest.param(b"\0\0\0\0" + stream_start()[4:], "bad magic 0x00000000", id="zero-magic"),
+        pytest.param(
+            stream_start()[:4] + b"\0\0\0\x02" + stream_start()[8:],
+            "obsolete stream version 2",
+            id="version-2",
+        ),
+        pytest.param(
+            stream_start()[:4] + b"\0\0\0\x04" + stream_start()[8:],
+            "unsupported stream version 4",
+            id="version-4",
+        ),
+        pytest.param(
+            stream_start() + GOOD_RAM + guest_section("bogus-device") + codec.encode_eof(),
+            "unknown section 'bogus-device'",
+            id="unknown-section",
+        ),
+        pytest.param(
+            stream_start() + ram_setup([("pc.bogus", GUEST_RAM)]) + codec.encode_eof(),
+            "'pc.bogus'",
+            id="unknown-block",
+        ),
+        pytest.param(
+            stream_start() + ram_setup([("pc.ram", 32 * MiB)]) + codec.encode_eof(),
+            f"RAM block 'pc.ram' has {32 * MiB} bytes in the stream but {GUEST_RAM} here",
+            id="block-size-differs",
+        ),
+        pytest.param(
+            stream_start()
+            + ram_setup([("pc.ram", GUEST_RAM), ("pc.extra", 2 * MiB)])
+            + codec.encode_eof(),
+            "'pc.extra'",
+            id="extra-block",
+        ),
+        pytest.param(
+            stream_start() + GOOD_RAM + codec.encode_eof(),
+            "without the guest's device state",
+            id="no-device-state",
+        ),
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", "bad magic", id="not-a-migration"),
+    ],
+)
+async def test_bad_stream_is_refused_naming_the_problem(
+    stream: bytes, expected: str, short_tmp: str
+) -> None:
+    incoming, error = await load(f"unix:{short_tmp}/sock", send=stream)
+    cause = remote_protocol_error(error)
+    assert expected in str(cause)
+    assert incoming.status.value is MigrationStatus.FAILED
+    assert expected in incoming.query()["error-desc"]
+    assert incoming.guest is None and incoming.blocks == []  # closed, never run
+
+
+# -- a real stream, cut ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recording_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="trimig-recording-") as path:
+        yield path
+
+
+@pytest.fixture
+async def recorded_stream(recording_dir: str) -> AsyncIterator[str]:
+    """A real precopy stream of a running GUEST_RAM guest, recorded with exec:cat > FILE
+    (recorded once per module; later tests reuse the file)."""
+    path = os.path.join(recording_dir, "stream.bin")
+    if not os.path.exists(path):
+        async with source_guest() as (guest, blocks):
+            outgoing = OutgoingMigration(guest, blocks)
+            with trio.fail_after(DEADLINE):
+                await outgoing.run(f"exec:cat > {path}.part")
+            assert outgoing.status.value is MigrationStatus.COMPLETED
+        os.rename(f"{path}.part", path)
+    yield path
+
+
+def cut_offsets(length: int) -> list[int]:
+    """Where to cut: in and at the edges of the setup records, through the RAM passes,
+    and in the device state and EOF at the end."""
+    header = len(codec.encode_file_header())
+    start = len(stream_start())
+    setup = start + len(GOOD_RAM)
+    edges = [
+        0,
+        1,
+        4,
+        header - 1,
+        header,
+        header + 1,
+        start - 1,
+        start,
+        start + 1,
+        setup - 5,
+        setup - 1,
+        setup,
+        setup + 1,
+        setup + 8,
+        setup + 4096,
+    ]
+    through = [length * k // 10 for k in range(1, 10)]
+    tail = [length - n for n in (1, 2, 5, 6, 7, 64, 300)]
+    return sorted({offset for offset in edges + through + tail if 0 <= offset < length})
+
+
+async def test_recorded_stream_replays_whole(recorded_stream: str) -> None:
+    """The control: the whole recording loads, and the guest on it verifies."""
+    assert os.path.getsize(recorded_stream) > GUEST_RAM
+    incoming = IncomingMigration(guest_specs(), guest_command=GUEST_COMMAND)
+    try:
+        with trio.fail_after(DEADLINE):
+            await incoming.listen_and_run(f"exec:cat {recorded_stream}")
+            assert incoming.status.value is MigrationStatus.COMPLETED
+            guest, blocks = incoming.take_guest()
+            try:
+                await trio.sleep(0.1)
+                await guest.stop()
+                verdict = await guest.verify()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await guest.aclose()
+                for block in blocks:
+                    block.close()
+    finally:
+        await incoming.aclose()
+    assert verdict.verified, verdict
+
+
+async def replay_cuts(
+    recorded_stream: str, offsets: Sequence[int], guest_command: Sequence[str]
+) -> None:
+    """Replay the recording cut at each offset; each must fail naming the truncation."""
+    errors: dict[int, BaseException | None] = {}
+    statuses: dict[int, MigrationStatus] = {}
+    limiter = trio.CapacityLimiter(3)  # each destination starts a guest process
+
+    async def replay(offset: int) -> None:
+        async with limiter:
+            incoming, errors[offset] = await load(
+                f"exec:head -c {offset} {recorded_stream}", guest_command=guest_command
+            )
+            statuses[offset] = incoming.status.value
+
+    with trio.fail_after(DEADLINE * 2):
+        async with trio.open_nursery() as nursery:
+            for offset in offsets:
+                nursery.start_soon(replay, offset)
+    for offset in offsets:
+        cause = remote_protocol_error(errors[offset])
+        assert "truncated" in str(cause), (offset, str(cause))
+        assert statuses[offset] is MigrationStatus.FAILED, offset
+
+
+async def test_stream_cut_anywhere_is_a_truncation_error(recorded_stream: str) -> None:
+    """Many cuts. The destination's guest is never given memory when the stream is cut,
+    so a minimal protocol-only guest stands in for the workload here (it starts in
+    milliseconds); the next test cuts with the real guest."""
+    offsets = cut_offsets(os.path.getsize(recorded_stream))
+    assert len(offsets) >= 30
+    await replay_cuts(recorded_stream, offsets, MINIMAL_GUEST)
+
+
+async def test_stream_cut_with_the_workload_guest(recorded_stream: str) -> None:
+    length = os.path.getsize(recorded_stream)
+    setup = len(stream_start()) + len(GOOD_RAM)
+    await replay_cuts(recorded_stream, [setup + 1, length // 2, length - 1], GUEST_COMMAND)
+
+
+# -- bad URIs ----------------------------------------------------------------------------
+
+BAD_URIS = [
+    ("bogus:somewhere", "unknown transport 'bogus'"),
+    ("tcp:localhost", "missing port"),
+    ("tcp:127.0.0.1:99999", "bad port 99999"),
+    ("unix:", "empty socket path"),
+    ("exec:", "empty command"),
+    ("rdma:10.0.0.1:4444", "InfiniBand"),
+    ("nocolon", "has no transport"),
+]
+
+
+@pytest.mark.parametrize(("uri", "expected"), BAD_URIS)
+async def test_bad_listen_uri_is_a_config_error(uri: str, expected: str) -> None:
+    incoming = IncomingMigration(guest_specs(), guest_command=GUEST_COMMAND)
+    with pytest.raises(ConfigError) as caught:
+        await incoming.listen_and_run(uri)
+    assert uri in str(caught.value) and expected in str(caught.value)
+    assert incoming.status.value is MigrationStatus.FAILED
+    await incoming.aclose()
