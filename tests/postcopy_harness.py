@@ -2,7 +2,7 @@
 
 Unlike ``trimig.demo.migrate_locally`` every outcome is kept as a value (statuses,
 errors, the destination guest's verdict), the destination's accepted stream can be
-wrapped (``CuttableStream`` cuts it like a pulled cable at a chosen moment), and
+wrapped (``TappedStream`` cuts it like a pulled cable, or calls back, at a chosen point), and
 callbacks see each side's events as they happen, so a test can cancel or cut at a
 precise point of the postcopy sequence.
 """
@@ -36,6 +36,8 @@ StreamWrapper = Callable[[ByteStream], ByteStream]
 
 #: The bytes that start a PACKAGED command: 0x08, be16 7, be16 4 (its be32 length follows).
 PACKAGED_MARKER = codec.encode_command(codec.MigCmd.PACKAGED, b"\0\0\0\0")[:5]
+#: SWITCHOVER_START, the first command of the switch: everything before it is precopy.
+SWITCHOVER_MARKER = codec.encode_switchover_start()
 
 
 def postcopy_settings(
@@ -53,23 +55,31 @@ def postcopy_settings(
     return capabilities, settings
 
 
-class CuttableStream:
-    """A socket ByteStream proxy that a test cuts (``cut``) like a pulled cable.
+class TappedStream:
+    """A socket ByteStream proxy through which a test acts at a point of the stream.
 
-    Cutting shuts the socket down both ways: our blocked reads see EOF, our writes
-    fail, and the peer sees the same. ``cut_inside_package`` arms a cut that lets
-    ``keep`` bytes of the next PACKAGED command through and loses the rest.
+    * ``cut()`` shuts the socket down both ways, now, like a pulled cable: our blocked
+      reads see EOF, our writes fail, and the peer sees the same.
+    * ``cut_inside_package(keep)`` cuts when the PACKAGED command arrives, letting its
+      5-byte command header and ``keep`` more bytes (its be32 length, then the blob)
+      through and losing the rest.
+    * ``call_before(marker, callback)`` calls ``callback()`` once the reader has consumed
+      every byte before the next ``marker`` (a reader only reads again when its decoder
+      holds no whole event, so everything before the marker has been acted on).
     """
 
     def __init__(self, inner: ByteStream) -> None:
         fileno = getattr(inner, "fileno", None)
         if fileno is None:
-            raise TypeError(f"only socket streams can be cut, not {type(inner).__name__}")
+            raise TypeError(f"only socket streams can be tapped, not {type(inner).__name__}")
         self._inner = inner
         self._fd: int = fileno()
         self.cut_done = False
-        self._package_cut_keep: int | None = None
+        self._marker: bytes | None = None
+        self._on_marker: Callable[[bytes, int], int] | None = None
         self._tail = b""
+        self._held = b""
+        self._held_callback: Callable[[], None] | None = None
 
     # ByteStream -----------------------------------------------------------------------
     @property
@@ -88,17 +98,27 @@ class CuttableStream:
         await self._inner.send_buffers(buffers)
 
     async def receive_into(self, buffer: memoryview) -> int:
+        if self._held_callback is not None:
+            callback, self._held_callback = self._held_callback, None
+            callback()
+        if self._held:
+            count = min(len(buffer), len(self._held))
+            buffer[:count] = self._held[:count]
+            self._held = self._held[count:]
+            return count
         count = await self._inner.receive_into(buffer)
-        if self._package_cut_keep is not None and count:
-            data = self._tail + bytes(buffer[:count])
-            where = data.find(PACKAGED_MARKER)
-            if where >= 0:
-                keep = where - len(self._tail) + len(PACKAGED_MARKER) + self._package_cut_keep
-                self._package_cut_keep = None
-                self.cut()
-                return max(0, min(count, keep))
-            self._tail = data[-(len(PACKAGED_MARKER) - 1) :]
-        return count
+        if self._marker is None or not count:
+            return count
+        data = self._tail + bytes(buffer[:count])
+        where = data.find(self._marker)
+        if where < 0:
+            self._tail = data[-(len(self._marker) - 1) :]
+            return count
+        assert self._on_marker is not None
+        chunk, before = data[len(self._tail) :], len(self._tail)
+        self._marker, self._tail = None, b""
+        # Offset of the marker in this read (negative: it began in the previous one).
+        return self._on_marker(chunk, where - before)
 
     async def send_eof(self) -> None:
         await self._inner.send_eof()
@@ -106,7 +126,7 @@ class CuttableStream:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    # the cut --------------------------------------------------------------------------
+    # the taps -------------------------------------------------------------------------
     def cut(self) -> None:
         """Shut the connection down in both directions, now (synchronous)."""
         if self.cut_done:
@@ -121,9 +141,25 @@ class CuttableStream:
             duplicate.close()
 
     def cut_inside_package(self, keep: int) -> None:
-        """Cut when the PACKAGED command arrives, passing its 9-byte header minus 4 plus
-        ``keep`` bytes (so ``keep`` < 4 + blob length cuts inside it)."""
-        self._package_cut_keep = keep
+        def at_marker(chunk: bytes, where: int) -> int:
+            self.cut()
+            return max(0, min(len(chunk), where + len(PACKAGED_MARKER) + keep))
+
+        self._watch(PACKAGED_MARKER, at_marker)
+
+    def call_before(self, marker: bytes, callback: Callable[[], None]) -> None:
+        def at_marker(chunk: bytes, where: int) -> int:
+            if where <= 0:  # the reader already consumed everything before it
+                callback()
+                return len(chunk)
+            self._held = chunk[where:]
+            self._held_callback = callback
+            return where
+
+        self._watch(marker, at_marker)
+
+    def _watch(self, marker: bytes, action: Callable[[bytes, int], int]) -> None:
+        self._marker, self._on_marker, self._tail = marker, action, b""
 
 
 @attrs.define
@@ -143,7 +179,8 @@ class Pair:
     source_events: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
     dest_events: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
     verdict: Verdict | None = None
-    dest_snapshot_at_stop: list[bytes] | None = None
+    #: The destination's RAM (through its memfds) after precopy, before the switch.
+    dest_snapshot_before_switch: list[bytes] | None = None
     #: Bytes the destination received on connections after the main one (the urgent
     #: channel of postcopy-preempt).
     urgent_bytes_received: int = 0
@@ -178,7 +215,7 @@ async def run_pair(
     wrap_dest_stream: StreamWrapper | None = None,
     on_source_event: EventHook | None = None,
     on_dest_event: EventHook | None = None,
-    snapshot_dest_at_stop: bool = False,
+    snapshot_dest_before_switch: bool = False,
     control: Callable[[Pair], Awaitable[None]] | None = None,
     after: Callable[[Pair], Any] | None = None,
 ) -> Pair:
@@ -197,11 +234,19 @@ async def run_pair(
         def source_hook(name: str, info: dict[str, Any]) -> None:
             assert pair is not None
             pair.source_events.append((name, info))
-            if name == "STOP" and snapshot_dest_at_stop:
-                # Synchronous, so the destination cannot have reached LISTEN yet.
-                pair.dest_snapshot_at_stop = [read_block(b) for b in pair.incoming.blocks]
+            if name == "STOP" and snapshot_dest_before_switch:
+                # Once the destination has loaded all of precopy, before the discards.
+                assert isinstance(pair.dest_stream, TappedStream)
+                pair.dest_stream.call_before(SWITCHOVER_MARKER, take_snapshot)
             if on_source_event is not None:
                 on_source_event(pair, name, info)
+
+        def take_snapshot() -> None:
+            assert pair is not None
+            pair.dest_snapshot_before_switch = [read_block(b) for b in pair.incoming.blocks]
+
+        if snapshot_dest_before_switch and wrap_dest_stream is None:
+            wrap_dest_stream = TappedStream
 
         def dest_hook(name: str, info: dict[str, Any]) -> None:
             assert pair is not None

@@ -25,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 from leakcheck import leak_check
-from postcopy_harness import DEADLINE, CuttableStream, Pair, postcopy_settings, run_pair
+from postcopy_harness import DEADLINE, Pair, TappedStream, postcopy_settings, run_pair
 
 from trimig import codec
 from trimig.channel import MigrationChannel
@@ -265,10 +265,10 @@ def act(pair: Pair, action: str) -> None:
     if action == "cancel":
         pair.source_scope.cancel()
     elif action == "cut":
-        assert isinstance(pair.dest_stream, CuttableStream)
+        assert isinstance(pair.dest_stream, TappedStream)
         pair.dest_stream.cut()
     else:  # "cut-package": lose the PACKAGED blob after its first bytes
-        assert isinstance(pair.dest_stream, CuttableStream)
+        assert isinstance(pair.dest_stream, TappedStream)
         pair.dest_stream.cut_inside_package(keep=12)
 
 
@@ -306,7 +306,7 @@ async def test_failure_before_the_guest_runs_there_resumes_the_source(
         default_block_specs(RAM),
         capabilities=capabilities,
         parameters=parameters,
-        wrap_dest_stream=CuttableStream,
+        wrap_dest_stream=TappedStream,
         after=check_source_runs_again,
         **hooks,
     )
@@ -366,7 +366,7 @@ async def test_failure_after_run_pauses_both_sides(action: str) -> None:
         default_block_specs(FAULTING_RAM),
         capabilities=capabilities,
         parameters=parameters,
-        wrap_dest_stream=CuttableStream,
+        wrap_dest_stream=TappedStream,
         after=check_paused_then_close,
         **hooks,
     )
