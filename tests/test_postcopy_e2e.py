@@ -2,19 +2,18 @@
 
 Real processes (the built-in workload guest on both sides), the real kernel
 (userfaultfd on the destination, WP-async dirty tracking on the source) and real
-sockets. Each test migrates a few MiB; every wait is bounded (harness DEADLINE).
+sockets. Each test migrates a few MiB; every wait is bounded (harness DEADLINE), and
+the suite's leak check (tests/conftest.py) runs around each test.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import trio
-from leakcheck import leak_check
 from postcopy_harness import (
     DEADLINE,
     Pair,
@@ -42,46 +41,6 @@ SLOW_STREAM = {"max_postcopy_bandwidth": "4M"}
 #: A destination guest that never writes (one byte of pages per second): its memory after
 #: postcopy is exactly what arrived, so it can be compared with the source byte for byte.
 IDLE_GUEST = workload_command(dirty_rate=1)
-
-HUGEPAGES_SYSFS = f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE_SIZE // 1024}kB"
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Every test ends with the fds and child processes it started."""
-    with leak_check(settle=3.0):
-        yield
-
-
-@pytest.fixture
-def hugepages() -> Iterator[int]:
-    """Four free 2 MiB huge pages (two per side), reserved for the test and given back."""
-    needed = 4
-    nr_path = os.path.join(HUGEPAGES_SYSFS, "nr_hugepages")
-    free_path = os.path.join(HUGEPAGES_SYSFS, "free_hugepages")
-    if not os.path.exists(nr_path):
-        pytest.skip(f"the kernel has no 2 MiB hugetlb pool ({HUGEPAGES_SYSFS} is missing)")
-    with open(nr_path) as f:
-        original = int(f.read())
-    with open(free_path) as f:
-        free = int(f.read())
-    raised = free < needed
-    if raised:
-        try:
-            with open(nr_path, "w") as f:
-                f.write(str(original + needed - free))
-        except OSError as error:
-            pytest.skip(f"the kernel refused to reserve huge pages: {error}")
-        with open(free_path) as f:
-            if int(f.read()) < needed:
-                with open(nr_path, "w") as g:
-                    g.write(str(original))
-                pytest.skip(f"the kernel did not give {needed} free huge pages")
-    yield needed
-    if raised:
-        with open(nr_path, "w") as f:
-            f.write(str(original))
-
 
 def assert_completed_and_verified(pair: Pair) -> None:
     assert pair.source_error is None, repr(pair.source_error)
@@ -168,7 +127,7 @@ async def test_postcopy_over_exec_is_refused_at_setup() -> None:
 
 
 @pytest.mark.parametrize("preempt", [False, True], ids=["main-only", "preempt"])
-async def test_postcopy_with_a_hugetlb_block(hugepages: int, preempt: bool) -> None:
+async def test_postcopy_with_a_hugetlb_block(hugepages: object, preempt: bool) -> None:
     specs = default_block_specs(FAULTING_RAM, huge=2 * HUGE_PAGE_SIZE)
     capabilities, parameters = postcopy_settings(preempt=preempt, **SLOW_STREAM)
     pair = await run_pair(specs, capabilities=capabilities, parameters=parameters)
@@ -176,7 +135,7 @@ async def test_postcopy_with_a_hugetlb_block(hugepages: int, preempt: bool) -> N
     assert pair.incoming.query()["postcopy-requests"] > 0
 
 
-async def test_hugetlb_block_arrives_byte_for_byte(hugepages: int) -> None:
+async def test_hugetlb_block_arrives_byte_for_byte(hugepages: object) -> None:
     """With an idle destination guest, both sides' RAM, 2 MiB pages included, is equal
     after postcopy: canonicalised discards and whole host pages placed atomically."""
     specs = default_block_specs(RAM, huge=2 * HUGE_PAGE_SIZE)

@@ -9,7 +9,8 @@ The designed outcomes (docs/postcopy.md, "Failures"):
   ``postcopy-paused`` and raise MigrationPaused (a cancelled source re-raises
   Cancelled); nothing is resumed, and ``aclose()`` tears everything down.
 
-Nothing may hang: every wait is bounded, and the suite's leak check runs around each test.
+Nothing may hang: every wait is bounded, and the suite's leak check (tests/conftest.py)
+runs around each test.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import contextlib
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from leakcheck import leak_check
 from postcopy_harness import DEADLINE, Pair, TappedStream, postcopy_settings, run_pair
 
 from trimig import codec
@@ -43,12 +42,6 @@ SMALL_RAM = 4 << 20
 FAULTING_RAM = 16 << 20  # see test_postcopy_e2e.py
 #: A bad return path must end the migration this fast (the source reacts at once).
 REACTION_DEADLINE = 10.0
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    with leak_check(settle=3.0):
-        yield
 
 
 # -- a fake destination ----------------------------------------------------------------
