@@ -1,7 +1,8 @@
 """MigrationChannel: QEMUFile-like buffered reading and writing over a ByteStream.
 
 Write side: ``put*`` calls queue bytes (small ones copied into a scratch buffer, page
-payloads from ``put_buffers`` kept as zero-copy views) until ``await flush()`` hands the
+payloads from ``put_buffers`` and gather arrays from ``put_vector`` kept as zero-copy
+views) until ``await flush()`` hands the
 whole queue to the stream in one gather write. Read side: an internal buffer serves
 ``get_exactly``/``get_be*``, and ``receive_into_decoder`` feeds a sans-io decoder straight
 from the stream. ``return_path()`` is a second channel on the same stream for the reverse
@@ -19,6 +20,7 @@ import trio
 
 from trimig.errors import ConfigError, LocalProtocolError, TransportError
 from trimig.transports.base import Buffer, ByteStream, byte_buffers
+from trimig.transports.gather import GatherItem, IoVector
 
 __all__ = [
     "BUFFER_DELAY",
@@ -66,7 +68,7 @@ class MigrationChannel:
         self._closed = False
         self._reverse: MigrationChannel | None = None
         # write side
-        self._pending: list[Buffer] = []
+        self._pending: list[GatherItem] = []
         self._scratch = bytearray()
         self._pending_bytes = 0
         self._bytes_sent = 0
@@ -133,6 +135,14 @@ class MigrationChannel:
         self._seal_scratch()
         self._pending.extend(views)
         self._pending_bytes += sum(lengths)
+
+    def put_vector(self, vector: IoVector) -> None:
+        """Queue a gather array without copying; its memory must stay unchanged until flush()."""
+        if not vector.nbytes:
+            return
+        self._seal_scratch()
+        self._pending.append(vector)
+        self._pending_bytes += vector.nbytes
 
     def _seal_scratch(self) -> None:
         if self._scratch:

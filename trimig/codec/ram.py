@@ -4,7 +4,9 @@ Encoding: :class:`RamRecordEncoder` (one per channel) remembers the block of
 its last record so that the next record in the same block sets CONTINUE and
 omits the name. ``encode_pages`` returns a gather list whose page payloads are
 memoryview slices of the source buffer: headers are built by numpy in one go
-and no page is copied.
+and no page is copied. ``encode_pages_gather`` gives the same bytes as one
+array of (address, length) entries, so a window of pages costs no Python
+object per page.
 
 Decoding: :class:`RamRecordDecoder` holds a channel's block sizes and last
 block. When the buffer holds several whole ``PAGE|CONTINUE`` (or
@@ -184,6 +186,49 @@ class RamRecordEncoder:
             out[0] = bytes(headers[0:8]) + name
         self.last_block = block_name
         return out
+
+    def encode_pages_gather(
+        self, block_name: str, offsets: npt.ArrayLike, source: BytesLike
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint64]]:
+        """PAGE records for ``offsets`` as a raw gather array: no Python object per page.
+
+        Returns ``(headers, entries)``. ``headers`` holds the records' headers back to
+        back (the first one followed by the block name when it must be named);
+        ``entries`` is a ``(2 * n, 2)`` uint64 array of ``struct iovec`` (address,
+        length): record i's header in ``headers``, then its page in ``source`` (the
+        block's memory). The bytes are the same as :meth:`encode_pages` gives; keep
+        ``headers`` and ``source`` alive and unchanged until the entries are written.
+        """
+        offs = _as_offsets(offsets)
+        count = len(offs)
+        if count == 0:
+            return np.empty(0, dtype=np.uint8), np.empty((0, 2), dtype=np.uint64)
+        memory = np.frombuffer(as_byte_view(source), dtype=np.uint8)
+        top = int(offs.max())
+        if top + TARGET_PAGE_SIZE > len(memory):
+            raise LocalProtocolError(
+                f"page offset {top:#x} of block {block_name!r} lies past the end of its "
+                f"{len(memory)}-byte source buffer"
+            )
+        name = self._named(block_name) or b""
+        words = (offs | np.uint64(_PAGE_CONTINUE)).astype(">u8")
+        if name:
+            words[0] ^= RAM_SAVE_FLAG_CONTINUE
+        raw = words.view(np.uint8)
+        headers = np.empty(8 * count + len(name), dtype=np.uint8)
+        headers[:8] = raw[:8]
+        headers[8 : 8 + len(name)] = np.frombuffer(name, dtype=np.uint8)
+        headers[8 + len(name) :] = raw[8:]
+        entries = np.empty((count, 2, 2), dtype=np.uint64)
+        header_starts = np.arange(count, dtype=np.uint64) * np.uint64(8)
+        header_starts[1:] += np.uint64(len(name))
+        entries[:, 0, 0] = header_starts + np.uint64(headers.ctypes.data)
+        entries[:, 0, 1] = 8
+        entries[0, 0, 1] = 8 + len(name)
+        entries[:, 1, 0] = offs + np.uint64(memory.ctypes.data)
+        entries[:, 1, 1] = TARGET_PAGE_SIZE
+        self.last_block = block_name
+        return headers, entries.reshape(-1, 2)
 
     def encode_zero_pages(self, block_name: str, offsets: npt.ArrayLike) -> bytes:
         """ZERO records for ``offsets`` (pages that are entirely zero)."""

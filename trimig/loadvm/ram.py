@@ -1,4 +1,4 @@
-"""The destination's RAM loader for precopy: pages land straight in the engine's mapping.
+"""The destination's RAM loader for precopy: pages land straight in the blocks' memfds.
 
 Zero pages are never allocated: a ZERO record for a page this loader never wrote
 costs nothing (a fresh memfd reads as zero), and one for a page it did write
@@ -7,6 +7,7 @@ punches that page's hole again.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from ..errors import RemoteProtocolError
 from ..kernel.memory import punch_hole
 from ..postcopy.bitmaps import ReceivedBitmap
 from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..transports.gather import write_rows_at
 
 
 class RamLoader:
@@ -65,12 +67,23 @@ class RamLoader:
         return block
 
     def load_pages(self, event: codec.RamPages) -> None:
-        """Copy a run of pages into the block's mapping."""
+        """Copy a run of pages into the block.
+
+        A run of consecutive pages that are still holes in the memfd (a fresh destination)
+        is written into the file with pwritev, which allocates each page as it fills it;
+        through the mapping every page would first be faulted in and zeroed. Pages already
+        allocated (or in a hugetlb block, which cannot be written as a file) are copied
+        through the mapping.
+        """
         block = self._block(event.block)
         index = (event.offsets // TARGET_PAGE_SIZE).astype(np.int64)
         first, count = int(index[0]), len(index)
-        if int(index[-1]) - first == count - 1 and count > 1:
-            block.pages[first : first + count] = event.pages
+        if int(index[-1]) - first == count - 1:
+            start = first * TARGET_PAGE_SIZE
+            if block.spec.hugetlb or _allocated(block.fd, start, count * TARGET_PAGE_SIZE):
+                block.pages[first : first + count] = event.pages
+            else:
+                write_rows_at(block.fd, start, event.pages)
         else:
             block.pages[index] = event.pages
         self.written[block.name][index] = True
@@ -128,6 +141,11 @@ class RamLoader:
             self.received.block(name).clear_where(hole)
             holes[name] = hole
         return holes
+
+
+def _allocated(fd: int, start: int, length: int) -> bool:
+    """Whether ``[start, start + length)`` of the memfd holds no hole (one lseek)."""
+    return os.lseek(fd, start, os.SEEK_HOLE) >= start + length
 
 
 def _runs(index: np.ndarray) -> list[tuple[int, int]]:

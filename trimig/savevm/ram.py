@@ -7,8 +7,9 @@ the written pages and protects them again in one atomic call. Finding dirty page
 therefore never reads RAM.
 
 Pages go out in windows of one 2 MiB host page (512 target pages), read straight
-from the engine's mapping of the block: the codec builds a gather list whose page
-payloads are slices of the mapping, so no page is copied in Python.
+from the engine's mapping of the block: the codec builds a gather array whose page
+entries point into the mapping (an IoVector), so no page is copied in Python and no
+Python object is made per page; the kernel copies each page once, into the socket.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..kernel.pagemap import PagemapScanner
 from ..kernel.uffd import Userfaultfd
 from ..migration import SourceStats
 from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..transports.gather import IoVector
 
 #: Target pages per send window: one 2 MiB host page, so a hugetlb host page is never
 #: split across windows, and 2 x 512 iovecs fit one sendmsg.
@@ -107,23 +109,31 @@ class RamSaver:
         self._cursor = (index, offset // WINDOW_BYTES)
 
     def next_dirty_window(self) -> tuple[RamBlock, int] | None:
-        """The next window (block, first page) with a dirty page, from the cursor, wrapping."""
+        """The next window (block, first page) with a dirty page, from the cursor, wrapping.
+
+        Looks only as far as the first dirty page (argmax stops at the first True).
+        """
         start_block, start_window = self._cursor
         nblocks = len(self.blocks)
         for step in range(nblocks + 1):
             index = (start_block + step) % nblocks
             block = self.blocks[index]
-            windows = _window_has_dirty(self.dirty[block.name])
-            first = start_window if step == 0 else 0
-            candidates = np.flatnonzero(windows[first:])
-            if len(candidates):
-                window = first + int(candidates[0])
+            first = start_window * WINDOW_PAGES if step == 0 else 0
+            rest = self.dirty[block.name][first:]
+            if len(rest) == 0:
+                continue
+            page = int(np.argmax(rest))
+            if rest[page]:
+                window = (first + page) // WINDOW_PAGES
                 self._cursor = (index, window)
                 return block, window * WINDOW_PAGES
         return None
 
     def queue_window(self, channel: MigrationChannel, block: RamBlock, first_page: int) -> int:
-        """Put the dirty pages of one window on ``channel`` and clear their bits; return bytes queued."""
+        """Queue the dirty pages of one window on ``channel`` and clear their bits.
+
+        Returns the number of bytes queued.
+        """
         end_page = min(first_page + WINDOW_PAGES, block.spec.target_pages)
         dirty = self.dirty[block.name][first_page:end_page]
         pages = np.flatnonzero(dirty) + first_page
@@ -134,16 +144,10 @@ class RamSaver:
         populated = self._populated.get(block.name)
         if populated is not None:
             present = populated[pages]
+            is_zero = ~present
+            is_zero[present] = zero_pages(block.pages, pages[present])
         else:
-            present = np.ones(len(pages), dtype=bool)
-        is_zero = ~present
-        readable = pages[present]
-        if len(readable):
-            if len(readable) == end_page - first_page:
-                rows = block.pages[first_page:end_page]
-            else:
-                rows = block.pages[readable]
-            is_zero[present] = rows.view(np.uint64).max(axis=1) == 0
+            is_zero = zero_pages(block.pages, pages)
         offsets = pages.astype(np.uint64) * TARGET_PAGE_SIZE
         zero_offsets = offsets[is_zero]
         data_offsets = offsets[~is_zero]
@@ -154,9 +158,12 @@ class RamSaver:
             queued += len(record)
             self.stats.duplicate += len(zero_offsets)
         if len(data_offsets):
-            gather = self.encoder.encode_pages(block.name, data_offsets, block.mapping.buffer)
-            channel.put_buffers(gather)
-            queued += sum(len(part) for part in gather)
+            headers, entries = self.encoder.encode_pages_gather(
+                block.name, data_offsets, block.pages
+            )
+            vector = IoVector(entries, (headers, block.pages))
+            channel.put_vector(vector)
+            queued += vector.nbytes
             self.stats.normal += len(data_offsets)
         return queued
 
@@ -165,12 +172,31 @@ class RamSaver:
         self._populated.clear()
 
 
-def _window_has_dirty(bitmap: np.ndarray) -> np.ndarray:
-    full = len(bitmap) // WINDOW_PAGES * WINDOW_PAGES
-    windows = bitmap[:full].reshape(-1, WINDOW_PAGES).any(axis=1)
-    if full < len(bitmap):
-        windows = np.append(windows, bitmap[full:].any())
-    return windows
+def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Which of the pages ``index`` (sorted) of ``pages`` ((n, TARGET_PAGE_SIZE) uint8) are
+    all zero, as a bool array.
+
+    Reads the first 64 bytes of each page, and the whole page only where those are zero,
+    so a window of data pages costs one cache line per page. A run of consecutive pages
+    is read as a view, never copied.
+    """
+    if len(index) == 0:
+        return np.zeros(0, dtype=bool)
+    words = pages.view(np.uint64)
+    first = int(index[0])
+    consecutive = int(index[-1]) - first == len(index) - 1
+    rows = words[first : first + len(index)] if consecutive else None
+    heads = rows[:, :8] if rows is not None else words[index, :8]
+    zero: np.ndarray = np.logical_not(heads.any(axis=1))
+    candidates = np.flatnonzero(zero)
+    if len(candidates) == 0:
+        return zero
+    if rows is not None and len(candidates) == len(index):
+        if not np.count_nonzero(rows):
+            return zero  # the whole run is zero: one pass over it
+        return np.logical_not(rows.any(axis=1))
+    zero[candidates] = np.logical_not(words[index[candidates]].any(axis=1))
+    return zero
 
 
 def _populated_pages(block: RamBlock) -> np.ndarray:

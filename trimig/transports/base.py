@@ -10,12 +10,15 @@ import errno
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Protocol, Self, TypeAlias
+from typing import TYPE_CHECKING, Protocol, Self, TypeAlias
 
 import trio
 
 from trimig.errors import LocalProtocolError, TransportError
 from trimig.transports.uri import Address
+
+if TYPE_CHECKING:
+    from trimig.transports.gather import IoVector
 
 # A contiguous buffer: bytes, bytearray, memoryview or anything exporting the buffer
 # protocol (a numpy page array, an mmap). Python 3.11 has no collections.abc.Buffer.
@@ -67,11 +70,12 @@ class ByteStream(Protocol):
         """The one-sided memory registry; None except on the RDMA-shaped transport."""
         ...
 
-    async def send_buffers(self, buffers: Sequence[Buffer]) -> None:
-        """Gather-write every byte of ``buffers`` in order (one sendmsg/writev per batch).
+    async def send_buffers(self, buffers: Sequence[Buffer | IoVector]) -> None:
+        """Gather-write every byte of ``buffers`` in order (one writev per batch).
 
-        The buffers are not copied and must not change until this returns. If cancelled,
-        an unknown prefix may have been sent: the stream is then only good for aclose().
+        Items are buffers or :class:`~trimig.transports.gather.IoVector` gather arrays. The
+        bytes are not copied and must not change until this returns. If cancelled, an
+        unknown prefix may have been sent: the stream is then only good for aclose().
         """
         ...
 

@@ -27,13 +27,12 @@ import trio
 
 from trimig.errors import TransportError
 from trimig.transports.base import (
-    Buffer,
     ListenerBase,
     RegionRegistry,
     check_receive_buffer,
     transport_error,
-    write_all,
 )
+from trimig.transports.gather import GatherItem, write_gather
 from trimig.transports.uri import ExecCommand
 
 PIPE_SIZE = 1024 * 1024
@@ -155,26 +154,19 @@ class PipeStream:
         """The process id of the ``sh -c`` child (also its process group id)."""
         return self._child.process.pid
 
-    async def send_buffers(self, buffers: Sequence[Buffer]) -> None:
+    async def send_buffers(self, buffers: Sequence[GatherItem]) -> None:
         if not self._sending:
             raise TransportError(f"{self._uri} was opened for incoming data; it cannot send")
         if self._fd < 0:
             raise TransportError(f"sending on {self._uri} after send_eof() or aclose()")
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            await write_all(self._writev, buffers)
+            await write_gather(self._fd, buffers)
         except BrokenPipeError as error:
             raise await self._early_exit("stopped reading the stream") from error
         except (OSError, trio.ClosedResourceError) as error:
             raise transport_error(f"sending on {self._uri}", error) from error
         await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _writev(self, buffers: list[Buffer]) -> int:
-        while True:
-            try:
-                return os.writev(self._fd, buffers)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._fd)
 
     async def _early_exit(self, what: str) -> TransportError:
         """Wait (bounded) for a command that stopped reading to exit; describe how it ended."""

@@ -44,6 +44,7 @@ from trimig.transports.base import (
     check_receive_buffer,
     transport_error,
 )
+from trimig.transports.gather import GatherItem, flatten
 from trimig.transports.socket import (
     LISTEN_BACKLOG,
     SocketListener,
@@ -191,10 +192,10 @@ class MemoryStream:
     def regions(self) -> RegionRegistry | None:
         return self._regions
 
-    async def send_buffers(self, buffers: Sequence[Buffer]) -> None:
+    async def send_buffers(self, buffers: Sequence[GatherItem]) -> None:
         if self._eof_sent:
             raise TransportError(f"sending on {self._uri} after send_eof()")
-        views, lengths = byte_buffers(buffers)
+        views, lengths = byte_buffers(flatten(buffers))
         group: list[Buffer] = []
         size = 0
         try:

@@ -13,14 +13,13 @@ import trio
 
 from trimig.errors import ConfigError, TransportError
 from trimig.transports.base import (
-    Buffer,
     ByteStream,
     ListenerBase,
     RegionRegistry,
     check_receive_buffer,
     transport_error,
-    write_all,
 )
+from trimig.transports.gather import GatherItem, write_gather
 from trimig.transports.uri import Address, TcpAddress, UnixAddress
 
 SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
@@ -73,13 +72,15 @@ class SocketStream:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    async def send_buffers(self, buffers: Sequence[Buffer]) -> None:
+    async def send_buffers(self, buffers: Sequence[GatherItem]) -> None:
         if self._eof_sent:
             raise TransportError(f"sending on {self._peer} after send_eof()")
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            await write_all(self._sock.sendmsg, buffers)
+            await write_gather(self._sock.fileno(), buffers)
         except (OSError, trio.ClosedResourceError) as error:
             raise transport_error(f"sending on {self._peer}", error) from error
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_into(self, buffer: memoryview) -> int:
         check_receive_buffer(buffer)
