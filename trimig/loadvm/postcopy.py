@@ -9,12 +9,18 @@ incoming migration's nursery:
 * the urgent reader, which places the pages the source sends on its second
   (preempt) connection in answer to requests.
 
+The first and the last are a fault's round trip, so when the connections have file
+descriptors they run in OS threads (``trimig.threads``), each woken by the kernel the
+moment its fd is ready instead of waiting for the trio loop to come back from placing
+background pages. The placer and the fault handler are thread-safe for this.
+
 Every placement is a whole host page, atomically, through the uffd (COPY or ZEROPAGE),
 which also wakes the faulting guest thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -22,7 +28,7 @@ import numpy as np
 import trio
 
 from .. import codec
-from ..channel import MigrationChannel
+from ..channel import READ_CHUNK, MigrationChannel
 from ..errors import RemoteProtocolError, TransportError
 from ..guest.host import GuestProcess
 from ..kernel.probe import probe
@@ -33,13 +39,15 @@ from ..postcopy import (
     FaultHandler,
     GuestRamBlock,
     PagePlacer,
+    PageRequest,
     PostcopyStateMachine,
     check_postcopy_support,
 )
 from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..threads import StopSignal, read_into, run_in_thread, stream_fd, wait_readable
+from ..trace import trace
 from ..transports import ByteStream, Listener
 from .ram import RamLoader
-from ..trace import trace
 from .reader import ReturnPathWriter, next_event
 
 log = logging.getLogger("trimig.loadvm.postcopy")
@@ -142,7 +150,10 @@ class PostcopyIncoming:
             self._uffd, guest_blocks, received, channels=3, on_placed=self.faults.pages_placed
         )
         assert self._helpers is not None
-        await self._helpers.start(self.faults.run)
+        if self._return_path.threadsafe:
+            await self._helpers.start(run_in_thread, self._serve_faults)
+        else:
+            await self._helpers.start(self.faults.run)
         self._nursery.start_soon(self._listen_main, channel, decoder)
         self._listening.set()
 
@@ -198,19 +209,47 @@ class PostcopyIncoming:
 
     async def _request_page(self, block: str, offset: int, length: int) -> None:
         """Fault handler callback: ask the source for a host page, or place a known zero."""
+        message = self._page_request(PageRequest(block, offset, length))
+        if message is None:
+            return
+        try:
+            await self._return_path.send(message)
+        except TransportError as exc:
+            log.warning("page request for %s+%#x not sent: %s", block, offset, exc)
+
+    def _serve_faults(self, stop: StopSignal) -> None:
+        """The fault thread: guest faults to page requests, until ``stop``."""
+        assert self._uffd is not None and self.faults is not None
+        uffd, faults = self._uffd, self.faults
+        while wait_readable([uffd.fileno()], stop) is not None:
+            for fault in uffd.read_faults():
+                request = faults.note_fault(fault)
+                if request is None:
+                    continue
+                message = self._page_request(request)
+                if message is None:
+                    continue
+                try:
+                    self._return_path.send_from_thread(message)
+                except TransportError as exc:
+                    log.warning(
+                        "page request for %s+%#x not sent: %s", request.block, request.start, exc
+                    )
+
+    def _page_request(self, request: PageRequest) -> bytes | None:
+        """The REQ_PAGES(_ID) message for a faulted host page; or None after placing it
+        here, if it is a known zero page. Called by the fault path only (one at a time)."""
+        block, offset, length = request.block, request.start, request.length
         holes = self._zero_holes.get(block)
         if holes is not None and holes[offset // TARGET_PAGE_SIZE]:
             assert self.placer is not None
             holes[offset // TARGET_PAGE_SIZE : (offset + length) // TARGET_PAGE_SIZE] = False
             offsets = np.arange(offset, offset + length, TARGET_PAGE_SIZE, dtype=np.uint64)
             self.placer.place_zero(block, offsets, channel=LOCAL_CHANNEL)
-            return
+            return None
         named = block if block != self._last_requested_block else None
         self._last_requested_block = block
-        try:
-            await self._return_path.send(codec.encode_rp_req_pages(offset, length, named))
-        except TransportError as exc:
-            log.warning("page request for %s+%#x not sent: %s", block, offset, exc)
+        return codec.encode_rp_req_pages(offset, length, named)
 
     async def _listen_main(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
         """Read the rest of the main stream, placing pages, until its end."""
@@ -250,21 +289,51 @@ class PostcopyIncoming:
         """Take the source's second connection as the urgent (preempt) page channel."""
         stream = await listener.accept()
         try:
-            await self._read_urgent(stream)
+            await self._listening.wait()
+            fd = stream_fd(stream)
+            if fd is None:
+                await self._read_urgent(stream)
+            else:
+                await run_in_thread(functools.partial(self._read_urgent_in_thread, fd))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await stream.aclose()
 
     async def _read_urgent(self, stream: ByteStream) -> None:
         channel = MigrationChannel(stream)
-        decoder = codec.RamChannelDecoder({block.name: block.size for block in self.blocks})
-        await self._listening.wait()
-        assert self.placer is not None
+        decoder = self._urgent_decoder()
+        while self._place_urgent(await next_event(decoder, channel)):
+            pass
+
+    def _read_urgent_in_thread(self, fd: int, stop: StopSignal) -> None:
+        """The urgent reader's thread: read and place urgent pages until EOF or ``stop``."""
+        decoder = self._urgent_decoder()
         while True:
-            event = await next_event(decoder, channel)
-            if isinstance(event, codec.RamPages):
-                self.placer.place(event.block, event.offsets, event.pages, channel=PREEMPT_CHANNEL)
-            elif isinstance(event, codec.RamZeroPages):
-                self.placer.place_zero(event.block, event.offsets, channel=PREEMPT_CHANNEL)
-            else:  # EOS or the channel closed
+            event = decoder.next_event()
+            if event is not codec.NEED_DATA:
+                if not self._place_urgent(event):
+                    return
+                continue
+            count = read_into(
+                fd, decoder.get_buffer(READ_CHUNK), stop, what="the urgent page channel"
+            )
+            if count is None:
                 return
+            if count:
+                decoder.commit(count)
+            else:
+                decoder.receive_eof()
+
+    def _urgent_decoder(self) -> codec.RamChannelDecoder:
+        return codec.RamChannelDecoder({block.name: block.size for block in self.blocks})
+
+    def _place_urgent(self, event: object) -> bool:
+        """Place one event of the urgent channel; False at its end (EOS or closed)."""
+        assert self.placer is not None
+        if isinstance(event, codec.RamPages):
+            self.placer.place(event.block, event.offsets, event.pages, channel=PREEMPT_CHANNEL)
+        elif isinstance(event, codec.RamZeroPages):
+            self.placer.place_zero(event.block, event.offsets, channel=PREEMPT_CHANNEL)
+        else:
+            return False
+        return True

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import trio
 
 from .. import codec
 from ..channel import MigrationChannel
 from ..codec._base import DecoderBase
 from ..errors import TransportError
+from ..threads import stream_fd, write_all
 
 
 async def next_event(decoder: DecoderBase[codec.StreamEvent] | DecoderBase[codec.RamEvent],
@@ -23,6 +26,8 @@ async def next_event(decoder: DecoderBase[codec.StreamEvent] | DecoderBase[codec
 
 #: A return-path message that the source does not take within this long breaks the path.
 RETURN_PATH_SEND_TIMEOUT = 10.0
+#: How often a trio writer retries while a thread is writing (which takes microseconds).
+_THREAD_WRITE_POLL = 0.0002
 
 
 class ReturnPathWriter:
@@ -31,11 +36,21 @@ class ReturnPathWriter:
     A message goes out whole or not at all: cancelling the task that sends it (say the
     fault handler, when postcopy ends) must not leave half a frame on the path, so the
     write itself is shielded and bounded by RETURN_PATH_SEND_TIMEOUT instead.
+
+    When the stream has a file descriptor (``threadsafe``), OS threads write too, with
+    ``send_from_thread``: a lock shared with the trio writers keeps messages whole.
     """
 
     def __init__(self, channel: MigrationChannel) -> None:
         self._channel = channel
         self._lock = trio.Lock()
+        self._fd = stream_fd(channel.stream)
+        self._write_lock = threading.Lock()
+
+    @property
+    def threadsafe(self) -> bool:
+        """Whether ``send_from_thread`` works (the stream has a file descriptor)."""
+        return self._fd is not None
 
     async def send(self, message: bytes) -> None:
         async with self._lock:
@@ -43,9 +58,24 @@ class ReturnPathWriter:
             with trio.CancelScope(shield=True), trio.move_on_after(
                 RETURN_PATH_SEND_TIMEOUT
             ) as bound:
-                await self._channel.flush()
+                while not self._write_lock.acquire(blocking=False):
+                    await trio.sleep(_THREAD_WRITE_POLL)
+                try:
+                    await self._channel.flush()
+                finally:
+                    self._write_lock.release()
             if bound.cancelled_caught:
                 raise TransportError(
                     f"the source did not take a {len(message)}-byte return-path message "
                     f"within {RETURN_PATH_SEND_TIMEOUT:g} s"
                 )
+
+    def send_from_thread(self, message: bytes) -> None:
+        """Write ``message`` from an OS thread (blocking; ``threadsafe`` streams only).
+        Raises TransportError if the source takes nothing for RETURN_PATH_SEND_TIMEOUT."""
+        if self._fd is None:
+            raise RuntimeError("send_from_thread needs a return path with a file descriptor")
+        with self._write_lock:
+            write_all(
+                self._fd, [message], timeout=RETURN_PATH_SEND_TIMEOUT, what="the return path"
+            )

@@ -5,12 +5,17 @@ guest's missing-page faults from its userfaultfd, maps each to (block, host page
 skips pages already received, records the rest as requested and asks the owner to
 send a page request (``request_page``). ``page_placed``/``pages_placed`` complete
 requests; completed requests feed the latency statistics and blocktime.
+
+An owner that serves faults from an OS thread instead reads the uffd itself and calls
+``note_fault``, which records the fault and returns the request to send. The handler is
+thread-safe: faults noted in one thread, pages placed in others, statistics read in trio.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -31,6 +36,8 @@ faults under 1 µs count in bucket 0, those of 2^23 µs or more in the last."""
 
 LATENCY_SAMPLES = 1 << 16
 """Raw latencies kept for exact percentiles: the most recent this many (512 KiB)."""
+
+_FEW_REQUESTS = 8  # up to this many outstanding: compare one by one, else np.isin
 
 RequestPage = Callable[[str, int, int], Awaitable[None]]
 """``await request_page(block, start, length)``: send REQ_PAGES(_ID) on the return path.
@@ -88,7 +95,7 @@ class FaultHandler:
     for MISSING faults; ``received`` is the bitmap the placer maintains. ``clock``
     returns nanoseconds.
 
-    Cancel ``run`` before closing the uffd.
+    Cancel ``run`` (or stop the thread calling ``note_fault``) before closing the uffd.
     """
 
     def __init__(
@@ -125,6 +132,8 @@ class FaultHandler:
         self._samples = np.zeros(LATENCY_SAMPLES, dtype=np.int64)  # ring, by completion
         self._blocked_since: int | None = None
         self._blocktime_ns = 0
+        # Guards all of the above: faults are noted and pages placed in several threads.
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- task
 
@@ -139,10 +148,19 @@ class FaultHandler:
                 await self.handle_fault(fault)
 
     async def handle_fault(self, fault: PageFault) -> None:
-        """Handle one fault message (``run`` calls this; exposed for owners that read
-        faults themselves). Raises GuestError for a fault outside every block or one
-        that is not a missing-page fault."""
-        self._faults += 1
+        """Handle one fault message (``run`` calls this): note it and send its request
+        through ``request_page``. Raises GuestError as ``note_fault`` does."""
+        request = self.note_fault(fault)
+        if request is not None:
+            await self._request_page(request.block, request.start, request.length)
+
+    def note_fault(self, fault: PageFault) -> PageRequest | None:
+        """Record one fault message; return the host page to request, or None if it was
+        placed meanwhile (the placement woke the faulting thread). A repeated fault on a
+        page still outstanding is requested again but timed from the first.
+
+        Raises GuestError for a fault outside every block or one that is not a
+        missing-page fault."""
         if fault.wp or fault.minor:
             kind = "write-protect" if fault.wp else "minor"
             raise GuestError(
@@ -151,40 +169,50 @@ class FaultHandler:
             )
         block = self._find(fault.address)
         offset = (fault.address - block.address) // block.page_size * block.page_size
-        if self._received.is_received(block.name, offset, block.page_size):
-            return  # placed meanwhile: the placement woke the faulting thread
-        key = (block.name, offset)
-        if key not in self._requested:
-            now = self._clock()
-            self._requested[key] = now
-            if self._blocked_since is None:
-                self._blocked_since = now
-        self._requests += 1
-        await self._request_page(block.name, offset, block.page_size)
+        with self._lock:
+            self._faults += 1
+            # Under the lock, and placers set received bits before calling pages_placed:
+            # either the placement is seen here or this request is seen there.
+            if self._received.is_received(block.name, offset, block.page_size):
+                return None
+            key = (block.name, offset)
+            if key not in self._requested:
+                now = self._clock()
+                self._requested[key] = now
+                if self._blocked_since is None:
+                    self._blocked_since = now
+            self._requests += 1
+        return PageRequest(block.name, offset, block.page_size)
 
     # ------------------------------------------------------------ placement
 
     def page_placed(self, block: str, host_offset: int) -> None:
         """Host page ``host_offset`` of ``block`` is present: complete its request, if any."""
-        requested_at = self._requested.pop((block, host_offset), None)
-        if requested_at is not None:
-            self._complete(requested_at)
+        with self._lock:
+            requested_at = self._requested.pop((block, host_offset), None)
+            if requested_at is not None:
+                self._complete(requested_at)
 
     def pages_placed(self, block: str, host_offsets: npt.NDArray[np.int64]) -> None:
         """``PagePlacer`` callback: these host pages of ``block`` became present.
 
-        Costs O(outstanding requests), not O(pages)."""
+        Costs O(outstanding requests x pages), and nothing when none is outstanding
+        (the common case while the background stream is placed)."""
         if not self._requested or len(host_offsets) == 0:
             return
-        wanted = [key for key in self._requested if key[0] == block]
-        if not wanted:
-            return
-        hits = np.isin(np.array([offset for _, offset in wanted], dtype=np.int64), host_offsets)
-        for key, hit in zip(wanted, hits.tolist(), strict=True):
-            if hit:
-                self._complete(self._requested.pop(key))
+        with self._lock:
+            wanted = [key for key in self._requested if key[0] == block]
+            if len(wanted) > _FEW_REQUESTS:
+                offsets = np.array([offset for _, offset in wanted], dtype=np.int64)
+                hits = np.isin(offsets, host_offsets).tolist()
+            else:
+                hits = [bool((host_offsets == offset).any()) for _, offset in wanted]
+            for key, hit in zip(wanted, hits, strict=True):
+                if hit:
+                    self._complete(self._requested.pop(key))
 
     def _complete(self, requested_at: int) -> None:
+        """Account one completed request; the caller holds the lock."""
         now = self._clock()
         latency = max(0, now - requested_at)
         self._samples[self._completed % LATENCY_SAMPLES] = latency
@@ -199,36 +227,39 @@ class FaultHandler:
 
     def outstanding(self) -> list[PageRequest]:
         """Requested but not yet placed pages, oldest first (re-sent after a recovery)."""
-        return [
-            PageRequest(name, offset, self._by_name[name].page_size)
-            for name, offset in self._requested
-        ]
+        with self._lock:
+            keys = list(self._requested)
+        return [PageRequest(name, offset, self._by_name[name].page_size) for name, offset in keys]
 
     def latencies(self) -> npt.NDArray[np.int64]:
         """The raw latencies (ns) of the last LATENCY_SAMPLES completed requests, a copy,
         in no particular order."""
-        return self._samples[: min(self._completed, LATENCY_SAMPLES)].copy()
+        with self._lock:
+            return self._samples[: min(self._completed, LATENCY_SAMPLES)].copy()
 
     def stats(self) -> FaultStats:
         """Current statistics; blocktime includes a stall still in progress."""
-        blocktime = self._blocktime_ns
-        if self._blocked_since is not None:
-            blocktime += max(0, self._clock() - self._blocked_since)
-        average = self._latency_total_ns // self._completed if self._completed else 0
+        with self._lock:
+            blocktime = self._blocktime_ns
+            if self._blocked_since is not None:
+                blocktime += max(0, self._clock() - self._blocked_since)
+            average = self._latency_total_ns // self._completed if self._completed else 0
+            samples = self._samples[: min(self._completed, LATENCY_SAMPLES)].copy()
+            counters = (self._requests, tuple(self._latency_dist), self._faults)
+            outstanding = len(self._requested)
         p50 = p99 = 0
-        if self._completed:
-            samples = self._samples[: min(self._completed, LATENCY_SAMPLES)]
+        if len(samples):
             p50, p99 = (
-                int(value)
-                for value in np.percentile(samples, (50, 99), method="inverted_cdf")
+                int(value) for value in np.percentile(samples, (50, 99), method="inverted_cdf")
             )
+        requests, latency_dist, faults = counters
         return FaultStats(
-            requests=self._requests,
+            requests=requests,
             latency_ns=average,
-            latency_dist=tuple(self._latency_dist),
+            latency_dist=latency_dist,
             blocktime_ms=blocktime // 1_000_000,
-            faults=self._faults,
-            outstanding=len(self._requested),
+            faults=faults,
+            outstanding=outstanding,
             latency_p50_ns=p50,
             latency_p99_ns=p99,
         )

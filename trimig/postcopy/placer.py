@@ -15,6 +15,7 @@ in between is a protocol error.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -51,13 +52,15 @@ class PlacerStats:
 
 @attrs.define
 class _Gather:
-    """The host page a channel is assembling (hugetlb blocks)."""
+    """One channel's buffers: the host page it is assembling (hugetlb blocks) and its
+    staging buffer (4 KiB blocks)."""
 
     block: GuestRamBlock | None = None
     host_offset: int = 0
     filled: npt.NDArray[np.bool_] = attrs.field(factory=lambda: np.zeros(0, dtype=np.bool_))
     zero: npt.NDArray[np.bool_] = attrs.field(factory=lambda: np.zeros(0, dtype=np.bool_))
     buffer: npt.NDArray[np.uint8] | None = None  # (pages_per_host_page, 4096), allocated once
+    staging: npt.NDArray[np.uint8] | None = None  # (_STAGING_PAGES, 4096), allocated once
 
 
 class PagePlacer:
@@ -69,7 +72,10 @@ class PagePlacer:
     became present, after their received bits are set. ``channels`` is the number of
     postcopy channels (main = 0, preempt = 1), each with its own gathering buffer.
 
-    Not thread-safe; all calls come from the one trio thread.
+    Threads: each channel may be served by its own thread, concurrently with the others
+    (the kernel places each page atomically, a page placed twice is skipped, received
+    bits are only ever set, and the counters are locked); calls for one channel must not
+    overlap. ``discard`` and ``reset_channel`` run while no placement does.
     """
 
     def __init__(
@@ -93,7 +99,7 @@ class PagePlacer:
         self._received = received
         self._on_placed = on_placed
         self._gathers = [_Gather() for _ in range(channels)]
-        self._staging: npt.NDArray[np.uint8] | None = None
+        self._stats_lock = threading.Lock()
         largest = max((block.page_size for block in blocks), default=TARGET_PAGE_SIZE)
         # Source of hugetlb zero pages (no UFFDIO_ZEROPAGE there); calloc'd, never written.
         self._zero_buffer = np.zeros(largest, dtype=np.uint8)
@@ -130,7 +136,7 @@ class PagePlacer:
         if pages.dtype != np.uint8:
             raise ValueError(f"pages must be uint8, got {pages.dtype}")
         if target.page_size == TARGET_PAGE_SIZE:
-            return self._place_small(target, index, pages)
+            return self._place_small(target, index, pages, self._gather_state(channel))
         return self._gather(target, index, pages, channel)
 
     def place_zero(
@@ -139,7 +145,7 @@ class PagePlacer:
         """Place zero target pages at byte ``offsets`` of ``block``; like ``place``."""
         target, index = self._check(block, offsets, channel)
         if target.page_size == TARGET_PAGE_SIZE:
-            return self._place_small(target, index, None)
+            return self._place_small(target, index, None, self._gather_state(channel))
         return self._gather(target, index, None, channel)
 
     def discard(self, block: str, start: int, length: int) -> None:
@@ -182,11 +188,14 @@ class PagePlacer:
         block: GuestRamBlock,
         index: npt.NDArray[np.int64],
         pages: npt.NDArray[np.uint8] | None,
+        state: _Gather,
     ) -> int:
         """Place target pages that are whole host pages, in runs of adjacent pages."""
         bitmap = self._received.block(block.name)
         todo = ~bitmap.test_pages(index)
-        self.stats.skipped_received += int(index.shape[0] - np.count_nonzero(todo))
+        skipped = int(index.shape[0] - np.count_nonzero(todo))
+        if skipped:
+            self._count(skipped_received=skipped)
         if not todo.any():
             return 0
         # Runs: adjacent destination pages with the same "to do" status.
@@ -198,7 +207,9 @@ class PagePlacer:
         try:
             for first, end in zip(starts.tolist(), ends.tolist(), strict=True):
                 if todo[first]:
-                    placed += self._place_run(block, bitmap, int(index[first]), pages, first, end)
+                    placed += self._place_run(
+                        block, bitmap, int(index[first]), pages, first, end, state
+                    )
         finally:
             if placed and self._on_placed is not None:
                 done = index[todo]
@@ -214,14 +225,14 @@ class PagePlacer:
         pages: npt.NDArray[np.uint8] | None,
         first: int,
         end: int,
+        state: _Gather,
     ) -> int:
         """Place rows ``[first, end)`` at adjacent pages from ``first_page`` on."""
         count = end - first
         if pages is None:
             done = self._uffd.zeropage(block.address + first_page * TARGET_PAGE_SIZE,
                                        count * TARGET_PAGE_SIZE)
-            self._account(bitmap, first_page, count, done)
-            self.stats.zero_host_pages += done // TARGET_PAGE_SIZE
+            self._account(bitmap, first_page, count, done, zero=True)
             return done // TARGET_PAGE_SIZE
         rows = pages[first:end]
         if rows.strides == (TARGET_PAGE_SIZE, 1) or count == 1:
@@ -230,7 +241,9 @@ class PagePlacer:
             return done // TARGET_PAGE_SIZE
         # Rows not adjacent in the source (e.g. record headers between them): bounce
         # through a staging buffer so the run still takes one ioctl per chunk.
-        staging = self._staging_buffer()
+        if state.staging is None:
+            state.staging = np.empty((_STAGING_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
+        staging = state.staging
         total = 0
         for chunk in range(0, count, _STAGING_PAGES):
             size = min(_STAGING_PAGES, count - chunk)
@@ -249,17 +262,24 @@ class PagePlacer:
             block.address + first_page * TARGET_PAGE_SIZE, source, rows.shape[0] * TARGET_PAGE_SIZE
         )
 
-    def _account(self, bitmap: PageBitmap, first_page: int, count: int, done: int) -> None:
+    def _account(
+        self, bitmap: PageBitmap, first_page: int, count: int, done: int, *, zero: bool = False
+    ) -> None:
         """After a successful ioctl every page of the range is present: placed by it
         (``done`` bytes) or already there (EEXIST)."""
         bitmap.set_range(first_page, count)
-        self.stats.host_pages_placed += done // TARGET_PAGE_SIZE
-        self.stats.already_present += count - done // TARGET_PAGE_SIZE
+        placed = done // TARGET_PAGE_SIZE
+        self._count(
+            host_pages_placed=placed,
+            already_present=count - placed,
+            zero_host_pages=placed if zero else 0,
+        )
 
-    def _staging_buffer(self) -> npt.NDArray[np.uint8]:
-        if self._staging is None:
-            self._staging = np.empty((_STAGING_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
-        return self._staging
+    def _count(self, **increments: int) -> None:
+        """Add to the counters (channels may run in different threads)."""
+        with self._stats_lock:
+            for name, increment in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + increment)
 
     # ------------------------------------------------------ huge host pages
 
@@ -324,7 +344,7 @@ class PagePlacer:
         first_page = state.host_offset // TARGET_PAGE_SIZE
         bitmap = self._received.block(block.name)
         if bitmap.all_set(first_page, per_host):
-            self.stats.skipped_received += per_host
+            self._count(skipped_received=per_host)
             return 0
         if state.zero.all():
             source = self._zero_buffer.__array_interface__["data"][0]
@@ -336,11 +356,9 @@ class PagePlacer:
         )
         bitmap.set_range(first_page, per_host)
         if done:
-            self.stats.host_pages_placed += 1
-            if state.zero.all():
-                self.stats.zero_host_pages += 1
+            self._count(host_pages_placed=1, zero_host_pages=int(state.zero.all()))
         else:
-            self.stats.already_present += per_host
+            self._count(already_present=per_host)
         if self._on_placed is not None:
             self._on_placed(block.name, np.array([state.host_offset], dtype=np.int64))
         return 1 if done else 0

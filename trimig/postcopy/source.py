@@ -2,9 +2,10 @@
 
 The return-path reader ``put``s every REQ_PAGES / REQ_PAGES_ID it decodes; the
 RAM sender takes them with ``get_nowait`` (between background pages) or ``await
-get()``. Taking a request also leaves a scan hint: the background scan should
-continue right after the requested page, since the guest is likely to touch its
-neighbours next.
+get()``. A reader that answers a request at once (on the urgent channel) only
+``resolve``s it: validated and counted, not queued. Taking a request also leaves a
+scan hint: the background scan should continue right after the requested page, since
+the guest is likely to touch its neighbours next.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ class PageRequestQueue:
     def put(self, block: str | None, start: int, length: int) -> PageRequest:
         """Validate and queue one request; ``block`` None means "same block as the
         previous request" (REQ_PAGES). Returns the queued request."""
+        request = self.resolve(block, start, length)
+        self.push(request)
+        return request
+
+    def resolve(self, block: str | None, start: int, length: int) -> PageRequest:
+        """Validate and count one request without queueing it (``put`` does both).
+
+        Plain Python, no trio: the source's return-path thread may call it, provided
+        that it is then the only caller of ``put``/``resolve``."""
         self.requests += 1
         if block is None:
             if self._last_block is None:
@@ -75,10 +85,12 @@ class PageRequestQueue:
                 f"page request in RAM block {block!r} (start {start:#x}, length {length:#x}) "
                 f"runs past the block's end {size:#x}"
             )
-        request = PageRequest(block, start, length)
+        return PageRequest(block, start, length)
+
+    def push(self, request: PageRequest) -> None:
+        """Queue a resolved request (from trio)."""
         self._queue.append(request)
         self._waiters.unpark_all()
-        return request
 
     def get_nowait(self) -> PageRequest | None:
         """Take the oldest request, or None when there is none."""

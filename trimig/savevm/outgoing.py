@@ -8,6 +8,7 @@ switch to the destination: running if it ran, with dirty tracking undone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -28,20 +29,22 @@ from ..errors import (
 )
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
+from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram import RamBlock
+from ..threads import run_in_thread, stream_fd
+from ..trace import trace
 from ..transports import connect
-from ..postcopy import PageRequestQueue
 from .postcopy import (
     PING_AFTER_DISCARD,
     PING_AFTER_PACKAGE,
     PING_PACKAGE_LOADED,
+    RequestServed,
     UrgentSender,
     discard_commands,
     package,
+    read_return_path,
     send_background,
 )
-from ..postcopy import dump_bitmap
-from ..trace import trace
 from .ram import DirtyLog, RamSaver
 
 log = logging.getLogger("trimig.savevm")
@@ -118,6 +121,8 @@ class OutgoingMigration:
         """query-migrate's MigrationInfo for this migration."""
         if self._channel is not None:
             self.stats.transferred = self._channel.bytes_sent
+        if self._ram is not None and self.status.value.is_running:
+            self.stats.remaining = self._ram.remaining_bytes
         return self.stats.query(self.status.value)
 
     def dump_bitmaps(self) -> str:
@@ -439,16 +444,33 @@ class OutgoingMigration:
         await channel.flush()
         self.stats.remaining = 0
         await self._wait_for_shut()
-        urgent_bytes = self._urgent.bytes_sent if self._urgent is not None else 0
+        urgent_bytes = self._urgent_sender.bytes_sent
         self.stats.postcopy_bytes = channel.bytes_sent - postcopy_start + urgent_bytes
         self.stats.transferred = channel.bytes_sent + urgent_bytes
 
     # -- return path ---------------------------------------------------------------------
 
     async def _read_return_path(
-        self, channel: MigrationChannel, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        channel: MigrationChannel,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Read return-path messages until SHUT or the stream ends. Lives in run()'s nursery."""
+        """Read return-path messages until SHUT or the stream ends. Lives in run()'s nursery.
+
+        Over a file descriptor an OS thread reads them (``read_return_path``): it answers
+        page requests on a threaded urgent channel itself and posts the rest here.
+        """
+        fd = stream_fd(channel.stream)
+        if fd is not None:
+            deliver = functools.partial(
+                trio.lowlevel.current_trio_token().run_sync_soon, self._return_path_item
+            )
+            thread = functools.partial(
+                read_return_path, fd, serve=self._serve_request_in_thread, deliver=deliver
+            )
+            await run_in_thread(thread, task_status=task_status)
+            return
         decoder = codec.ReturnPathDecoder()
         return_path = channel.return_path()
         task_status.started()
@@ -458,48 +480,95 @@ class OutgoingMigration:
                 if event is codec.NEED_DATA:
                     if not await return_path.receive_into_decoder(decoder):
                         decoder.receive_eof()
-                    continue
-                if isinstance(event, codec.Shut):
-                    self._shut_status = event.status
-                    self._shut.set()
-                    return
-                if isinstance(event, codec.Pong):
-                    if event.value == PING_PACKAGE_LOADED and self._package_sent:
-                        # The point of no return: the destination runs the guest now.
-                        self._postcopy_running = True
-                        self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
-                    elif event.value == PING_AFTER_PACKAGE and self._package_sent:
-                        self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
-                        trace("postcopy_running_on_destination",
-                              downtime_us=self.stats.downtime_ns // 1000)
-                    self._pong(event.value).set()
-                    continue
-                if isinstance(event, codec.ReqPages):
+                elif isinstance(event, codec.ReqPages):
                     await self._page_requested(event)
-                    continue
-                if isinstance(event, codec.ChannelClosed):
-                    raise TransportError("the destination closed the return path without SHUT")
-                raise RemoteProtocolError(f"unexpected return-path message {event!r}")
+                elif self._return_path_message(event):
+                    return
         except (RemoteProtocolError, TransportError) as exc:
-            # Fail (or, once the guest runs on the destination, pause) now: cancel the work.
-            self._return_path_error = exc
+            self._return_path_failed(exc)
+
+    def _return_path_message(self, event: object) -> bool:
+        """Act on a return-path message other than a page request; True after SHUT.
+        Raises RemoteProtocolError or TransportError for one that ends the path."""
+        if isinstance(event, codec.Shut):
+            self._shut_status = event.status
             self._shut.set()
-            self._work.cancel()
+            return True
+        if isinstance(event, codec.Pong):
+            if event.value == PING_PACKAGE_LOADED and self._package_sent:
+                # The point of no return: the destination runs the guest now.
+                self._postcopy_running = True
+                self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+            elif event.value == PING_AFTER_PACKAGE and self._package_sent:
+                self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
+                trace("postcopy_running_on_destination",
+                      downtime_us=self.stats.downtime_ns // 1000)
+            self._pong(event.value).set()
+            return False
+        if isinstance(event, codec.ChannelClosed):
+            raise TransportError("the destination closed the return path without SHUT")
+        raise RemoteProtocolError(f"unexpected return-path message {event!r}")
+
+    def _return_path_failed(self, exc: RemoteProtocolError | TransportError) -> None:
+        # Fail (or, once the guest runs on the destination, pause) now: cancel the work.
+        self._return_path_error = exc
+        self._shut.set()
+        self._work.cancel()
+
+    def _return_path_item(self, item: object) -> None:
+        """Run by trio for the return-path thread: a message, a request it answered, or
+        the error that ended the path. Once the path has failed the rest is ignored (the
+        first error is the one reported)."""
+        if self._return_path_error is not None:
+            return
+        try:
+            if isinstance(item, (RemoteProtocolError, TransportError)):
+                raise item
+            if isinstance(item, RequestServed):
+                self.stats.normal += item.data_pages
+                self.stats.duplicate += item.zero_pages
+                self._request_taken(item.request)
+            elif isinstance(item, codec.ReqPages):
+                assert self._requests is not None
+                self._requests.push(self._accept_request(item))
+            else:
+                self._return_path_message(item)
+        except (RemoteProtocolError, TransportError) as exc:
+            self._return_path_failed(exc)
 
     def _pong(self, value: int) -> trio.Event:
         return self._pongs.setdefault(value, trio.Event())
 
     async def _page_requested(self, event: codec.ReqPages) -> None:
+        request = self._accept_request(event)
+        if self._urgent_sender is not None and self._urgent_sender.urgent is not None:
+            await self._urgent_sender.send_now(request)  # answered here, not queued
+        else:
+            assert self._requests is not None
+            self._requests.push(request)  # for the background sender
+
+    def _serve_request_in_thread(self, event: codec.ReqPages) -> RequestServed | None:
+        """In the return-path thread: answer a page request on the threaded urgent
+        channel, or return None to leave it to trio."""
+        sender = self._urgent_sender
+        if sender is None or not sender.threaded or not self._package_sent:
+            return None
+        assert self._requests is not None
+        request = self._requests.resolve(event.block, event.start, event.length)
+        return sender.send_from_thread(request)
+
+    def _accept_request(self, event: codec.ReqPages) -> PageRequest:
+        """Validate and count a page request (trio)."""
         if self._requests is None or not self._package_sent:
             raise RemoteProtocolError("page request from the destination before postcopy started")
-        request = self._requests.put(event.block, event.start, event.length)
+        request = self._requests.resolve(event.block, event.start, event.length)
+        self._request_taken(request)
+        return request
+
+    def _request_taken(self, request: PageRequest) -> None:
+        assert self._requests is not None
         trace("page_request", block=request.block, start=hex(request.start), length=request.length)
         self.stats.postcopy_requests = self._requests.requests
-        if self._urgent_sender is not None and self._urgent_sender.urgent is not None:
-            # Served here, at once: take it off the queue, which is the background sender's
-            # (a request left there would also keep it from ever honouring its rate limit).
-            request = self._requests.get_nowait() or request
-            await self._urgent_sender.send_now(request)
 
     def _check_return_path(self) -> None:
         if self._return_path_error is not None:

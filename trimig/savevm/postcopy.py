@@ -12,20 +12,31 @@ connection, so a request never waits behind the megabytes of bulk data already
 queued on the main channel; without one the background sender takes requests
 before its next window. Either way the background scan continues from the
 requested page.
+
+When both connections have file descriptors the return path is read by an OS thread
+(``read_return_path``, run with ``trimig.threads.run_in_thread``) that answers each
+request itself (``UrgentSender.send_from_thread``) the moment it arrives, without
+waiting for the trio loop to come back from the background sender's bulk work; the
+other messages go on to trio.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
+import attrs
 import numpy as np
 import trio
 
 from .. import codec
 from ..channel import MigrationChannel, RateLimiter
+from ..errors import RemoteProtocolError, TransportError
 from ..postcopy import PageRequest, PageRequestQueue, canonicalize, dirty_ranges
 from ..ram import TARGET_PAGE_SIZE
+from ..threads import StopSignal, read_into, stream_fd, write_all
+from ..transports.base import Buffer
 from .ram import RamSaver
 
 log = logging.getLogger("trimig.savevm.postcopy")
@@ -34,6 +45,8 @@ PING_AFTER_DISCARD = 2
 PING_IN_PACKAGE = 3
 PING_PACKAGE_LOADED = 0x42
 PING_AFTER_PACKAGE = 4
+#: An urgent page the destination does not take within this long breaks the channel.
+URGENT_SEND_TIMEOUT = 10.0
 
 
 def discard_commands(ram: RamSaver) -> list[bytes]:
@@ -61,43 +74,87 @@ def package(device_section: bytes) -> bytes:
     )
 
 
+@attrs.frozen
+class RequestServed:
+    """The return-path thread answered ``request`` on the urgent channel with these pages."""
+
+    request: PageRequest
+    data_pages: int
+    zero_pages: int
+
+
 class UrgentSender:
-    """Sends requested host pages, on the urgent channel when there is one."""
+    """Sends requested host pages, on the urgent channel when there is one.
+
+    With an urgent channel over a file descriptor (``threaded``) the return-path thread
+    sends them with ``send_from_thread``; trio then never writes to that channel.
+    """
 
     def __init__(self, ram: RamSaver, urgent: MigrationChannel | None) -> None:
         self.ram = ram
         self.urgent = urgent
         self.encoder = codec.RamRecordEncoder()
-        self.bytes_sent = 0
+        self._fd = stream_fd(urgent.stream) if urgent is not None else None
+        self._thread_bytes = 0
+
+    @property
+    def threaded(self) -> bool:
+        """Whether requests are answered by the return-path thread (``send_from_thread``)."""
+        return self._fd is not None
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes sent on the urgent channel (by trio or by the thread)."""
+        return (self.urgent.bytes_sent if self.urgent is not None else 0) + self._thread_bytes
 
     def queue_request(self, channel: MigrationChannel, request: PageRequest) -> int:
         """Put the still-dirty target pages of the requested host page on ``channel``."""
+        encoder = self.encoder if channel is self.urgent else self.ram.encoder
+        records, data_pages, zero_pages = self._records(request, encoder)
+        self.ram.stats.normal += data_pages
+        self.ram.stats.duplicate += zero_pages
+        channel.put_buffers(records)
+        return sum(len(record) for record in records)
+
+    def send_from_thread(self, request: PageRequest) -> RequestServed:
+        """From the return-path thread (``threaded`` only): send the still-dirty target
+        pages of the requested host page on the urgent channel, blocking until written.
+        The pages are not counted in the statistics: the caller has trio do it.
+        Raises TransportError if the destination takes nothing for URGENT_SEND_TIMEOUT."""
+        if self._fd is None:
+            raise RuntimeError("send_from_thread needs an urgent channel with a file descriptor")
+        records, data_pages, zero_pages = self._records(request, self.encoder)
+        if records:
+            self._thread_bytes += write_all(
+                self._fd, records, timeout=URGENT_SEND_TIMEOUT, what="the urgent page channel"
+            )
+        return RequestServed(request, data_pages, zero_pages)
+
+    def _records(
+        self, request: PageRequest, encoder: codec.RamRecordEncoder
+    ) -> tuple[list[Buffer], int, int]:
+        """The records of the requested host page's still-dirty target pages, whose dirty
+        bits this clears, with the counts of data and zero pages among them."""
         block = self.ram.by_name[request.block]
         first = request.start // TARGET_PAGE_SIZE
         count = request.length // TARGET_PAGE_SIZE
         dirty = self.ram.dirty[block.name][first : first + count]
         pages = np.flatnonzero(dirty) + first
         if len(pages) == 0:
-            return 0  # already sent: it is in flight on the main channel
+            return [], 0, 0  # already sent: it is in flight on the main channel
         dirty[:] = False
         self.ram.sent[block.name][pages] = True
-        encoder = self.encoder if channel is self.urgent else self.ram.encoder
         rows = block.pages[pages]
         is_zero = rows.view(np.uint64).max(axis=1) == 0
         offsets = pages.astype(np.uint64) * TARGET_PAGE_SIZE
-        queued = 0
-        if is_zero.any():
-            record = encoder.encode_zero_pages(block.name, offsets[is_zero])
-            channel.put(record)
-            queued += len(record)
-            self.ram.stats.duplicate += int(is_zero.sum())
-        if not is_zero.all():
-            gather = encoder.encode_pages(block.name, offsets[~is_zero], block.mapping.buffer)
-            channel.put_buffers(gather)
-            queued += sum(len(part) for part in gather)
-            self.ram.stats.normal += int((~is_zero).sum())
+        records: list[Buffer] = []
+        zero_pages = int(is_zero.sum())
+        if zero_pages:
+            records.append(encoder.encode_zero_pages(block.name, offsets[is_zero]))
+        if zero_pages < len(pages):
+            records += encoder.encode_pages(block.name, offsets[~is_zero], block.mapping.buffer)
         self.ram.move_cursor(block.name, request.start + request.length)
-        return queued
+        return records, len(pages) - zero_pages, zero_pages
 
     async def send_now(self, request: PageRequest) -> None:
         """With an urgent channel: send the requested page at once and flush."""
@@ -123,7 +180,7 @@ async def send_background(
         deadline = time.monotonic() + slice_seconds
         queued = 0
         while time.monotonic() < deadline:
-            request = requests.get_nowait() if urgent.urgent is None else None
+            request = requests.get_nowait()
             if request is not None:
                 if urgent.queue_request(channel, request):
                     await channel.flush()
@@ -142,3 +199,43 @@ async def send_background(
         channel.put(codec.encode_section_footer(section_id))
         await channel.flush()
         ram.stats.remaining = ram.remaining_bytes
+
+
+def read_return_path(
+    fd: int,
+    stop: StopSignal,
+    *,
+    serve: Callable[[codec.ReqPages], RequestServed | None],
+    deliver: Callable[[object], None],
+) -> None:
+    """The source's return-path thread: decode the messages read from ``fd``.
+
+    A page request that ``serve`` answers is answered right here, and its RequestServed
+    goes to ``deliver``; so does every other message, and the RemoteProtocolError or
+    TransportError that ends the path. ``deliver`` must be safe to call from this thread
+    (trio's ``run_sync_soon`` is). Returns after SHUT, the end of the path, an error, or
+    ``stop``.
+    """
+    decoder = codec.ReturnPathDecoder()
+    try:
+        while True:
+            event = decoder.next_event()
+            if event is codec.NEED_DATA:
+                count = read_into(fd, decoder.get_buffer(), stop, what="the return path")
+                if count is None:
+                    return
+                if count:
+                    decoder.commit(count)
+                else:
+                    decoder.receive_eof()
+                continue
+            if isinstance(event, codec.ReqPages):
+                served = serve(event)
+                if served is not None:
+                    deliver(served)
+                    continue
+            deliver(event)
+            if isinstance(event, (codec.Shut, codec.ChannelClosed)):
+                return
+    except (RemoteProtocolError, TransportError) as exc:
+        deliver(exc)

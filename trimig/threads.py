@@ -1,0 +1,183 @@
+"""Blocking loops in OS threads, owned by trio tasks (postcopy's latency-critical paths).
+
+A postcopy page fault is a short chain of small steps, each waiting on a file descriptor:
+the destination reads the fault and writes a page request, the source reads the request
+and writes the page, the destination reads the page and places it. In a trio task every
+step waits for the event loop to come back from whatever bulk work (megabytes of
+background pages) it is doing, and for the process to be scheduled at all when both
+engines keep the CPUs busy. A thread that sleeps in ``poll()`` is woken by the kernel the
+moment its fd is ready and, having slept, tends to run at once; the bulk work releases
+the GIL in every system call and ioctl. So those steps run in threads, each a plain
+blocking loop over non-blocking fds:
+
+* :func:`run_in_thread` runs ``loop(stop)`` in a thread for the lifetime of a trio task
+  (start it with ``nursery.start``). Cancelling the task sets ``stop`` and waits for the
+  loop to return: the thread never outlives its owner.
+* The loop waits with :func:`wait_readable`, reads with :func:`read_into` and writes with
+  :func:`write_all`, which all watch ``stop`` (``write_all`` only until it has written
+  something: a message goes out whole).
+
+The GIL. Every system call a thread makes lets the main thread take the GIL; getting it
+back waits for the main thread's next system call or, when the main thread is busy in
+Python (encoding or decoding bulk pages), for the interpreter's switch interval, 5 ms by
+default. That wait would be most of a fault's latency, so :func:`run_in_thread` lowers the
+process's switch interval to LATENCY_SWITCH_INTERVAL. It never raises it back: the
+interval only matters while a thread waits for the GIL, so it costs nothing otherwise,
+and restoring it would need process-wide bookkeeping of overlapping threads.
+
+Only file-descriptor streams can be served this way; the owners fall back to trio tasks
+for the in-process transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import trio
+
+from .errors import TransportError
+from .transports.base import Buffer, byte_buffers
+
+T = TypeVar("T")
+
+LATENCY_SWITCH_INTERVAL = 0.0001
+"""Seconds a thread waiting for the GIL waits before the holder is asked to drop it."""
+
+__all__ = ["StopSignal", "read_into", "run_in_thread", "stream_fd", "wait_readable", "write_all"]
+
+
+class StopSignal:
+    """A pipe a thread loop polls beside its own fds; :meth:`set` asks the loop to return."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # already set
+            os.write(self._write, b"\0")
+
+    def is_set(self) -> bool:
+        return bool(select.select([self._read], [], [], 0)[0])
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+async def run_in_thread(
+    loop: Callable[[StopSignal], T],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> T:
+    """Run ``loop(stop)`` in an OS thread; return its result or raise its exception.
+
+    Reports started at once (the thread's fds can be ready before it polls them: nothing
+    is lost). When this task is cancelled, ``stop`` is set and the task waits for the loop
+    to return, which it must do promptly once ``stop`` is readable. Lowers the process's
+    GIL switch interval to at most LATENCY_SWITCH_INTERVAL (see the module's docstring).
+    """
+    sys.setswitchinterval(min(sys.getswitchinterval(), LATENCY_SWITCH_INTERVAL))
+    stop = StopSignal()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_when_cancelled() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    stop.set()
+
+            nursery.start_soon(stop_when_cancelled)
+            task_status.started()
+            result = await trio.to_thread.run_sync(loop, stop, cancellable=False)
+            nursery.cancel_scope.cancel()
+        return result
+    finally:
+        stop.close()
+
+
+def stream_fd(stream: object) -> int | None:
+    """The file descriptor of a ByteStream whose class has one (sockets do, in-process
+    streams not). Looked up on the class: a wrapper that forwards attributes to a socket
+    stream (to watch or alter its bytes) is not bypassed, it is served through its methods."""
+    fileno = getattr(type(stream), "fileno", None)
+    return int(fileno(stream)) if callable(fileno) else None
+
+
+def wait_readable(fds: Sequence[int], stop: StopSignal) -> list[int] | None:
+    """Block until some of ``fds`` are readable (or hung up); those fds, or None once
+    ``stop`` is set."""
+    poller = select.poll()
+    for fd in (*fds, stop.fileno()):
+        poller.register(fd, select.POLLIN)
+    while True:
+        ready = [fd for fd, _ in poller.poll()]
+        if stop.fileno() in ready:
+            return None
+        if ready:
+            return ready
+
+
+def read_into(fd: int, buffer: memoryview, stop: StopSignal, *, what: str) -> int | None:
+    """Read at least one byte from the non-blocking ``fd`` into ``buffer``; the count, 0 at
+    EOF, or None once ``stop`` is set. Errors raise TransportError naming ``what``."""
+    while True:
+        try:
+            return os.readv(fd, [buffer])
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            reason = os.strerror(error.errno or 0)
+            raise TransportError(f"reading {what} failed: {reason}") from error
+        if wait_readable([fd], stop) is None:
+            return None
+
+
+def write_all(fd: int, buffers: Sequence[Buffer], *, timeout: float, what: str) -> int:
+    """Write every byte of ``buffers`` to the non-blocking ``fd`` (gather writes, waiting
+    for room as needed); return the count. Raises TransportError naming ``what`` if the
+    peer takes nothing for ``timeout`` seconds or the write fails."""
+    views, lengths = byte_buffers(buffers)
+    total = sum(lengths)
+    deadline = time.monotonic() + timeout
+    index = 0
+    while index < len(views):
+        try:
+            written = os.writev(fd, views[index : index + _IOV_MAX])
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            ready = select.poll()
+            ready.register(fd, select.POLLOUT)
+            if remaining <= 0 or not ready.poll(remaining * 1000):
+                raise TransportError(
+                    f"writing {what} failed: the peer took nothing for {timeout:g} s"
+                ) from None
+            continue
+        except OSError as error:
+            reason = os.strerror(error.errno or 0)
+            if error.errno in (errno.EPIPE, errno.ECONNRESET):
+                reason += " (the peer closed the connection)"
+            raise TransportError(f"writing {what} failed: {reason}") from error
+        deadline = time.monotonic() + timeout
+        while written:
+            if written >= lengths[index]:
+                written -= lengths[index]
+                index += 1
+            else:
+                views[index] = memoryview(views[index])[written:]
+                lengths[index] -= written
+                written = 0
+    return total
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
