@@ -8,17 +8,19 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .demo import TRANSPORTS, migrate_locally, workload_command
 from .errors import ConfigError, TrimigError
-from .migration import MigrationCapabilities, MigrationParameters
-from .progress import statistics_table
-from .ram import default_block_specs
-from .transports import parse_uri
+from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParameters
 from .units import parse_rate, parse_size
+
+if TYPE_CHECKING:
+    from .ram import RamBlockSpec
+
+# The engine's modules (numpy, the kernel bindings, the guest handle) are imported inside
+# the commands that need them, so that control commands such as `trimig ctl` start fast.
 
 
 def _add_guest_options(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="migrate a running built-in guest on this machine")
-    demo.add_argument("--transport", choices=TRANSPORTS, default="unix")
+    demo.add_argument("--transport", choices=TRANSPORT_NAMES, default="unix")
     demo.add_argument("--warmup", type=float, default=0.5, help="seconds the guest runs first")
     _add_guest_options(demo)
     _add_migration_options(demo)
@@ -79,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--incoming", metavar="URI|defer", help="wait for a migration (on URI, or after migrate-incoming)"
     )
     _add_guest_options(run)
-    run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     run.set_defaults(handler=_cmd_run)
 
     probe = sub.add_parser("probe", help="report the kernel features trimig uses")
@@ -100,14 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def guest_setup(args: argparse.Namespace) -> tuple[list[RamBlockSpec], list[str]]:
+    """The RAM layout (``--ram``, ``--huge``) and the guest command: the words after ``--``,
+    or the built-in workload with ``--dirty-rate``, ``--fill`` and ``--seed``."""
+    from .guest.host import workload_command
+    from .ram import default_block_specs
+
     specs = default_block_specs(
         parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
     )
-    capabilities, parameters = _migration_settings(args)
-    command = workload_command(
+    command = list(getattr(args, "guest_command", None) or []) or workload_command(
         dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
     )
+    return specs, command
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import migrate_locally
+
+    specs, command = guest_setup(args)
+    capabilities, parameters = _migration_settings(args)
     result = trio.run(
         lambda: migrate_locally(
             specs,
@@ -126,6 +139,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def report(info: dict[str, Any], as_json: bool) -> None:
     """Print the final statistics: a table for people, one JSON object for programs."""
+    from .progress import statistics_table
+
     if as_json:
         print(json.dumps(info, sort_keys=True))
         return
@@ -149,17 +164,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     """
     from .engine import open_engine
     from .qmp.server import QmpServer, check_socket_path
+    from .transports import parse_uri
 
     path = args.qmp[len("unix:") :] if args.qmp.startswith("unix:") else args.qmp
     if not path or (path is args.qmp and ":" in path.split("/", 1)[0]):
         raise ConfigError(f"--qmp {args.qmp!r}: expected unix:PATH (QMP is served on unix sockets)")
     check_socket_path(path)  # before the guest starts: a socket in use is an error at once
-    specs = default_block_specs(
-        parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
-    )
-    command = [part for part in args.guest_command if part != "--"] or workload_command(
-        dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
-    )
+    specs, command = guest_setup(args)
     if args.incoming and args.incoming != "defer":
         parse_uri(args.incoming)  # before starting anything
     received: list[int] = []
@@ -209,9 +220,20 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_guest_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``trimig ... -- GUEST COMMAND`` at the first ``--``: (trimig's words, the guest's)."""
+    words = list(argv)
+    if "--" in words:
+        cut = words.index("--")
+        return words[:cut], words[cut + 1 :]
+    return words, []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, guest_command = split_guest_command(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    args.guest_command = guest_command
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 import attrs
@@ -19,15 +19,15 @@ import trio
 from .errors import ConfigError, TrimigError
 from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
-from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
-from .progress import show_progress
+from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParameters, MigrationStatus
+from .progress import progress_shown
 from .ram import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import MemoryFabric
 
 log = logging.getLogger("trimig.demo")
 
-TRANSPORTS = ("unix", "tcp", "exec", "rdma")
+
 
 
 @attrs.define
@@ -61,8 +61,10 @@ async def transport_uris(transport: str) -> AsyncIterator[tuple[str, str, dict[s
 
     The connect URI may contain ``{address}``, replaced by the listener's real address.
     """
-    if transport not in TRANSPORTS:
-        raise ConfigError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+    if transport not in TRANSPORT_NAMES:
+        raise ConfigError(
+            f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORT_NAMES)}"
+        )
     with tempfile.TemporaryDirectory(prefix="trimig-") as tmp:
         if transport == "unix":
             path = os.path.join(tmp, "migration.sock")
@@ -123,7 +125,7 @@ async def migrate_locally(
         )
         try:
             async with running_guest(specs, command) as (guest, blocks), trio.open_nursery() as nursery:
-                address = await nursery.start(_receive, incoming, listen_uri)
+                address = await nursery.start(receive, incoming, listen_uri)
                 await trio.sleep(warmup)
                 outgoing = OutgoingMigration(
                     guest,
@@ -132,27 +134,20 @@ async def migrate_locally(
                     parameters=parameters,
                     connect_options=options,
                 )
-                if progress:
-                    progress_scope = trio.CancelScope()
-
-                    async def progress_task() -> None:
-                        with progress_scope:
-                            await show_progress(outgoing.query)
-
-                    nursery.start_soon(progress_task)
-                await outgoing.run(connect_uri.format(address=address))
+                shown = progress_shown(outgoing.query) if progress else nullcontext()
+                async with shown:
+                    await outgoing.run(connect_uri.format(address=address))
                 await incoming.status.wait_value(
-                    lambda s: s in (MigrationStatus.COMPLETED, MigrationStatus.FAILED)
+                    lambda status: not status.is_running
+                    or status is MigrationStatus.POSTCOPY_PAUSED
                 )
-                if progress:
-                    progress_scope.cancel()
-            verdict = await _verify_destination(incoming, run_after)
+            verdict = await verify_destination(incoming, run_after)
             return LocalMigrationResult(outgoing.query(), incoming.query(), verdict)
         finally:
             await incoming.aclose()
 
 
-async def _receive(
+async def receive(
     incoming: IncomingMigration, uri: str, *, task_status: trio.TaskStatus[str]
 ) -> None:
     """The destination's task: its failure shows in its status; the source's error is the one raised."""
@@ -162,7 +157,12 @@ async def _receive(
         log.info("incoming migration ended: %s", exc)
 
 
-async def _verify_destination(incoming: IncomingMigration, run_after: float) -> Verdict | None:
+async def verify_destination(incoming: IncomingMigration, run_after: float) -> Verdict | None:
+    """Let the moved guest run ``run_after`` s, stop it and have it check its memory.
+
+    None when the incoming migration did not complete. The guest and its blocks are
+    closed afterwards.
+    """
     if incoming.status.value is not MigrationStatus.COMPLETED:
         return None
     guest, blocks = incoming.take_guest()

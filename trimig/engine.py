@@ -170,7 +170,8 @@ class Engine:
 
         Refused on an engine not started for incoming, or once an incoming migration has
         started listening; a listen failure (bad URI, address in use) is this call's error and
-        leaves migrate-incoming allowed, as in QEMU.
+        leaves migrate-incoming allowed, as in QEMU. After a failed incoming migration the
+        engine accepts migrate-incoming again (QEMU would exit, with exit-on-error).
         """
         if not self._incoming_allowed:
             if self._run_state == "inmigrate":
@@ -217,6 +218,9 @@ class Engine:
         if incoming.status.value is MigrationStatus.COMPLETED:
             self.guest, self.blocks = incoming.take_guest()
             self._run_state = "running"
+        elif incoming.status.value is MigrationStatus.FAILED:
+            # Nothing arrived that runs: this engine can wait for another migration.
+            self._incoming_allowed = True
 
     def start_postcopy(self) -> None:
         migration = self.migration

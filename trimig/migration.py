@@ -12,6 +12,10 @@ from .errors import ConfigError
 from .units import parse_rate
 
 
+#: The transports a migration can use, by name (``trimig demo --transport``).
+TRANSPORT_NAMES = ("unix", "tcp", "exec", "rdma")
+
+
 class MigrationStatus(enum.Enum):
     """QEMU's MigrationStatus values that trimig uses (the QAPI names)."""
 

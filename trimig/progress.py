@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
 import trio
@@ -48,6 +49,17 @@ async def show_progress(
         line = progress_line(query())
         stream.write(("\r" + line + "\n") if is_tty else line + "\n")
         stream.flush()
+
+
+@asynccontextmanager
+async def progress_shown(query: Callable[[], dict[str, Any]]) -> AsyncIterator[None]:
+    """Show the progress line for the body of the ``async with``; the last line stays."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(show_progress, query)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 def statistics_table(info: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
