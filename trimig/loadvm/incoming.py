@@ -133,6 +133,9 @@ class IncomingMigration:
             self.socket_address = str(listener.address)
             task_status.started(self.socket_address)
             try:
+                # The guest is up before the source's first byte, as QEMU's -incoming is:
+                # its start-up never adds to a switch-over that comes right away.
+                await self._prepare()
                 stream = await listener.accept()
             except BaseException as exc:
                 await self._fail(exc)
@@ -151,8 +154,7 @@ class IncomingMigration:
         self.start_ns = time.monotonic_ns()
         try:
             try:
-                self.blocks = create_blocks(self.specs)
-                self.guest = await GuestProcess.start(self.guest_command)
+                await self._prepare()
                 channel = MigrationChannel(stream)
                 async with trio.open_nursery() as nursery:
                     self._set_status(MigrationStatus.ACTIVE)
@@ -183,6 +185,12 @@ class IncomingMigration:
             raise
         self.end_ns = time.monotonic_ns()
         self._set_status(MigrationStatus.COMPLETED)
+
+    async def _prepare(self) -> None:
+        """Create the RAM blocks and start the guest process (once)."""
+        if self.guest is None:
+            self.blocks = create_blocks(self.specs)
+            self.guest = await GuestProcess.start(self.guest_command)
 
     async def _finish_postcopy(self, postcopy: PostcopyIncoming) -> None:
         await postcopy.done.wait()

@@ -264,12 +264,12 @@ class OutgoingMigration:
         bulk_pass = True
         while True:
             self._check_return_path()
+            if self._postcopy_requested:
+                # migrate-start-postcopy takes effect before the next slice, as in QEMU.
+                await self._run_postcopy(channel, ram, dirty_log, uri)
+                return
             finished_pass = await self._send_part(channel, ram)
             if not finished_pass:
-                if self._postcopy_requested:
-                    # migrate-start-postcopy takes effect at the next slice, as in QEMU.
-                    await self._run_postcopy(channel, ram, dirty_log, uri)
-                    return
                 continue
             # A whole pass is out: sync the dirty log and decide.
             elapsed = max(time.monotonic() - pass_started, 1e-6)
@@ -421,9 +421,10 @@ class OutgoingMigration:
         await channel.flush()
         trace("postcopy_package_sent", device_state=len(state))
         self.stats.downtime_bytes = channel.bytes_sent - bytes_before
-        # Stream (and serve requests) at once, as QEMU: loading the device state on the
-        # destination may fault before the guest runs. PONG(4), sent once the guest runs
-        # there, ends the downtime (see _read_return_path).
+        # Serve requests at once (loading the device state on the destination may fault
+        # before the guest runs), but hold the background pages until PONG(4), sent once
+        # the guest runs there, which ends the downtime (see _read_return_path): placing
+        # them would compete with the destination's switch-over for its CPU.
         self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
         postcopy_start = channel.bytes_sent
         await send_background(
@@ -435,6 +436,7 @@ class OutgoingMigration:
             section_id=RAM_SECTION_ID,
             flush_bytes=FLUSH_BYTES,
             slice_seconds=ITERATION_SLICE,
+            hold=self._pong(PING_AFTER_PACKAGE),
         )
         await self._pong(PING_AFTER_PACKAGE).wait()  # complete only once the guest runs there
         channel.put(codec.encode_section_end(RAM_SECTION_ID))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import numpy as np
@@ -173,8 +173,21 @@ async def send_background(
     section_id: int,
     flush_bytes: int,
     slice_seconds: float,
+    hold: trio.Event | None = None,
 ) -> None:
-    """Stream every remaining dirty page in PART sections, requests first, until none is left."""
+    """Stream every remaining dirty page in PART sections, requests first, until none is left.
+
+    Until ``hold`` is set only queued requests are answered (the destination is still
+    switching over: background pages would compete with it for the CPU).
+    """
+    while hold is not None and not hold.is_set():
+        await _wait_for_either(hold, requests)
+        while (request := requests.get_nowait()) is not None:
+            channel.put(codec.encode_section_part(section_id))
+            urgent.queue_request(channel, request)
+            channel.put(codec.encode_end_of_section())
+            channel.put(codec.encode_section_footer(section_id))
+            await channel.flush()
     while ram.dirty_pages:
         channel.put(codec.encode_section_part(section_id))
         deadline = time.monotonic() + slice_seconds
@@ -199,6 +212,18 @@ async def send_background(
         channel.put(codec.encode_section_footer(section_id))
         await channel.flush()
         ram.stats.remaining = ram.remaining_bytes
+
+
+async def _wait_for_either(event: trio.Event, requests: PageRequestQueue) -> None:
+    """Return once ``event`` is set or a request is queued."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait_then_cancel(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait_then_cancel, event.wait)
+        nursery.start_soon(wait_then_cancel, requests.wait_pending)
 
 
 def read_return_path(
