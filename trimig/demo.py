@@ -151,8 +151,8 @@ async def receive(
     incoming: IncomingMigration, uri: str, *, task_status: trio.TaskStatus[str]
 ) -> None:
     """The destination's task: its failure shows in its status (the source's error is the
-    one raised). A failure to listen (a bad URI, an address in use) is raised, through ``nursery.start``:
-    nothing else would report it."""
+    one raised). A failure to listen (a bad URI, an address in use) is raised, through
+    ``nursery.start``: nothing else would report it."""
     try:
         await incoming.listen_and_run(uri, task_status=task_status)
     except TrimigError as exc:
