@@ -26,14 +26,14 @@ from precopy_harness import (
     source_guest,
 )
 
-from trimig.demo import TRANSPORTS, migrate_locally
-from trimig.migration import MigrationStatus
+from trimig.demo import migrate_locally
+from trimig.migration import TRANSPORT_NAMES, MigrationStatus
 from trimig.savevm.outgoing import OutgoingMigration
 
 HUGE = 32 << 20
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", TRANSPORT_NAMES)
 async def test_running_guest_migrates_and_verifies(transport: str) -> None:
     with trio.fail_after(DEADLINE):
         result = await migrate_locally(
