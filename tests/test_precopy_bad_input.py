@@ -2,13 +2,16 @@
 
 Crafted streams (wrong magic, wrong version, an unknown section, an unknown RAM block)
 go through a real unix socket; a real recorded stream is replayed cut at many offsets
-through ``exec:head -c N FILE``. Bad URIs are refused with a ConfigError naming them.
+through ``exec:head -c N FILE``, and a ``trimig migrate`` process is killed half way.
+Bad URIs are refused with a ConfigError naming them.
 The source side of a refusal is in test_precopy_source_recovery.py.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -16,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from precopy_harness import DEADLINE, GUEST_COMMAND, GUEST_RAM, guest_specs, source_guest
+from precopy_harness import (
+    DEADLINE,
+    GUEST_COMMAND,
+    GUEST_RAM,
+    TRIMIG,
+    guest_specs,
+    open_destination,
+    source_guest,
+)
 
 from trimig import codec
 from trimig.errors import ConfigError, MigrationFailed, RemoteProtocolError
@@ -305,3 +316,32 @@ async def test_bad_listen_uri_is_a_config_error(uri: str, expected: str) -> None
     assert uri in str(caught.value) and expected in str(caught.value)
     assert incoming.status.value is MigrationStatus.FAILED
     await incoming.aclose()
+
+
+async def test_source_process_killed_mid_stream() -> None:
+    """``trimig migrate`` (rate-limited) is SIGKILLed half way: the destination here fails
+    naming the truncation, at once, and closes its guest."""
+    async with open_destination(guest_specs(), "tcp") as destination:
+        command = [
+            *TRIMIG, "migrate", destination.connect_uri,
+            "--ram", "64M", "--max-bandwidth", "32M", "--warmup", "0",
+        ]  # fmt: skip
+        with trio.fail_after(DEADLINE):
+            process = await trio.lowlevel.open_process(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                await destination.incoming.status.wait_value(MigrationStatus.ACTIVE)
+                await trio.sleep(0.5)  # a quarter of the two seconds the RAM takes
+                assert destination.incoming.status.value is MigrationStatus.ACTIVE
+                process.send_signal(signal.SIGKILL)
+                status = await destination.wait_finished()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if process.returncode is None:
+                        process.kill()
+                    await process.wait()
+        assert status is MigrationStatus.FAILED
+        cause = remote_protocol_error(destination.error)
+        assert "truncated" in str(cause)
+        assert destination.incoming.guest is None and destination.incoming.blocks == []
