@@ -30,8 +30,11 @@ __all__ = [
     "RateLimiter",
 ]
 
-READ_CHUNK = 256 * 1024
-"""Bytes asked of the stream per read (the decoder's minimum buffer, the internal buffer)."""
+READ_CHUNK = 2 * 1024 * 1024
+"""Bytes asked of the stream per read (the decoder's minimum buffer, the internal buffer).
+
+Large, so that a read carries runs of hundreds of pages: the destination's Python work is
+per read and per run, not per page (256 KiB reads cost it a quarter more CPU per GiB)."""
 
 BUFFER_DELAY = 0.1
 """Length in seconds of a rate-limiting window (QEMU's BUFFER_DELAY, 100 ms)."""
@@ -181,6 +184,12 @@ class MigrationChannel:
     def bytes_received(self) -> int:
         """Bytes read from the stream (including those still in the internal buffer)."""
         return self._bytes_received
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the stream into the internal buffer and not handed out yet.
+        A reader that takes over the stream's file descriptor needs this to be 0."""
+        return self._end - self._start
 
     async def _receive(self, target: memoryview) -> int:
         count = await self._stream.receive_into(target)
