@@ -15,9 +15,9 @@ from trimig.channel import MigrationChannel
 from trimig.kernel.memory import MADV_POPULATE_WRITE
 from trimig.loadvm.ram import RamLoader
 from trimig.migration import SourceStats
-from trimig.ram import RamBlockSpec, create_blocks
+from trimig.ram import RamBlock, RamBlockSpec, create_blocks
 from trimig.savevm.ram import WINDOW_PAGES, RamSaver, zero_pages
-from trimig.transports import SocketStream
+from trimig.transports import MemoryFabric, SocketStream, connect, listen
 
 PAGE = 4096
 
@@ -59,7 +59,7 @@ def page_event(block: str, first: int, data: np.ndarray) -> codec.RamPages:
     return codec.RamPages(block, offsets, data)
 
 
-def loader_for(blocks: list) -> RamLoader:
+def loader_for(blocks: list[RamBlock]) -> RamLoader:
     loader = RamLoader(blocks)
     infos = tuple(codec.RamBlockInfo(b.name, b.size, None) for b in blocks)
     loader.check_mem_size(codec.RamMemSize(sum(b.size for b in blocks), infos), postcopy=False)
@@ -158,3 +158,81 @@ async def test_windows_round_trip_through_a_socket() -> None:
     finally:
         for block in source + destination:
             block.close()
+
+
+@pytest.mark.parametrize("flavour", ["mem", "path"])
+async def test_one_sided_writes_on_the_rdma_transport(flavour: str, tmp_path: object) -> None:
+    """With attached regions, data pages land in the destination's memory directly and only
+    HOOK and ZERO records travel on the stream."""
+    specs = [RamBlockSpec("a", 2 * WINDOW_PAGES * PAGE), RamBlockSpec("b", 64 * PAGE)]
+    source = create_blocks(specs)
+    destination = create_blocks(specs)
+    fabric = MemoryFabric() if flavour == "mem" else None
+    uri = "rdma:mem:one-sided" if flavour == "mem" else f"rdma:{tmp_path}/rdma"
+    try:
+        rng = np.random.default_rng(7)
+        a = source[0]
+        a.pages[:300] = rng.integers(0, 256, (300, PAGE))
+        a.pages[100:110] = 0  # zero pages inside the data: two runs
+        a.pages[WINDOW_PAGES + 5 :: 7] = rng.integers(0, 256, (73, PAGE))
+        source[1].pages[3] = 1
+        destination[0].pages[100] = 5  # stale data a ZERO record must clear
+        saver = RamSaver(source, SourceStats())
+        try:
+            await one_sided_round_trip(saver, uri, fabric, specs, destination)
+        finally:
+            saver.detach_regions()  # drop the views of the destination's memory
+        for mine, theirs in zip(source, destination, strict=True):
+            assert np.array_equal(mine.pages, theirs.pages)
+        assert saver.stats.normal == 290 + 73 + 1
+    finally:
+        for block in source + destination:
+            block.close()
+
+
+async def one_sided_round_trip(
+    saver: RamSaver,
+    uri: str,
+    fabric: MemoryFabric | None,
+    specs: list[RamBlockSpec],
+    destination: list[RamBlock],
+) -> None:
+    """Attach the destination's registered blocks, send every window, apply the records."""
+    async with await listen(uri, fabric=fabric) as listener:
+        client = await connect(uri, fabric=fabric)
+        server = await listener.accept()
+        sender = MigrationChannel(client)
+        receiver = MigrationChannel(server)
+        try:
+            loader = loader_for(destination)
+            loader.written["a"][100] = True
+            assert server.regions is not None and client.regions is not None
+            for block in destination:
+                await server.regions.register(
+                    block.name, block.fd, block.size, block.mapping.buffer
+                )
+            await saver.attach_regions(client.regions)
+            decoder = codec.RamChannelDecoder({s.name: s.size for s in specs})
+            while (window := saver.next_dirty_window()) is not None:
+                saver.queue_window(sender, *window)
+            sender.put(codec.encode_end_of_section())
+            await sender.flush()
+            kinds = set()
+            while True:
+                event = decoder.next_event()
+                if event is codec.NEED_DATA:
+                    assert await receiver.receive_into_decoder(decoder)
+                    continue
+                kinds.add(type(event).__name__)
+                if isinstance(event, codec.RamWritten):
+                    loader.pages_written_remotely(event)
+                elif isinstance(event, codec.RamZeroPages):
+                    loader.load_zero_pages(event)
+                else:
+                    break
+        finally:
+            await sender.aclose()
+            await receiver.aclose()
+    assert kinds == {"RamWritten", "RamZeroPages", "RamEndOfSection"}
+    assert sender.bytes_sent < 64 * PAGE  # records only, no page payloads
+    assert np.flatnonzero(loader.written["b"]).tolist() == [3]

@@ -20,10 +20,12 @@ import numpy as np
 
 from ..channel import MigrationChannel
 from ..codec import RamRecordEncoder
+from ..errors import TransportError
 from ..kernel.pagemap import PagemapScanner
 from ..kernel.uffd import Userfaultfd
 from ..migration import SourceStats
 from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..transports.base import RegionRegistry
 from ..transports.gather import IoVector
 
 #: Target pages per send window: one 2 MiB host page, so a hugetlb host page is never
@@ -94,6 +96,35 @@ class RamSaver:
         self._populated = {b.name: _populated_pages(b) for b in self.blocks}
         self._cursor = (0, 0)  # (block index, window index)
         self.encoder = RamRecordEncoder()
+        #: Per block, the destination's memory as (pages, TARGET_PAGE_SIZE) rows, when data
+        #: pages are written one-sided (RDMA-shaped transport, see attach_regions).
+        self._remote: dict[str, np.ndarray] = {}
+
+    async def attach_regions(self, regions: RegionRegistry) -> None:
+        """From now on write data pages one-sided into the destination's blocks.
+
+        For the RDMA-shaped transport (``channel.stream.regions``): call it once MEM_SIZE
+        has been flushed, since the destination registers its blocks when it reads
+        MEM_SIZE; this waits for each registration. queue_window then copies data pages
+        straight into the destination's memory and queues HOOK records ("npages written
+        from offset") instead of PAGE records; zero pages stay ZERO records. Raises
+        TransportError if the destination goes away or offers a region of the wrong size.
+        """
+        remote: dict[str, np.ndarray] = {}
+        for block in self.blocks:
+            view = await regions.remote(block.name)
+            if view.nbytes != block.size:
+                raise TransportError(
+                    f"the destination registered RAM block {block.name!r} with {view.nbytes} "
+                    f"bytes, but it has {block.size}"
+                )
+            rows = np.frombuffer(view, dtype=np.uint8).reshape(-1, TARGET_PAGE_SIZE)
+            remote[block.name] = rows
+        self._remote = remote
+
+    def detach_regions(self) -> None:
+        """Send data pages as PAGE records again (e.g. from the switch to postcopy on)."""
+        self._remote = {}
 
     @property
     def dirty_pages(self) -> int:
@@ -132,7 +163,9 @@ class RamSaver:
     def queue_window(self, channel: MigrationChannel, block: RamBlock, first_page: int) -> int:
         """Queue the dirty pages of one window on ``channel`` and clear their bits.
 
-        Returns the number of bytes queued.
+        Returns the number of bytes queued (with attached regions: the HOOK records plus
+        the page bytes written one-sided, so that flush thresholds and the rate limit
+        still count the data moved).
         """
         end_page = min(first_page + WINDOW_PAGES, block.spec.target_pages)
         dirty = self.dirty[block.name][first_page:end_page]
@@ -158,14 +191,33 @@ class RamSaver:
             queued += len(record)
             self.stats.duplicate += len(zero_offsets)
         if len(data_offsets):
-            headers, entries = self.encoder.encode_pages_gather(
-                block.name, data_offsets, block.pages
-            )
-            vector = IoVector(entries, (headers, block.pages))
-            channel.put_vector(vector)
-            queued += vector.nbytes
+            remote = self._remote.get(block.name)
+            if remote is not None:
+                queued += self._write_remote(channel, block, remote, pages[~is_zero])
+            else:
+                headers, entries = self.encoder.encode_pages_gather(
+                    block.name, data_offsets, block.pages
+                )
+                vector = IoVector(entries, (headers, block.pages))
+                channel.put_vector(vector)
+                queued += vector.nbytes
             self.stats.normal += len(data_offsets)
         return queued
+
+    def _write_remote(
+        self, channel: MigrationChannel, block: RamBlock, remote: np.ndarray, pages: np.ndarray
+    ) -> int:
+        """Copy ``pages`` into the destination's memory, one HOOK record per run of
+        consecutive pages; return the bytes moved (records and pages, for pacing)."""
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        moved = 0
+        for run in np.split(pages, breaks):
+            first, count = int(run[0]), len(run)
+            remote[first : first + count] = block.pages[first : first + count]
+            record = self.encoder.encode_written(block.name, first * TARGET_PAGE_SIZE, count)
+            channel.put(record)
+            moved += len(record) + count * TARGET_PAGE_SIZE
+        return moved
 
     def finish_bulk_pass(self) -> None:
         """Forget the hole map: after the first pass every dirty page was written by the guest."""
