@@ -272,7 +272,9 @@ def destination(args: argparse.Namespace) -> None:
             "end": stream.last,
             "bytes": stream.received,
             "queued": stream.queued,
-            "cpu": (stream.cpu_last - stream.cpu_first) * stream.received / stream.cpu_bytes,
+            "cpu": (stream.cpu_last - stream.cpu_first) * stream.received / stream.cpu_bytes
+            if stream.cpu_bytes
+            else 0.0,  # a stream shorter than CPU_SAMPLE (the zero-page pass)
             "reads": stream.reads,
             "in_receive": stream.waiting,
             "verified": verified,

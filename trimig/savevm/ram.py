@@ -32,6 +32,8 @@ from ..transports.gather import IoVector
 #: split across windows, and 2 x 512 iovecs fit one sendmsg.
 WINDOW_PAGES = 512
 WINDOW_BYTES = WINDOW_PAGES * TARGET_PAGE_SIZE
+#: zero_pages samples the first line of every this many pages of a run to guess a zero run.
+_ZERO_SAMPLE_STRIDE = 64
 
 
 def ranges_to_pages(ranges: np.ndarray, base: int, npages: int) -> np.ndarray:
@@ -230,22 +232,24 @@ def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
 
     Reads the first 64 bytes of each page, and the whole page only where those are zero,
     so a window of data pages costs one cache line per page. A run of consecutive pages
-    is read as a view, never copied.
+    whose sampled first lines are all zero is read whole first, in one sequential pass: a
+    zero window then costs that pass alone. A run is read as a view, never copied.
     """
     if len(index) == 0:
         return np.zeros(0, dtype=bool)
     words = pages.view(np.uint64)
     first = int(index[0])
-    consecutive = int(index[-1]) - first == len(index) - 1
-    rows = words[first : first + len(index)] if consecutive else None
+    rows = None
+    if int(index[-1]) - first == len(index) - 1:
+        rows = words[first : first + len(index)]
+        if not rows[::_ZERO_SAMPLE_STRIDE, :8].any() and not np.count_nonzero(rows):
+            return np.ones(len(index), dtype=bool)
     heads = rows[:, :8] if rows is not None else words[index, :8]
     zero: np.ndarray = np.logical_not(heads.any(axis=1))
     candidates = np.flatnonzero(zero)
     if len(candidates) == 0:
         return zero
     if rows is not None and len(candidates) == len(index):
-        if not np.count_nonzero(rows):
-            return zero  # the whole run is zero: one pass over it
         return np.logical_not(rows.any(axis=1))
     zero[candidates] = np.logical_not(words[index[candidates]].any(axis=1))
     return zero
