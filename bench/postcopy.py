@@ -173,7 +173,9 @@ def destination(args: argparse.Namespace) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 address = await nursery.start(incoming.listen_and_run, args.uri)
+                cpu_before = own_cpu_seconds()
                 emit({"address": address})
+            cpu = own_cpu_seconds() - cpu_before
             if incoming.status.value is not MigrationStatus.COMPLETED:
                 return {"error": incoming.query().get("error-desc", "not completed")}
             guest, blocks = incoming.take_guest()
@@ -186,7 +188,7 @@ def destination(args: argparse.Namespace) -> None:
                     await guest.aclose()
                 for block in blocks:
                     block.close()
-            return {"incoming": incoming.query(), "verdict": verdict.raw}
+            return {"incoming": incoming.query(), "verdict": verdict.raw, "cpu_s": cpu}
         finally:
             await incoming.aclose()
 
@@ -217,6 +219,7 @@ def source(args: argparse.Namespace) -> None:
                 await outgoing.status.wait_value(lambda status: status is not MigrationStatus.NONE)
                 outgoing.start_postcopy()
 
+            busy_before, cpu_before = busy_cpu_seconds(), own_cpu_seconds()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(switch_at_once)
                 await outgoing.run(args.uri)
@@ -224,6 +227,8 @@ def source(args: argparse.Namespace) -> None:
             return {
                 "source": outgoing.query(),
                 "total_us": (stats.end_ns - stats.start_ns) // 1000,
+                "machine_cpu_s": busy_cpu_seconds() - busy_before,
+                "cpu_s": own_cpu_seconds() - cpu_before,
             }
 
     emit(trio.run(main))
@@ -333,6 +338,20 @@ def read_json(process: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (/proc/stat), in seconds."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process so far."""
+    times = os.times()
+    return times.user + times.system
+
+
 def migrate_once(
     args: argparse.Namespace, transport: str, workdir: str, tag: str = ""
 ) -> dict[str, Any]:
@@ -369,12 +388,20 @@ def migrate_once(
         "downtime_ms": info["downtime-us"] / 1000,
         "total_ms": sent["total_us"] / 1000,
         "transferred_mib": round(info["ram"]["transferred"] / 2**20, 1),
+        "source_cpu_s": round(sent["cpu_s"], 2),
+        "destination_cpu_s": round(received["cpu_s"], 2),
+        # What the rest of the machine used meanwhile (guests included): other work
+        # disturbs every figure here.
+        "other_cpu_s": round(
+            max(sent["machine_cpu_s"] - sent["cpu_s"] - received["cpu_s"], 0.0), 2
+        ),
         "guest_faults_ns": touches,
     }
 
 
 SUMMARY = ("latency_p50_us", "latency_p99_us", "latency_avg_us", "requests", "blocktime_ms",
-           "downtime_ms", "total_ms", "transferred_mib")
+           "downtime_ms", "total_ms", "transferred_mib", "source_cpu_s", "destination_cpu_s",
+           "other_cpu_s")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

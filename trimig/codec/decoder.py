@@ -61,6 +61,7 @@ from trimig.codec.events import (
     VmDescription,
 )
 from trimig.codec.ram import RamRecordDecoder
+from trimig.errors import LocalProtocolError
 
 
 class _State(enum.Enum):
@@ -154,6 +155,39 @@ class StreamDecoder(DecoderBase[StreamEvent]):
     def ram_channel_decoder(self) -> RamChannelDecoder:
         """A decoder for a raw RAM channel (postcopy preempt) with this stream's blocks."""
         return RamChannelDecoder(self._ram.blocks)
+
+    # --- readers that take page records off the stream themselves --------------------
+
+    def take_ram_records(self) -> tuple[str, int, bytes] | None:
+        """Let the reader take the RAM page records that follow off the stream itself
+        (the postcopy listener scatters them straight into place).
+
+        When this decoder is in a RAM section body between records and knows the last
+        block: return that block's name and size, and the bytes received but not yet
+        decoded, which begin the next record and leave the decoder. Otherwise None, and
+        nothing changes. The reader may take CONTINUE page records of that block (an
+        8-byte word and a 4096-byte page each; they change no decoder state), reports
+        their bytes with ``skip``, then gives back with ``receive_data`` every byte from
+        the first record it did not take.
+        """
+        if self._state is not _State.RAM_BODY or self._expect_mem_size or self._eof:
+            return None
+        block = self._ram.last_block
+        if block is None:
+            return None
+        buffer = self._buffer
+        pending = bytes(buffer.view[buffer.start : buffer.end])
+        buffer.start = buffer.end  # taken, not decoded: the offset stays at their start
+        return block, self._ram.blocks[block], pending
+
+    def skip(self, nbytes: int) -> None:
+        """Account ``nbytes`` of records the reader took (see ``take_ram_records``)."""
+        if nbytes < 0 or self.buffered:
+            raise LocalProtocolError(
+                f"skip({nbytes}) with {self.buffered} bytes buffered: records are skipped "
+                "right after take_ram_records, before any byte is given back"
+            )
+        self._buffer.offset += nbytes
 
     # --- decoding -----------------------------------------------------------------
 

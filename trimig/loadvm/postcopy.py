@@ -25,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import trio
 
 from .. import codec
@@ -49,6 +50,7 @@ from ..trace import trace
 from ..transports import ByteStream, Listener
 from .ram import RamLoader
 from .reader import ReturnPathWriter, next_event
+from .scatter import PageScatter, feed_decoder
 
 log = logging.getLogger("trimig.loadvm.postcopy")
 
@@ -252,9 +254,15 @@ class PostcopyIncoming:
         return codec.encode_rp_req_pages(offset, length, named)
 
     async def _listen_main(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
-        """Read the rest of the main stream, placing pages, until its end."""
+        """Read the rest of the main stream, placing pages, until its end (in a thread when
+        the stream has a file descriptor)."""
         assert self.placer is not None
         try:
+            fd = stream_fd(channel.stream)
+            if fd is not None and not channel.buffered:
+                token = trio.lowlevel.current_trio_token()
+                await run_in_thread(functools.partial(self._listen_in_thread, fd, decoder, token))
+                return
             while True:
                 event = await next_event(decoder, channel)
                 if isinstance(event, codec.RamPages):
@@ -277,6 +285,42 @@ class PostcopyIncoming:
             self.error = exc
         finally:
             self.done.set()
+
+    def _listen_in_thread(
+        self,
+        fd: int,
+        decoder: codec.StreamDecoder,
+        token: trio.lowlevel.TrioToken,
+        stop: StopSignal,
+    ) -> None:
+        """The main listener's thread: decode the main stream until its end, taking runs of
+        page records off it with a PageScatter so that they are placed without a copy."""
+        placer = self.placer
+        assert placer is not None
+        scatter = PageScatter()
+        while True:
+            event = decoder.next_event()
+            if event is codec.NEED_DATA:
+                if not feed_decoder(decoder, fd, scatter, stop, place=self._place_main):
+                    return
+            elif isinstance(event, codec.RamPages):
+                placer.place(event.block, event.offsets, event.pages, channel=MAIN_CHANNEL)
+            elif isinstance(event, codec.RamZeroPages):
+                placer.place_zero(event.block, event.offsets, channel=MAIN_CHANNEL)
+            elif isinstance(event, codec.EndOfStream):
+                return
+            elif isinstance(event, codec.Ping):
+                token.run_sync_soon(self._nursery.start_soon, self._pong_once_running, event.value)
+            elif not isinstance(event, _STRUCTURAL):
+                raise RemoteProtocolError(
+                    f"unexpected {type(event).__name__} in the stream during postcopy"
+                )
+
+    def _place_main(
+        self, block: str, offsets: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8]
+    ) -> None:
+        assert self.placer is not None
+        self.placer.place(block, offsets, pages, channel=MAIN_CHANNEL)
 
     async def _pong_once_running(self, value: int) -> None:
         await self._running.wait()

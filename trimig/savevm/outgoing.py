@@ -352,8 +352,8 @@ class OutgoingMigration:
     ) -> None:
         """Stop the guest, send what is left and the device state, and hand over."""
         self.stats.downtime_start_ns = time.monotonic_ns()
+        self._guest_stopped_by_us = True  # before the await: a cancelled stop may have stopped it
         await self.guest.stop()
-        self._guest_stopped_by_us = True
         if self._on_event:
             self._on_event("STOP", {})
         self._set_status(MigrationStatus.DEVICE)
