@@ -31,6 +31,12 @@ so the figure errs low. The raw baseline is timed the same way. The zero-page st
 small that the socket holds all of it: there, the source's own time (connect to done) and
 the destination's apply time are reported separately and the rate is the slower of the two.
 
+CPU. Each side also reports its CPU time per GiB (the source over its whole run, setup
+included; the destination from its first read on), the most stable figure on a shared
+machine. The run starts and ends by measuring how much CPU two busy processes get
+(``CPUs available``): 2.0 on an idle two-core machine, less when other work runs. Figures
+are only comparable between runs with about as much CPU free.
+
 Memory. Each engine process reports VmHWM (peak RSS) from /proc/self/status at the end.
 The engine maps the guest's memfds, and every page of them the engine touches counts in
 its RSS as RssShmem: that is guest RAM, not engine overhead. Shared pages only accumulate
@@ -426,6 +432,26 @@ def run_migration(
     }
 
 
+def spin(seconds: float) -> None:
+    """Busy-loop for ``seconds`` of this process's CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def available_cpus() -> float:
+    """How many CPUs two busy processes get together right now (2.0 on an idle 2-core box).
+
+    Other work on the machine shows up here: every figure of a run is only comparable
+    with figures taken while about as much CPU was free.
+    """
+    start = time.monotonic()
+    processes = [subprocess.Popen([sys.executable, __file__, "_spin", "0.5"]) for _ in range(2)]
+    for process in processes:
+        process.wait()
+    return 2 * 0.5 / (time.monotonic() - start)
+
+
 def gb(value: float) -> str:
     return f"{value / 1e9:5.2f} GB/s"
 
@@ -449,6 +475,8 @@ def main() -> None:
     def record(name: str, result: dict[str, Any]) -> None:
         figures.setdefault(name, []).append(result)
 
+    cpus_before = available_cpus()
+    print(f"CPUs available to two busy processes: {cpus_before:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="trimig-bench-") as tmp:
         print(f"warm-up ({args.ram}) ...", flush=True)
         for transport in transports:
@@ -495,8 +523,12 @@ def main() -> None:
                         flush=True,
                     )
 
+    cpus_after = available_cpus()
     budget = 0.03 * size + (64 << 20)
-    print(f"\nsummary ({args.ram} guest, best of {args.rounds}; memory: worst)")
+    print(
+        f"\nsummary ({args.ram} guest, best of {args.rounds}; memory: worst; "
+        f"CPUs available before/after: {cpus_before:.2f}/{cpus_after:.2f})"
+    )
     for name, results in figures.items():
         if name.startswith("raw"):
             print(f"  {name:28} {gb(max(r['rate'] for r in results))}")
@@ -514,7 +546,7 @@ def main() -> None:
             print(f"  {name:28} {gb(best['zero_rate'])} (target 6 GB/s)")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(figures, out, indent=1)
+            json.dump({"cpus": [cpus_before, cpus_after], **figures}, out, indent=1)
 
 
 def child_main() -> None:
@@ -526,6 +558,8 @@ def child_main() -> None:
         raw.add_argument("transport")
         raw.add_argument("ram")
         raw.add_argument("address")
+    spinner = sub.add_parser("_spin")
+    spinner.add_argument("seconds", type=float)
     dest = sub.add_parser("_destination")
     src = sub.add_parser("_source")
     for engine in (dest, src):
@@ -541,6 +575,7 @@ def child_main() -> None:
         "_raw-send": raw_send,
         "_destination": destination,
         "_source": source,
+        "_spin": lambda args: spin(args.seconds),
     }[args.role]
     handler(args)
 
