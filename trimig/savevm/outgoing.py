@@ -119,11 +119,19 @@ class OutgoingMigration:
 
     def query(self) -> dict[str, Any]:
         """query-migrate's MigrationInfo for this migration."""
-        if self._channel is not None:
-            self.stats.transferred = self._channel.bytes_sent
+        self.stats.transferred = self._bytes_moved()
         if self._ram is not None and self.status.value.is_running:
             self.stats.remaining = self._ram.remaining_bytes
         return self.stats.query(self.status.value)
+
+    def _bytes_moved(self) -> int:
+        """Bytes moved so far: every channel, and pages written one-sided (QEMU's transferred)."""
+        moved = self._channel.bytes_sent if self._channel is not None else 0
+        if self._ram is not None:
+            moved += self._ram.one_sided_bytes
+        if self._urgent_sender is not None:
+            moved += self._urgent_sender.bytes_sent
+        return moved
 
     def dump_bitmaps(self) -> str:
         """Text dump of each block's dirty and sent bitmaps (QEMU's ram_debug_dump_bitmap)."""
@@ -178,6 +186,8 @@ class OutgoingMigration:
                         raise self._return_path_error
                     nursery.cancel_scope.cancel()
             finally:
+                if self._ram is not None:
+                    self._ram.detach_regions()  # drop our views of the destination's memory
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                     if self._urgent is not None:
                         await self._urgent.aclose()
@@ -256,11 +266,14 @@ class OutgoingMigration:
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))
         await channel.flush()
+        if channel.stream.regions is not None:
+            # RDMA-shaped transport: the destination registers its blocks on MEM_SIZE.
+            await ram.attach_regions(channel.stream.regions)
         self.stats.setup_ns = time.monotonic_ns() - self.stats.start_ns
         self._set_status(MigrationStatus.ACTIVE)
 
         pass_started = time.monotonic()
-        pass_bytes_start = channel.bytes_sent
+        pass_bytes_start = self._bytes_moved()
         bulk_pass = True
         while True:
             self._check_return_path()
@@ -273,7 +286,7 @@ class OutgoingMigration:
                 continue
             # A whole pass is out: sync the dirty log and decide.
             elapsed = max(time.monotonic() - pass_started, 1e-6)
-            sent = channel.bytes_sent - pass_bytes_start
+            sent = self._bytes_moved() - pass_bytes_start
             self.stats.bandwidth = sent / elapsed
             if bulk_pass:
                 ram.finish_bulk_pass()
@@ -284,8 +297,7 @@ class OutgoingMigration:
                   remaining=ram.remaining_bytes, bandwidth=int(self.stats.bandwidth))
             self.stats.dirty_pages_rate = int(newly / elapsed)
             self.stats.remaining = ram.remaining_bytes
-            self.stats.transferred = channel.bytes_sent
-            self.stats.precopy_bytes = channel.bytes_sent
+            self.stats.transferred = self.stats.precopy_bytes = self._bytes_moved()
             self.stats.mbps = self.stats.bandwidth * 8 / 1e6
             if self._on_event:
                 self._on_event("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
@@ -320,7 +332,7 @@ class OutgoingMigration:
                 threshold,
             )
             pass_started = time.monotonic()
-            pass_bytes_start = channel.bytes_sent
+            pass_bytes_start = self._bytes_moved()
         await self._complete_precopy(channel, ram, dirty_log)
 
     async def _send_part(self, channel: MigrationChannel, ram: RamSaver) -> bool:
@@ -359,7 +371,7 @@ class OutgoingMigration:
         self._set_status(MigrationStatus.DEVICE)
         dirty_log.collect(ram.dirty)
         self.stats.dirty_sync_count += 1
-        bytes_before = channel.bytes_sent
+        bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
         channel.put(codec.encode_section_end(RAM_SECTION_ID))
         while (window := ram.next_dirty_window()) is not None:
@@ -373,8 +385,8 @@ class OutgoingMigration:
         channel.put(codec.encode_section_footer(GUEST_SECTION_ID))
         channel.put(codec.encode_eof())
         await channel.flush()
-        self.stats.downtime_bytes = channel.bytes_sent - bytes_before
-        self.stats.transferred = channel.bytes_sent
+        self.stats.downtime_bytes = self._bytes_moved() - bytes_before
+        self.stats.transferred = self._bytes_moved()
         self.stats.remaining = 0
         if self.capabilities.wants_return_path:
             await self._wait_for_shut()
@@ -392,13 +404,15 @@ class OutgoingMigration:
         if self.capabilities.postcopy_preempt:
             self._urgent = MigrationChannel(await connect(uri, **self._connect_options))
         self._urgent_sender = UrgentSender(ram, self._urgent)
+        ram.detach_regions()  # postcopy pages are placed atomically by the destination
+        self.stats.precopy_bytes = self._bytes_moved()
         self.stats.downtime_start_ns = time.monotonic_ns()
         self._guest_stopped_by_us = True  # before the await: a cancelled stop may have stopped it
         await self.guest.stop()
         if self._on_event:
             self._on_event("STOP", {})
         self._set_status(MigrationStatus.DEVICE)
-        bytes_before = channel.bytes_sent
+        bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
         dirty_log.collect(ram.dirty)  # exact: the guest is stopped
         self.stats.dirty_sync_count += 1
@@ -420,13 +434,13 @@ class OutgoingMigration:
         channel.put(codec.encode_ping(PING_AFTER_PACKAGE))
         await channel.flush()
         trace("postcopy_package_sent", device_state=len(state))
-        self.stats.downtime_bytes = channel.bytes_sent - bytes_before
+        self.stats.downtime_bytes = self._bytes_moved() - bytes_before
         # Serve requests at once (loading the device state on the destination may fault
         # before the guest runs), but hold the background pages until PONG(4), sent once
         # the guest runs there, which ends the downtime (see _read_return_path): placing
         # them would compete with the destination's switch-over for its CPU.
         self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
-        postcopy_start = channel.bytes_sent
+        postcopy_start = self._bytes_moved()
         await send_background(
             channel,
             ram,
@@ -446,9 +460,8 @@ class OutgoingMigration:
         await channel.flush()
         self.stats.remaining = 0
         await self._wait_for_shut()
-        urgent_bytes = self._urgent_sender.bytes_sent
-        self.stats.postcopy_bytes = channel.bytes_sent - postcopy_start + urgent_bytes
-        self.stats.transferred = channel.bytes_sent + urgent_bytes
+        self.stats.postcopy_bytes = self._bytes_moved() - postcopy_start
+        self.stats.transferred = self._bytes_moved()
 
     # -- return path ---------------------------------------------------------------------
 

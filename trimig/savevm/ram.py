@@ -101,6 +101,8 @@ class RamSaver:
         #: Per block, the destination's memory as (pages, TARGET_PAGE_SIZE) rows, when data
         #: pages are written one-sided (RDMA-shaped transport, see attach_regions).
         self._remote: dict[str, np.ndarray] = {}
+        #: Page bytes written one-sided into the destination (not on any channel).
+        self.one_sided_bytes = 0
 
     async def attach_regions(self, regions: RegionRegistry) -> None:
         """From now on write data pages one-sided into the destination's blocks.
@@ -219,6 +221,7 @@ class RamSaver:
             record = self.encoder.encode_written(block.name, first * TARGET_PAGE_SIZE, count)
             channel.put(record)
             moved += len(record) + count * TARGET_PAGE_SIZE
+            self.one_sided_bytes += count * TARGET_PAGE_SIZE
         return moved
 
     def finish_bulk_pass(self) -> None:
