@@ -9,9 +9,10 @@ never resumes it.
 Page requests arrive on the return path. With an urgent (preempt) channel the
 return-path reader sends each requested host page at once on that second
 connection, so a request never waits behind the megabytes of bulk data already
-queued on the main channel; without one the background sender takes requests
-before its next window. Either way the background scan continues from the
-requested page.
+queued on the main channel; it sends it even if the main channel already carries it
+(the destination faulted, so that copy is still on its way, and it drops the second).
+Without one the background sender takes requests before its next window. Either way
+the background scan continues from the requested page.
 
 When both connections have file descriptors the return path is read by an OS thread
 (``read_return_path``, run with ``trimig.threads.run_in_thread``) that answers each
@@ -107,10 +108,14 @@ class UrgentSender:
         """Bytes sent on the urgent channel (by trio or by the thread)."""
         return (self.urgent.bytes_sent if self.urgent is not None else 0) + self._thread_bytes
 
-    def queue_request(self, channel: MigrationChannel, request: PageRequest) -> int:
-        """Put the still-dirty target pages of the requested host page on ``channel``."""
+    def queue_request(
+        self, channel: MigrationChannel, request: PageRequest, *, resend: bool = False
+    ) -> int:
+        """Put the still-dirty target pages of the requested host page on ``channel``;
+        with ``resend`` (the urgent channel) all of them: a page already sent may still
+        be queued behind megabytes of the main channel, and a second copy is dropped."""
         encoder = self.encoder if channel is self.urgent else self.ram.encoder
-        records, data_pages, zero_pages = self._records(request, encoder)
+        records, data_pages, zero_pages = self._records(request, encoder, resend=resend)
         self.ram.stats.normal += data_pages
         self.ram.stats.duplicate += zero_pages
         channel.put_buffers(records)
@@ -123,7 +128,7 @@ class UrgentSender:
         Raises TransportError if the destination takes nothing for URGENT_SEND_TIMEOUT."""
         if self._fd is None:
             raise RuntimeError("send_from_thread needs an urgent channel with a file descriptor")
-        records, data_pages, zero_pages = self._records(request, self.encoder)
+        records, data_pages, zero_pages = self._records(request, self.encoder, resend=True)
         if records:
             self._thread_bytes += write_all(
                 self._fd, records, timeout=URGENT_SEND_TIMEOUT, what="the urgent page channel"
@@ -131,17 +136,21 @@ class UrgentSender:
         return RequestServed(request, data_pages, zero_pages)
 
     def _records(
-        self, request: PageRequest, encoder: codec.RamRecordEncoder
+        self, request: PageRequest, encoder: codec.RamRecordEncoder, *, resend: bool = False
     ) -> tuple[list[Buffer], int, int]:
-        """The records of the requested host page's still-dirty target pages, whose dirty
-        bits this clears, with the counts of data and zero pages among them."""
+        """The records of the requested host page's still-dirty target pages (all of them
+        with ``resend``), whose dirty bits this clears, with the counts of data and zero
+        pages among them."""
         block = self.ram.by_name[request.block]
         first = request.start // TARGET_PAGE_SIZE
         count = request.length // TARGET_PAGE_SIZE
         dirty = self.ram.dirty[block.name][first : first + count]
-        pages = np.flatnonzero(dirty) + first
-        if len(pages) == 0:
-            return [], 0, 0  # already sent: it is in flight on the main channel
+        if resend:
+            pages = np.arange(first, first + count)
+        else:
+            pages = np.flatnonzero(dirty) + first
+            if len(pages) == 0:
+                return [], 0, 0  # already sent: it is in flight on the main channel
         dirty[:] = False
         self.ram.sent[block.name][pages] = True
         rows = block.pages[pages]
@@ -159,7 +168,7 @@ class UrgentSender:
     async def send_now(self, request: PageRequest) -> None:
         """With an urgent channel: send the requested page at once and flush."""
         assert self.urgent is not None
-        if self.queue_request(self.urgent, request):
+        if self.queue_request(self.urgent, request, resend=True):
             await self.urgent.flush()
 
 
