@@ -85,6 +85,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from .demo import running_guest
     from .progress import progress_shown
     from .savevm.outgoing import OutgoingMigration
+    from .transports import parse_uri
+
+    parse_uri(args.uri)  # a bad URI is an error before any guest starts
 
     specs, command = guest_setup(args)
     capabilities, parameters = _migration_settings(args)

@@ -124,6 +124,16 @@ class OutgoingMigration:
             self.stats.remaining = self._ram.remaining_bytes
         return self.stats.query(self.status.value)
 
+    def _failure_reason(self, exc: BaseException) -> str:
+        """Why the migration failed: the destination's own verdict when it sent one first."""
+        reason = str(exc) or type(exc).__name__
+        if self._shut.is_set() and self._shut_status:
+            return (
+                f"the destination refused the stream (SHUT status {self._shut_status}); "
+                f"here: {reason}"
+            )
+        return reason
+
     def _bytes_moved(self) -> int:
         """Bytes moved so far: every channel, and pages written one-sided (QEMU's transferred)."""
         moved = self._channel.bytes_sent if self._channel is not None else 0
@@ -212,7 +222,7 @@ class OutgoingMigration:
             if _is_cancellation(exc):
                 self._set_status(MigrationStatus.CANCELLED)
                 raise
-            self.stats.error_desc = str(exc) or type(exc).__name__
+            self.stats.error_desc = self._failure_reason(exc)
             self._set_status(MigrationStatus.FAILED)
             if isinstance(exc, Exception):
                 raise MigrationFailed(f"migration to {uri} failed: {self.stats.error_desc}") from exc
@@ -484,7 +494,7 @@ class OutgoingMigration:
             thread = functools.partial(
                 read_return_path, fd, serve=self._serve_request_in_thread, deliver=deliver
             )
-            await run_in_thread(thread, task_status=task_status)
+            await run_in_thread(thread, urgent=True, task_status=task_status)
             return
         decoder = codec.ReturnPathDecoder()
         return_path = channel.return_path()
