@@ -13,6 +13,7 @@ import trio
 from trimig.errors import TransportError
 from trimig.threads import (
     LATENCY_SWITCH_INTERVAL,
+    URGENT_NICE,
     StopSignal,
     read_into,
     run_in_thread,
@@ -129,3 +130,17 @@ def test_stream_fd_looks_at_the_class_only() -> None:
     assert stream_fd(Stream()) == 7
     assert stream_fd(Proxy(Stream())) is None  # served through its own methods
     assert stream_fd(object()) is None
+
+
+async def test_an_urgent_thread_runs_at_a_higher_priority_where_allowed() -> None:
+    import os
+
+    def loop(stop: StopSignal) -> tuple[int, int]:
+        return threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    tid, nice = await run_in_thread(loop, urgent=True)
+    if os.geteuid() == 0:
+        assert nice == URGENT_NICE
+    # Given back afterwards: trio reuses its worker threads.
+    assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert (await run_in_thread(loop))[1] == os.getpriority(os.PRIO_PROCESS, 0)

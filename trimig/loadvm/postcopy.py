@@ -153,7 +153,9 @@ class PostcopyIncoming:
         )
         assert self._helpers is not None
         if self._return_path.threadsafe:
-            await self._helpers.start(run_in_thread, self._serve_faults)
+            await self._helpers.start(
+                functools.partial(run_in_thread, self._serve_faults, urgent=True)
+            )
         else:
             await self._helpers.start(self.faults.run)
         self._nursery.start_soon(self._listen_main, channel, decoder)
@@ -338,7 +340,9 @@ class PostcopyIncoming:
             if fd is None:
                 await self._read_urgent(stream)
             else:
-                await run_in_thread(functools.partial(self._read_urgent_in_thread, fd))
+                await run_in_thread(
+                    functools.partial(self._read_urgent_in_thread, fd), urgent=True
+                )
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await stream.aclose()
