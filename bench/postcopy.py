@@ -30,7 +30,8 @@ Figures (per migration; the report gives the median and the range over the round
 * blocktime: ``postcopy-blocktime`` of the destination (time with a fault outstanding),
   with the number of faults it served;
 * downtime: the source's ``downtime`` (guest stopped to the destination's PONG after
-  the package, i.e. the guest runs there);
+  the package, i.e. the guest runs there), and the part of it QEMU calls downtime
+  in postcopy (``stop_to_package``: guest stopped to package sent);
 * total: the source's total time (migrate to completed, SHUT received).
 
 The destination guest is verified after each migration (counters and the whole random
@@ -210,8 +211,16 @@ def source(args: argparse.Namespace) -> None:
             await trio.sleep(args.warmup)
             parameters = MigrationParameters()
             parameters.set("max-postcopy-bandwidth", args.postcopy_bandwidth)
+            package_ns = 0
+
+            def on_event(name: str, data: dict[str, Any]) -> None:
+                nonlocal package_ns
+                if data.get("status") == "postcopy-device":  # set as the package goes out
+                    package_ns = time.monotonic_ns()
+
             outgoing = OutgoingMigration(
-                guest, blocks, capabilities=capabilities(), parameters=parameters
+                guest, blocks, capabilities=capabilities(), parameters=parameters,
+                on_event=on_event,
             )
 
             async def switch_at_once() -> None:
@@ -227,6 +236,7 @@ def source(args: argparse.Namespace) -> None:
             return {
                 "source": outgoing.query(),
                 "total_us": (stats.end_ns - stats.start_ns) // 1000,
+                "stop_to_package_us": (package_ns - stats.downtime_start_ns) // 1000,
                 "machine_cpu_s": busy_cpu_seconds() - busy_before,
                 "cpu_s": own_cpu_seconds() - cpu_before,
             }
@@ -313,7 +323,8 @@ def child(*argv: str, profile: str | None = None) -> Iterator[subprocess.Popen[s
     """Run this script with ``argv``; with ``profile`` (a file), under py-spy (raw stacks)."""
     command = [sys.executable, os.path.abspath(__file__), *argv]
     if profile:
-        command = ["py-spy", "record", "--rate", "1000", "--format", "raw", "--output", profile,
+        command = ["py-spy", "record", "--nonblocking", "--rate", "1000", "--format", "raw",
+                   "--output", profile,
                    "--", *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
@@ -386,6 +397,7 @@ def migrate_once(
         "requests": incoming["postcopy-requests"],
         "blocktime_ms": incoming["postcopy-blocktime"],
         "downtime_ms": info["downtime-us"] / 1000,
+        "stop_to_package_ms": sent["stop_to_package_us"] / 1000,
         "total_ms": sent["total_us"] / 1000,
         "transferred_mib": round(info["ram"]["transferred"] / 2**20, 1),
         "source_cpu_s": round(sent["cpu_s"], 2),
@@ -400,8 +412,8 @@ def migrate_once(
 
 
 SUMMARY = ("latency_p50_us", "latency_p99_us", "latency_avg_us", "requests", "blocktime_ms",
-           "downtime_ms", "total_ms", "transferred_mib", "source_cpu_s", "destination_cpu_s",
-           "other_cpu_s")
+           "downtime_ms", "stop_to_package_ms", "total_ms", "transferred_mib", "source_cpu_s",
+           "destination_cpu_s", "other_cpu_s")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -450,12 +462,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.role == "_guest":
         raise SystemExit(guest(args))
     if os.environ.get("TRIMIG_BENCH_TRACE"):
-        import logging
+        import atexit
 
-        handler = logging.FileHandler(f"{os.environ['TRIMIG_BENCH_TRACE']}.{args.role}")
-        handler.setFormatter(logging.Formatter("%(created).6f %(message)s"))
-        logging.getLogger("trimig.trace").addHandler(handler)
-        logging.getLogger("trimig.trace").setLevel(logging.DEBUG)
+        import trimig.trace
+
+        records: list[tuple[int, str, dict[str, object]]] = []
+
+        def remember(event: str, **fields: object) -> None:
+            records.append((time.monotonic_ns(), event, fields))
+
+        def dump() -> None:
+            with open(f"{os.environ['TRIMIG_BENCH_TRACE']}.{args.role}", "a") as out:
+                for stamp, event, fields in records:
+                    details = " ".join(f"{key}={value}" for key, value in fields.items())
+                    out.write(f"{stamp / 1e9:.6f} {event} {details}\n")
+
+        trimig.trace.trace = remember  # before the engine modules import it
+        atexit.register(dump)
     if args.role == "_destination":
         return destination(args)
     if args.role == "_source":
