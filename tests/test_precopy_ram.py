@@ -236,3 +236,19 @@ async def one_sided_round_trip(
     assert kinds == {"RamWritten", "RamZeroPages", "RamEndOfSection"}
     assert sender.bytes_sent < 64 * PAGE  # records only, no page payloads
     assert np.flatnonzero(loader.written["b"]).tolist() == [3]
+
+
+def test_load_pages_in_any_order() -> None:
+    """A run whose offsets span as many pages as it has but are not in order (valid on the
+    wire) lands page by page, not as a slice."""
+    (block,) = create_blocks([RamBlockSpec("pc.ram", 16 * PAGE)])
+    try:
+        loader = loader_for([block])
+        data = np.random.default_rng(8).integers(0, 256, (3, PAGE), dtype=np.uint8)
+        offsets = np.array([5 * PAGE, 4 * PAGE, 7 * PAGE], dtype=np.uint64)
+        loader.load_pages(codec.RamPages("pc.ram", offsets, data))
+        assert np.array_equal(block.pages[[5, 4, 7]], data)
+        assert not block.pages[6].any()
+        assert np.flatnonzero(loader.written["pc.ram"]).tolist() == [4, 5, 7]
+    finally:
+        block.close()
