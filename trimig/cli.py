@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 def _add_guest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ram", default="1G", help="main RAM block size (default 1G)")
     parser.add_argument(
-        "--huge", default="0", help="size of an extra hugetlb (2 MiB pages) RAM block (default none)"
+        "--huge",
+        default="0",
+        help="size of an extra hugetlb (2 MiB pages) RAM block (default none)",
     )
     parser.add_argument(
         "--dirty-rate",
         default="256M",
-        help="bytes per second the built-in guest dirties; 'max' for as fast as it can (default 256M)",
+        help="bytes/s the built-in guest dirties; 'max' for as fast as it can (default 256M)",
     )
     parser.add_argument(
         "--fill", choices=("random", "zero"), default="random", help="initial RAM contents"
@@ -42,11 +44,15 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
 def _add_migration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bandwidth", default="0", help="bytes/s, 0 = unlimited (default)")
     parser.add_argument("--downtime-limit", type=int, default=300, help="ms (default 300)")
-    parser.add_argument("--postcopy", action="store_true", help="switch to postcopy after the first pass")
+    parser.add_argument(
+        "--postcopy", action="store_true", help="switch to postcopy after the first pass"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
-def _migration_settings(args: argparse.Namespace) -> tuple[MigrationCapabilities, MigrationParameters]:
+def _migration_settings(
+    args: argparse.Namespace,
+) -> tuple[MigrationCapabilities, MigrationParameters]:
     capabilities = MigrationCapabilities()
     parameters = MigrationParameters()
     parameters.set("max-bandwidth", parse_rate(args.max_bandwidth, what="--max-bandwidth"))
@@ -78,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--qmp", required=True, metavar="unix:PATH", help="QMP control socket")
     run.add_argument(
-        "--incoming", metavar="URI|defer", help="wait for a migration (on URI, or after migrate-incoming)"
+        "--incoming",
+        metavar="URI|defer",
+        help="wait for a migration (on URI, or after migrate-incoming)",
     )
     _add_guest_options(run)
     run.set_defaults(handler=_cmd_run)

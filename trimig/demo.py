@@ -28,8 +28,6 @@ from .transports import MemoryFabric
 log = logging.getLogger("trimig.demo")
 
 
-
-
 @attrs.define
 class LocalMigrationResult:
     """What a local migration produced: both sides' view and the destination guest's verdict."""
@@ -124,7 +122,10 @@ async def migrate_locally(
             specs, guest_command=command, capabilities=capabilities, listen_options=options
         )
         try:
-            async with running_guest(specs, command) as (guest, blocks), trio.open_nursery() as nursery:
+            async with (
+                running_guest(specs, command) as (guest, blocks),
+                trio.open_nursery() as nursery,
+            ):
                 address = await nursery.start(receive, incoming, listen_uri)
                 await trio.sleep(warmup)
                 outgoing = OutgoingMigration(
@@ -138,8 +139,9 @@ async def migrate_locally(
                 async with shown:
                     await outgoing.run(connect_uri.format(address=address))
                 await incoming.status.wait_value(
-                    lambda status: not status.is_running
-                    or status is MigrationStatus.POSTCOPY_PAUSED
+                    lambda status: (
+                        not status.is_running or status is MigrationStatus.POSTCOPY_PAUSED
+                    )
                 )
             verdict = await verify_destination(incoming, run_after)
             return LocalMigrationResult(outgoing.query(), incoming.query(), verdict)

@@ -11,7 +11,6 @@ import attrs
 from .errors import ConfigError
 from .units import parse_rate
 
-
 #: The transports a migration can use, by name (``trimig demo --transport``).
 TRANSPORT_NAMES = ("unix", "tcp", "exec", "rdma")
 

@@ -80,8 +80,15 @@ def statistics_table(info: dict[str, Any], extra: dict[str, Any] | None = None) 
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    if key in ("transferred", "remaining", "total", "normal-bytes", "precopy-bytes",
-               "downtime-bytes", "postcopy-bytes"):
+    if key in (
+        "transferred",
+        "remaining",
+        "total",
+        "normal-bytes",
+        "precopy-bytes",
+        "downtime-bytes",
+        "postcopy-bytes",
+    ):
         return f"{value} ({format_size(value)})"
     if key.endswith("time") or key in ("downtime", "expected-downtime"):
         return f"{value} ms"

@@ -1,4 +1,5 @@
-"""The two-process flow: ``trimig incoming URI`` on one side, ``trimig migrate URI`` on the other."""
+"""The two-process flow: ``trimig incoming URI`` on one side, ``trimig migrate URI`` on the other.
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,9 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
 
 
 def parse_rate(text: str | int, *, what: str = "rate") -> int:
-    """Parse a rate in bytes per second (``"100M"``, ``"1G/s"``); ``"max"`` and ``0`` mean unlimited (0)."""
+    """Parse a rate in bytes per second (``"100M"``, ``"1G/s"``).
+
+    ``"max"`` and ``0`` mean unlimited, returned as 0."""
     if isinstance(text, str):
         stripped = text.strip().lower()
         if stripped in ("max", "unlimited", "inf"):

@@ -22,12 +22,12 @@ from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationStatus
-from ..ram import RamBlock, RamBlockSpec, create_blocks
 from ..postcopy import PostcopyState
+from ..ram import RamBlock, RamBlockSpec, create_blocks
+from ..trace import trace
 from ..transports import ByteStream, Listener, listen
 from .postcopy import PostcopyIncoming
 from .ram import RamLoader
-from ..trace import trace
 from .reader import ReturnPathWriter, next_event
 
 log = logging.getLogger("trimig.loadvm")
@@ -108,7 +108,7 @@ class IncomingMigration:
         )
 
     def take_guest(self) -> tuple[GuestProcess, list[RamBlock]]:
-        """After completion: hand the running guest and its blocks to the caller, who closes them."""
+        """After completion: hand the running guest and its blocks (the caller closes them)."""
         if self.guest is None or self.status.value is not MigrationStatus.COMPLETED:
             raise RuntimeError("the incoming migration has not completed")
         guest, blocks = self.guest, self.blocks
@@ -159,7 +159,10 @@ class IncomingMigration:
                 async with trio.open_nursery() as nursery:
                     self._set_status(MigrationStatus.ACTIVE)
                     await self._load(channel, nursery, listener)
-                    if self._postcopy is not None and self._postcopy.state.state >= PostcopyState.LISTENING:
+                    if (
+                        self._postcopy is not None
+                        and self._postcopy.state.state >= PostcopyState.LISTENING
+                    ):
                         await self._finish_postcopy(self._postcopy)
                     else:
                         await self._start_guest()

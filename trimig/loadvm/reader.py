@@ -13,8 +13,9 @@ from ..errors import TransportError
 from ..threads import stream_fd, write_all
 
 
-async def next_event(decoder: DecoderBase[codec.StreamEvent] | DecoderBase[codec.RamEvent],
-                     channel: MigrationChannel) -> object:
+async def next_event(
+    decoder: DecoderBase[codec.StreamEvent] | DecoderBase[codec.RamEvent], channel: MigrationChannel
+) -> object:
     """The decoder's next event, reading from ``channel`` as needed (EOF is fed to the decoder)."""
     while True:
         event = decoder.next_event()
@@ -55,9 +56,10 @@ class ReturnPathWriter:
     async def send(self, message: bytes) -> None:
         async with self._lock:
             self._channel.put(message)
-            with trio.CancelScope(shield=True), trio.move_on_after(
-                RETURN_PATH_SEND_TIMEOUT
-            ) as bound:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(RETURN_PATH_SEND_TIMEOUT) as bound,
+            ):
                 while not self._write_lock.acquire(blocking=False):
                     await trio.sleep(_THREAD_WRITE_POLL)
                 try:
@@ -76,6 +78,4 @@ class ReturnPathWriter:
         if self._fd is None:
             raise RuntimeError("send_from_thread needs a return path with a file descriptor")
         with self._write_lock:
-            write_all(
-                self._fd, [message], timeout=RETURN_PATH_SEND_TIMEOUT, what="the return path"
-            )
+            write_all(self._fd, [message], timeout=RETURN_PATH_SEND_TIMEOUT, what="the return path")

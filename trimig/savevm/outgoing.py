@@ -165,7 +165,10 @@ class OutgoingMigration:
     # -- the migration -------------------------------------------------------------------
 
     async def run(self, uri: str) -> None:
-        """Migrate the guest to ``uri``. Returns when completed; raises MigrationFailed or Cancelled."""
+        """Migrate the guest to ``uri``. Returns once completed.
+
+        Raises MigrationFailed (the guest runs on here), MigrationPaused (postcopy broke
+        after the switch) or Cancelled."""
         if self.status.value is not MigrationStatus.NONE:
             raise ConfigError("an OutgoingMigration runs once; create a new one")
         self._set_status(MigrationStatus.SETUP)
@@ -225,7 +228,8 @@ class OutgoingMigration:
             self.stats.error_desc = self._failure_reason(exc)
             self._set_status(MigrationStatus.FAILED)
             if isinstance(exc, Exception):
-                raise MigrationFailed(f"migration to {uri} failed: {self.stats.error_desc}") from exc
+                reason = self.stats.error_desc
+                raise MigrationFailed(f"migration to {uri} failed: {reason}") from exc
             raise
         else:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
@@ -612,7 +616,8 @@ class OutgoingMigration:
             raise self._return_path_error
         if self._shut_status:
             raise RemoteProtocolError(
-                f"destination reported an error loading the stream (SHUT status {self._shut_status})"
+                "destination reported an error loading the stream "
+                f"(SHUT status {self._shut_status})"
             )
 
 
@@ -637,5 +642,5 @@ def _is_cancellation(exc: BaseException) -> bool:
     """True for trio.Cancelled, or a group made only of them (a cancelled nursery)."""
     if isinstance(exc, trio.Cancelled):
         return True
-    group = getattr(exc, "exceptions", None)
+    group: tuple[BaseException, ...] = getattr(exc, "exceptions", None) or ()
     return bool(group) and all(_is_cancellation(inner) for inner in group)
