@@ -29,7 +29,7 @@ from ..transports.base import RegionRegistry
 from ..transports.gather import IoVector
 
 #: Target pages per send window: one 2 MiB host page, so a hugetlb host page is never
-#: split across windows, and 2 x 512 iovecs fit one sendmsg.
+#: split across windows, and 2 x 512 iovecs fit one writev.
 WINDOW_PAGES = 512
 WINDOW_BYTES = WINDOW_PAGES * TARGET_PAGE_SIZE
 #: zero_pages samples the first line of every this many pages of a run to guess a zero run.
