@@ -122,6 +122,25 @@ UffdEvent = PageFault | ForkEvent | RemapEvent | RemoveEvent
 
 _MSG_SIZE = ffi.sizeof("struct uffd_msg")
 _READ_BATCH = 128  # messages per read(2)
+
+# cffi parses a C type string the first time it is used, about 0.4 ms each here: parse
+# this module's now, at import, instead of inside a guest's register-missing or on the
+# first page a postcopy destination places (both count in the switch-over's downtime).
+for _declaration in (
+    "struct uffdio_api *",
+    "struct uffdio_register *",
+    "struct uffdio_range *",
+    "struct uffdio_copy *",
+    "struct uffdio_zeropage *",
+    "struct uffdio_writeprotect *",
+    "struct uffdio_continue *",
+    "struct uffdio_move *",
+    f"struct uffd_msg[{_READ_BATCH}]",
+    "unsigned long",
+    "int",
+):
+    ffi.typeof(_declaration)
+del _declaration
 #: How often an ioctl that makes no progress (EAGAIN: the mappings are changing) is retried.
 EAGAIN_RETRIES = 1000
 
