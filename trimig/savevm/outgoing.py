@@ -428,16 +428,21 @@ class OutgoingMigration:
         self._set_status(MigrationStatus.DEVICE)
         bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
-        dirty_log.collect(ram.dirty)  # exact: the guest is stopped
-        self.stats.dirty_sync_count += 1
-        ram.finish_bulk_pass()
-        ram.encoder.reset()
-        discards = discard_commands(ram)
-        for command in discards:
-            channel.put(command)
-        trace("postcopy_discard", commands=len(discards), dirty_pages=ram.dirty_pages)
-        channel.put(codec.encode_ping(PING_AFTER_DISCARD))
-        state = await self.guest.save_state()
+        saved: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            # The guest saves its state while the dirty log is synced and the discards built.
+            nursery.start_soon(self._save_state_into, saved)
+            await trio.lowlevel.checkpoint()  # the save-state request goes out now
+            dirty_log.collect(ram.dirty)  # exact: the guest is stopped
+            self.stats.dirty_sync_count += 1
+            ram.finish_bulk_pass()
+            ram.encoder.reset()
+            discards = discard_commands(ram)
+            for command in discards:
+                channel.put(command)
+            trace("postcopy_discard", commands=len(discards), dirty_pages=ram.dirty_pages)
+            channel.put(codec.encode_ping(PING_AFTER_DISCARD))
+        state = saved[0]
         device = codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state)
         self._check_return_path()
         # postcopy-device: until PONG(0x42) says the destination loaded the package (and is
@@ -476,6 +481,9 @@ class OutgoingMigration:
         await self._wait_for_shut()
         self.stats.postcopy_bytes = self._bytes_moved() - postcopy_start
         self.stats.transferred = self._bytes_moved()
+
+    async def _save_state_into(self, saved: list[bytes]) -> None:
+        saved.append(await self.guest.save_state())
 
     # -- return path ---------------------------------------------------------------------
 
