@@ -391,8 +391,9 @@ def migrate_once(
     info = sent["source"]
     touches = [value for value in verdict.get("touch_ns", []) if value >= FAULTED_NS]
     return {
-        "latency_p50_us": incoming["x-postcopy-latency-p50"] / 1000,
-        "latency_p99_us": incoming["x-postcopy-latency-p99"] / 1000,
+        # (NaN from an engine without the percentiles: an older trimig on PYTHONPATH)
+        "latency_p50_us": incoming.get("x-postcopy-latency-p50", float("nan")) / 1000,
+        "latency_p99_us": incoming.get("x-postcopy-latency-p99", float("nan")) / 1000,
         "latency_avg_us": incoming["postcopy-latency"] / 1000,
         "requests": incoming["postcopy-requests"],
         "blocktime_ms": incoming["postcopy-blocktime"],
