@@ -139,13 +139,23 @@ class PostcopyIncoming:
         """
         self.state.on_listen()
         trace("postcopy_listen")
-        await self.guest.attach(self.blocks, "postcopy")
-        self._uffd, addresses = await self.guest.register_missing()
+        registered: list[tuple[Userfaultfd, list[int]]] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                # The guest attaches and registers while the zero holes are worked out (a
+                # millisecond or more of the switch-over's downtime each).
+                nursery.start_soon(self._attach_guest, registered)
+                await trio.lowlevel.checkpoint()
+                self._zero_holes = self.ram.take_zero_holes()
+        except BaseException:
+            for uffd, _ in registered:
+                uffd.close()
+            raise
+        self._uffd, addresses = registered[0]
         guest_blocks = [
             GuestRamBlock(block.name, address, block.size, block.page_size, block.fd)
             for block, address in zip(self.blocks, addresses, strict=True)
         ]
-        self._zero_holes = self.ram.take_zero_holes()
         received = self.ram.received
         self.faults = FaultHandler(self._uffd, guest_blocks, received, self._request_page)
         self.placer = PagePlacer(
@@ -160,6 +170,11 @@ class PostcopyIncoming:
             await self._helpers.start(self.faults.run)
         self._nursery.start_soon(self._listen_main, channel, decoder)
         self._listening.set()
+
+    async def _attach_guest(self, registered: list[tuple[Userfaultfd, list[int]]]) -> None:
+        """Attach the guest's blocks for postcopy and take its MISSING userfaultfd."""
+        await self.guest.attach(self.blocks, "postcopy")
+        registered.append(await self.guest.register_missing())
 
     async def run_guest(self) -> None:
         """POSTCOPY_RUN: the guest runs here from now on, faulting in what is missing."""
