@@ -8,8 +8,10 @@ switch to the destination: running if it ran, with dirty tracking undone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -496,17 +498,25 @@ class OutgoingMigration:
         """Read return-path messages until SHUT or the stream ends. Lives in run()'s nursery.
 
         Over a file descriptor an OS thread reads them (``read_return_path``): it answers
-        page requests on a threaded urgent channel itself and posts the rest here.
+        page requests on a threaded urgent channel itself and posts the rest to this task,
+        which acts on them as the trio reader would (so not once it is cancelled).
         """
         fd = stream_fd(channel.stream)
         if fd is not None:
+            posted, items = trio.open_memory_channel[object](math.inf)
             deliver = functools.partial(
-                trio.lowlevel.current_trio_token().run_sync_soon, self._return_path_item
+                trio.lowlevel.current_trio_token().run_sync_soon, _post, posted
             )
             thread = functools.partial(
                 read_return_path, fd, serve=self._serve_request_in_thread, deliver=deliver
             )
-            await run_in_thread(thread, urgent=True, task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(run_in_thread, thread, urgent=True))
+                task_status.started()
+                async for item in items:
+                    if self._return_path_item(item):
+                        break
+                nursery.cancel_scope.cancel()
             return
         decoder = codec.ReturnPathDecoder()
         return_path = channel.return_path()
@@ -552,12 +562,9 @@ class OutgoingMigration:
         self._shut.set()
         self._work.cancel()
 
-    def _return_path_item(self, item: object) -> None:
-        """Run by trio for the return-path thread: a message, a request it answered, or
-        the error that ended the path. Once the path has failed the rest is ignored (the
-        first error is the one reported)."""
-        if self._return_path_error is not None:
-            return
+    def _return_path_item(self, item: object) -> bool:
+        """Act on what the return-path thread posted: a message, a request it answered,
+        or the error that ended the path. True once the path has ended (SHUT, an error)."""
         try:
             if isinstance(item, (RemoteProtocolError, TransportError)):
                 raise item
@@ -565,13 +572,15 @@ class OutgoingMigration:
                 self.stats.normal += item.data_pages
                 self.stats.duplicate += item.zero_pages
                 self._request_taken(item.request)
-            elif isinstance(item, codec.ReqPages):
+                return False
+            if isinstance(item, codec.ReqPages):
                 assert self._requests is not None
                 self._requests.push(self._accept_request(item))
-            else:
-                self._return_path_message(item)
+                return False
+            return self._return_path_message(item)
         except (RemoteProtocolError, TransportError) as exc:
             self._return_path_failed(exc)
+            return True
 
     def _pong(self, value: int) -> trio.Event:
         return self._pongs.setdefault(value, trio.Event())
@@ -627,6 +636,12 @@ class OutgoingMigration:
                 "destination reported an error loading the stream "
                 f"(SHUT status {self._shut_status})"
             )
+
+
+def _post(channel: trio.MemorySendChannel[object], item: object) -> None:
+    """Hand a return-path item to its task (run by trio; dropped once that task is gone)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        channel.send_nowait(item)
 
 
 def _forget_locals(exc: BaseException) -> None:
