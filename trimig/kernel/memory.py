@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import mmap
 import os
-from types import TracebackType
 from typing import Any
 
 from ..errors import ConfigError, KernelError
 from ._ffi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, errno, ffi, libc
+from ._owned import ClosesOnExit
 
 PAGE_SIZE: int = mmap.PAGESIZE
 HUGE_PAGE_SIZE: int = 2 * 1024 * 1024
@@ -72,7 +72,7 @@ def buffer_address(buf: Any) -> int:
         return int(ffi.cast("uintptr_t", cdata))
 
 
-class Mapping:
+class Mapping(ClosesOnExit):
     """A shared read-write mapping (``MAP_SHARED``) of ``length`` bytes of ``fd`` at ``offset``.
 
     A thin wrapper over :class:`mmap.mmap`. ``close()`` unmaps; it raises ``BufferError``
@@ -152,17 +152,6 @@ class Mapping:
             self._view = memoryview(self._mmap)
             raise
         self._mmap = None
-
-    def __enter__(self) -> Mapping:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._mmap is None else f"at {self.address:#x}"

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
-from types import TracebackType
 
 import numpy as np
 
 from ..errors import ConfigError, KernelError, MissingKernelFeature
 from . import _ffi
 from ._ffi import errno, ffi, libc
+from ._owned import OwnedFd
 from .memory import PAGE_SIZE
 
 #: page_region entries the kernel may fill per ioctl (the scan loops when it is full).
@@ -29,7 +29,7 @@ _EMPTY = np.empty((0, 2), dtype=np.uint64)
 _EMPTY.flags.writeable = False
 
 
-class PagemapScanner:
+class PagemapScanner(OwnedFd):
     """Scans the written pages of process ``pid`` (``"self"`` works too) through
     ``/proc/PID/pagemap``. Not thread-safe: one scan at a time per scanner.
     Also a context manager."""
@@ -135,22 +135,6 @@ class PagemapScanner:
         if error == errno_codes.EPERM:
             detail += ": part of it is not registered with a WP_ASYNC userfaultfd"
         raise KernelError("PAGEMAP_SCAN", error, detail)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> PagemapScanner:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<PagemapScanner pid={self.pid} fd={self._fd}>"

@@ -17,7 +17,6 @@ import enum
 import errno as errno_codes
 import os
 import time
-from types import TracebackType
 from typing import Any
 
 import attrs
@@ -25,6 +24,7 @@ import attrs
 from ..errors import ConfigError, KernelError, MissingKernelFeature
 from . import _ffi
 from ._ffi import errno, ffi, libc
+from ._owned import OwnedFd
 from .memory import PAGE_SIZE
 
 
@@ -205,7 +205,7 @@ def _check_range(what: str, address: int, length: int, alignment: int = PAGE_SIZ
         )
 
 
-class Userfaultfd:
+class Userfaultfd(OwnedFd):
     """A userfaultfd. Create one with :meth:`create` or adopt a received fd with
     :meth:`from_fd`; call :meth:`api` once, then register ranges. Closing it (or
     :meth:`close`, or leaving the ``with`` block) unregisters everything and wakes
@@ -252,26 +252,6 @@ class Userfaultfd:
         if self._fd < 0:
             raise ValueError("the userfaultfd is closed")
         return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> Userfaultfd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Userfaultfd fd={self._fd} features={self.features!r}>"
