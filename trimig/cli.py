@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._trio import open_nursery
 from .errors import ConfigError, TrimigError
 from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParameters
 from .units import parse_rate, parse_size
@@ -186,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     async def serve() -> None:
         async with (
             open_engine(specs, command, incoming=args.incoming is not None) as engine,
-            trio.open_nursery() as nursery,
+            open_nursery() as nursery,
         ):
             await nursery.start(QmpServer(engine).serve_unix, path)
             if args.incoming and args.incoming != "defer":
@@ -202,7 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
 
                 async def stop_on_signal() -> None:
                     async for signum in signals:

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import trio
 
+from ._trio import open_nursery
 from .errors import ConfigError, TrimigError
 from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
@@ -124,7 +125,7 @@ async def migrate_locally(
         try:
             async with (
                 running_guest(specs, command) as (guest, blocks),
-                trio.open_nursery() as nursery,
+                open_nursery() as nursery,
             ):
                 address = await nursery.start(receive, incoming, listen_uri)
                 await trio.sleep(warmup)

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from ._trio import open_nursery
 from .errors import ConfigError
 from .guest.host import GuestProcess
 from .loadvm.incoming import IncomingMigration
@@ -204,7 +205,7 @@ class Engine:
         with trio.CancelScope() as scope:
             self._migration_scope = scope
             try:
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     self.incoming_address = await nursery.start(incoming.listen_and_run, uri)
                     listening = True
                     log.info("incoming migration listening on %s", self.incoming_address)
@@ -300,7 +301,7 @@ async def open_engine(
     """
     engine: Engine | None = None
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             engine = Engine(nursery, specs, guest_command, incoming=incoming)
             try:
                 if not incoming:

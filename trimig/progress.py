@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import trio
 
+from ._trio import open_nursery
 from .units import format_size
 
 BAR_WIDTH = 28
@@ -54,7 +55,7 @@ async def show_progress(
 @asynccontextmanager
 async def progress_shown(query: Callable[[], dict[str, Any]]) -> AsyncIterator[None]:
     """Show the progress line for the body of the ``async with``; the last line stays."""
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         nursery.start_soon(show_progress, query)
         try:
             yield

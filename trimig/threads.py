@@ -49,6 +49,7 @@ from typing import TypeVar
 
 import trio
 
+from ._trio import open_nursery
 from .errors import TransportError
 from .transports.base import Buffer, byte_buffers
 
@@ -108,7 +109,7 @@ async def run_in_thread(
 
     stop = StopSignal()
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
 
             async def stop_when_cancelled() -> None:
                 try:
@@ -118,7 +119,9 @@ async def run_in_thread(
 
             nursery.start_soon(stop_when_cancelled)
             task_status.started()
-            result = await trio.to_thread.run_sync(thread_main, stop, cancellable=False)
+            # Not abandoned when cancelled (trio's default, so no keyword: it was renamed in
+            # 0.23): the loop returns once stop is set.
+            result = await trio.to_thread.run_sync(thread_main, stop)
             nursery.cancel_scope.cancel()
         return result
     finally:

@@ -10,6 +10,8 @@ from typing import Any
 
 import trio
 
+from ._trio import open_nursery
+
 OptionAdder = Callable[[argparse.ArgumentParser], None]
 
 
@@ -58,7 +60,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     async def main() -> dict[str, Any]:
         incoming = IncomingMigration(specs, guest_command=command, capabilities=capabilities)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 address = await nursery.start(receive, incoming, args.uri)
                 print(f"trimig: listening on {address}", file=sys.stderr, flush=True)
             verdict = await verify_destination(incoming, args.run_after)

@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 import trio
 
+from trimig._trio import open_nursery
 from trimig.errors import GuestError, RemoteProtocolError
 from trimig.postcopy.bitmaps import ReceivedBitmap
 from trimig.postcopy.blocks import TARGET_PAGE_SIZE, PageRequest
@@ -261,7 +262,7 @@ async def test_fault_outside_every_block_is_a_guest_error(
 
     handler = FaultHandler(guest.uffd, known, ReceivedBitmap(known), request_page)
     with trio.fail_after(TIMEOUT), pytest.raises(GuestError, match="outside every registered"):
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             await nursery.start(handler.run)
             nursery.start_soon(guest.digest, "b", [0], PAGE)
     # (the child stays blocked on the fault until the fixture closes the uffd)

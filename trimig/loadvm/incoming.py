@@ -17,6 +17,7 @@ import trio
 from trio_util import AsyncValue
 
 from .. import codec
+from .._trio import open_nursery
 from ..channel import MigrationChannel
 from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError
@@ -156,7 +157,7 @@ class IncomingMigration:
             try:
                 await self._prepare()
                 channel = MigrationChannel(stream)
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     self._set_status(MigrationStatus.ACTIVE)
                     await self._load(channel, nursery, listener)
                     if (

@@ -29,6 +29,7 @@ import numpy.typing as npt
 import trio
 
 from .. import codec
+from .._trio import open_nursery
 from ..channel import READ_CHUNK, MigrationChannel
 from ..errors import RemoteProtocolError, TransportError
 from ..guest.host import GuestProcess
@@ -141,7 +142,7 @@ class PostcopyIncoming:
         trace("postcopy_listen")
         registered: list[tuple[Userfaultfd, list[int]]] = []
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 # The guest attaches and registers while the zero holes are worked out (a
                 # millisecond or more of the switch-over's downtime each).
                 nursery.start_soon(self._attach_guest, registered)
@@ -214,7 +215,7 @@ class PostcopyIncoming:
         """Own the fault handler and the urgent reader, so ``finish`` can stop and await them."""
         try:
             with self._helpers_scope:
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     self._helpers = nursery
                     task_status.started()
                     await trio.sleep_forever()

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import trio
 
+from .._trio import open_nursery
 from ..errors import ConfigError, TransportError, TrimigError
 from ..units import format_size
 from . import commands
@@ -445,7 +446,7 @@ async def watch_migration(
         except TransportError:
             return  # follow_events sees the subscription end and reports it
 
-    async with client.events() as events, trio.open_nursery() as nursery:
+    async with client.events() as events, open_nursery() as nursery:
         nursery.start_soon(follow_events, events)
         nursery.start_soon(poll_periodically)
         await finished.wait()

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from .._trio import open_nursery
 from ..errors import RemoteProtocolError, TransportError
 from .protocol import (
     NEED_DATA,
@@ -212,7 +213,7 @@ async def open_client(
         connection = _Connection(stream)
         greeting = await _handshake(connection, negotiate=negotiate)
         client = QmpClient(connection, greeting)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(client._read_messages)
             try:
                 yield client

@@ -21,6 +21,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from .._trio import open_nursery
 from ..errors import ConfigError, TransportError
 from . import commands
 from .api import EngineControl
@@ -103,7 +104,7 @@ class QmpServer:
         listen_socket = await _bind_unix(path)
         identity = os.stat(path)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 listener = trio.SocketListener(listen_socket)
                 task_status.started(path)
                 try:
@@ -132,7 +133,7 @@ class QmpServer:
         session = _Session(stream, name=f"qmp-client-{id(stream):x}")
         logger.debug("%s connected", session.name)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 try:
                     await session.send(greeting_message(commands.version_info(), []))
                     await self._receive_loop(session, nursery)
@@ -224,7 +225,7 @@ class QmpServer:
         with EVENT_QUEUE_LIMIT unsent events is disconnected.
         """
         queue_send, queue_receive = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE_LIMIT)
-        async with self._engine.subscribe_events() as events, trio.open_nursery() as nursery:
+        async with self._engine.subscribe_events() as events, open_nursery() as nursery:
             nursery.start_soon(self._write_events, session, queue_receive)
             task_status.started()
             async with queue_send:

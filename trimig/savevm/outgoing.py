@@ -21,6 +21,7 @@ import trio
 from trio_util import AsyncValue
 
 from .. import codec
+from .._trio import open_nursery, sole_error
 from ..channel import MigrationChannel, RateLimiter
 from ..errors import (
     ConfigError,
@@ -188,7 +189,7 @@ class OutgoingMigration:
                 channel = self._channel = MigrationChannel(stream)
                 uffd, addresses = await self.guest.track_dirty()
                 dirty_log = DirtyLog(self.guest.pid, self.blocks, addresses, uffd)
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     if self.capabilities.wants_return_path:
                         await nursery.start(self._read_return_path, channel)
                     with self._work:
@@ -224,7 +225,7 @@ class OutgoingMigration:
                     ) from exc
                 raise
             await self._recover_source(dirty_log)
-            if _is_cancellation(exc):
+            if isinstance(sole_error(exc), trio.Cancelled):
                 self._set_status(MigrationStatus.CANCELLED)
                 raise
             self.stats.error_desc = self._failure_reason(exc)
@@ -431,7 +432,7 @@ class OutgoingMigration:
         bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
         saved: list[bytes] = []
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             # The guest saves its state while the dirty log is synced and the discards built.
             nursery.start_soon(self._save_state_into, saved)
             await trio.lowlevel.checkpoint()  # the save-state request goes out now
@@ -510,7 +511,7 @@ class OutgoingMigration:
             thread = functools.partial(
                 read_return_path, fd, serve=self._serve_request_in_thread, deliver=deliver
             )
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(functools.partial(run_in_thread, thread, urgent=True))
                 task_status.started()
                 async for item in items:
@@ -659,11 +660,3 @@ def _forget_locals(exc: BaseException) -> None:
         traceback.clear_frames(error.__traceback__)
         pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
         pending.extend(getattr(error, "exceptions", ()))
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    """True for trio.Cancelled, or a group made only of them (a cancelled nursery)."""
-    if isinstance(exc, trio.Cancelled):
-        return True
-    group: tuple[BaseException, ...] = getattr(exc, "exceptions", None) or ()
-    return bool(group) and all(_is_cancellation(inner) for inner in group)

@@ -32,6 +32,7 @@ import numpy as np
 import trio
 
 from .. import codec
+from .._trio import open_nursery
 from ..channel import MigrationChannel, RateLimiter
 from ..errors import RemoteProtocolError, TransportError
 from ..postcopy import PageRequest, PageRequestQueue, canonicalize, dirty_ranges
@@ -243,7 +244,7 @@ async def send_background(
 
 async def _wait_for_either(event: trio.Event, requests: PageRequestQueue) -> None:
     """Return once ``event`` is set or a request is queued."""
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
 
         async def wait_then_cancel(wait: Callable[[], Awaitable[object]]) -> None:
             await wait()
