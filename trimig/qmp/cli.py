@@ -37,6 +37,9 @@ from .client import QmpClient, connect_unix
 from .protocol import Event, QmpError
 from .schema import String
 
+#: Seconds ``watch`` waits, after a query reported the end, for the final MIGRATION event.
+FINAL_EVENT_GRACE = 1.0
+
 #: Statuses after which a migration will not change any more.
 FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
@@ -411,6 +414,7 @@ async def watch_migration(
     passes: int | None = None
     info: dict[str, Any] = {}
     finished = trio.Event()
+    final_event = trio.Event()  # the MIGRATION event with a finished status
 
     async def poll() -> dict[str, Any]:
         nonlocal info
@@ -433,6 +437,8 @@ async def watch_migration(
                 )
             if event.name == "MIGRATION_PASS":
                 passes = event.data.get("pass", passes)
+            if event.name == "MIGRATION" and event.data.get("status") in FINISHED_STATUSES:
+                final_event.set()
             if event.name in ("MIGRATION", "MIGRATION_PASS"):
                 await poll()
         if not finished.is_set():
@@ -450,6 +456,10 @@ async def watch_migration(
         nursery.start_soon(follow_events, events)
         nursery.start_soon(poll_periodically)
         await finished.wait()
+        # A query can report the end before its MIGRATION event has reached us: give the
+        # event a moment, so the event stream ends with it (it never comes with events off).
+        with trio.move_on_after(FINAL_EVENT_GRACE):
+            await final_event.wait()
         nursery.cancel_scope.cancel()
     if not json_output:
         progress.finish(info, passes)
