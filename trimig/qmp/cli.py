@@ -437,10 +437,10 @@ async def watch_migration(
                 )
             if event.name == "MIGRATION_PASS":
                 passes = event.data.get("pass", passes)
-            if event.name == "MIGRATION" and event.data.get("status") in FINISHED_STATUSES:
-                final_event.set()
             if event.name in ("MIGRATION", "MIGRATION_PASS"):
                 await poll()
+            if event.name == "MIGRATION" and event.data.get("status") in FINISHED_STATUSES:
+                final_event.set()  # after its poll: the output ends with the final statistics
         if not finished.is_set():
             raise TrimigError(f"QMP connection ended: {client.closed_reason}")
 
