@@ -210,11 +210,14 @@ class GuestProcess:
                     grace = True
                 except GuestError:
                     grace = False
-            self._close_socket()
             endings = (None, self._process.terminate, self._process.kill)
-            for ending in endings if grace else endings[1:]:
+            for step, ending in enumerate(endings if grace else endings[1:]):
                 if ending is not None and self._process.returncode is None:
                     ending()
+                if step == 0:
+                    # After the SIGTERM of an unresponsive guest, not before: a guest that
+                    # sees its socket close may exit on its own first.
+                    self._close_socket()
                 with trio.move_on_after(CLOSE_STEP_TIMEOUT):
                     await self._process.wait()
                 if self._process.returncode is not None:
