@@ -48,7 +48,7 @@ from .postcopy import (
     read_return_path,
     send_background,
 )
-from .ram import DirtyLog, RamSaver
+from .ram import DirtyLog, RamSaver, send_part
 
 log = logging.getLogger("trimig.savevm")
 
@@ -298,7 +298,14 @@ class OutgoingMigration:
                 # migrate-start-postcopy takes effect before the next slice, as in QEMU.
                 await self._run_postcopy(channel, ram, dirty_log, uri)
                 return
-            finished_pass = await self._send_part(channel, ram)
+            finished_pass = await send_part(
+                channel,
+                ram,
+                self._limiter,
+                section_id=RAM_SECTION_ID,
+                flush_bytes=FLUSH_BYTES,
+                slice_seconds=ITERATION_SLICE,
+            )
             if not finished_pass:
                 continue
             # A whole pass is out: sync the dirty log and decide.
@@ -310,8 +317,13 @@ class OutgoingMigration:
                 bulk_pass = False
             newly = dirty_log.collect(ram.dirty)
             self.stats.dirty_sync_count += 1
-            trace("dirty_sync", count=self.stats.dirty_sync_count, newly_dirty=newly,
-                  remaining=ram.remaining_bytes, bandwidth=int(self.stats.bandwidth))
+            trace(
+                "dirty_sync",
+                count=self.stats.dirty_sync_count,
+                newly_dirty=newly,
+                remaining=ram.remaining_bytes,
+                bandwidth=int(self.stats.bandwidth),
+            )
             self.stats.dirty_pages_rate = int(newly / elapsed)
             self.stats.remaining = ram.remaining_bytes
             self.stats.transferred = self.stats.precopy_bytes = self._bytes_moved()
@@ -322,11 +334,7 @@ class OutgoingMigration:
             threshold = bandwidth * self.parameters.downtime_limit / 1000
             self.stats.expected_downtime_ms = int(ram.remaining_bytes / max(bandwidth, 1) * 1000)
             after = self.parameters.x_postcopy_after_passes
-            if (
-                self.capabilities.postcopy_ram
-                and after
-                and self.stats.dirty_sync_count >= after
-            ):
+            if self.capabilities.postcopy_ram and after and self.stats.dirty_sync_count >= after:
                 self._postcopy_requested = True
             if self._postcopy_requested:
                 # Asked for postcopy: switch now, even if precopy could finish.
@@ -352,30 +360,6 @@ class OutgoingMigration:
             pass_bytes_start = self._bytes_moved()
         await self._complete_precopy(channel, ram, dirty_log)
 
-    async def _send_part(self, channel: MigrationChannel, ram: RamSaver) -> bool:
-        """Send one PART section, at most ITERATION_SLICE long; True when no dirty page is left."""
-        channel.put(codec.encode_section_part(RAM_SECTION_ID))
-        deadline = time.monotonic() + ITERATION_SLICE
-        finished = False
-        queued = 0
-        while True:
-            window = ram.next_dirty_window()
-            if window is None:
-                finished = True
-                break
-            queued += ram.queue_window(channel, *window)
-            if queued >= FLUSH_BYTES:
-                await channel.flush()
-                await self._limiter.wait(queued)
-                queued = 0
-                if time.monotonic() >= deadline:
-                    break
-        channel.put(codec.encode_end_of_section())
-        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
-        await channel.flush()
-        await self._limiter.wait(queued)
-        return finished
-
     async def _complete_precopy(
         self, channel: MigrationChannel, ram: RamSaver, dirty_log: DirtyLog
     ) -> None:
@@ -397,9 +381,7 @@ class OutgoingMigration:
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))
         state = await self.guest.save_state()
-        channel.put(codec.encode_section_full(GUEST_SECTION_ID, "guest", 0, 1))
-        channel.put(codec.encode_blob(state))
-        channel.put(codec.encode_section_footer(GUEST_SECTION_ID))
+        channel.put(codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state))
         channel.put(codec.encode_eof())
         await channel.flush()
         self.stats.downtime_bytes = self._bytes_moved() - bytes_before
@@ -549,8 +531,7 @@ class OutgoingMigration:
                 self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
             elif event.value == PING_AFTER_PACKAGE and self._package_sent:
                 self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
-                trace("postcopy_running_on_destination",
-                      downtime_us=self.stats.downtime_ns // 1000)
+                trace("postcopy_running_on_destination", downtime_us=self.stats.downtime_ns // 1000)
             self._pong(event.value).set()
             return False
         if isinstance(event, codec.ChannelClosed):

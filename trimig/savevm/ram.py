@@ -14,11 +14,13 @@ Python object is made per page; the kernel copies each page once, into the socke
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..channel import MigrationChannel
+from .. import codec
+from ..channel import MigrationChannel, RateLimiter
 from ..codec import RamRecordEncoder
 from ..errors import TransportError
 from ..kernel.pagemap import PagemapScanner
@@ -263,3 +265,37 @@ def _populated_pages(block: RamBlock) -> np.ndarray:
     for start, end in block.data_ranges():
         populated[start // TARGET_PAGE_SIZE : -(-end // TARGET_PAGE_SIZE)] = True
     return populated
+
+
+async def send_part(
+    channel: MigrationChannel,
+    ram: RamSaver,
+    limiter: RateLimiter,
+    *,
+    section_id: int,
+    flush_bytes: int,
+    slice_seconds: float,
+) -> bool:
+    """Send one precopy PART section of dirty pages, at most ``slice_seconds`` long, within
+    the rate limit; True when no dirty page is left (the pass is complete)."""
+    channel.put(codec.encode_section_part(section_id))
+    deadline = time.monotonic() + slice_seconds
+    finished = False
+    queued = 0
+    while True:
+        window = ram.next_dirty_window()
+        if window is None:
+            finished = True
+            break
+        queued += ram.queue_window(channel, *window)
+        if queued >= flush_bytes:
+            await channel.flush()
+            await limiter.wait(queued)
+            queued = 0
+            if time.monotonic() >= deadline:
+                break
+    channel.put(codec.encode_end_of_section())
+    channel.put(codec.encode_section_footer(section_id))
+    await channel.flush()
+    await limiter.wait(queued)
+    return finished
