@@ -12,23 +12,41 @@ import trio
 from ._trio import open_nursery
 from .units import format_size
 
-BAR_WIDTH = 28
+
+def pass_count(info: dict[str, Any], passes: int | None) -> int | None:
+    """The pass number: query-migrate's dirty-sync-count, or a newer MIGRATION_PASS."""
+    ram = info.get("ram")
+    synced = ram.get("dirty-sync-count") if isinstance(ram, dict) else None
+    counts = [count for count in (synced, passes) if isinstance(count, int)]
+    return max(counts) if counts else None
 
 
-def progress_line(info: dict[str, Any]) -> str:
-    """One line of progress from a query-migrate result."""
-    ram = info.get("ram", {})
-    total = ram.get("total") or 1
-    remaining = ram.get("remaining", total)
-    status = info.get("status", "?")
-    done = 1.0 if status == "completed" else max(0.0, min(1.0, 1 - remaining / total))
-    filled = int(done * BAR_WIDTH)
-    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-    return (
-        f"[{bar}] {status:<16} pass {ram.get('dirty-sync-count', 0):>3}  "
-        f"sent {format_size(ram.get('transferred', 0)):>10}  "
-        f"{ram.get('mbps', 0) / 8:>8.1f} MB/s  remaining {format_size(remaining):>10}"
-    )
+def progress_line(info: dict[str, Any], passes: int | None = None) -> str:
+    """One line summarizing a query-migrate reply (``passes`` from MIGRATION_PASS if newer)."""
+    if "status" not in info:
+        return "waiting for a migration to start"
+    parts = [f"{info['status']:<15}"]
+    count = pass_count(info, passes)
+    if count is not None:
+        parts.append(f"pass {count}")
+    ram = info.get("ram")
+    if isinstance(ram, dict):
+        total, remaining = ram.get("total", 0), ram.get("remaining", 0)
+        parts.append(f"sent {format_size(ram.get('transferred', 0))}")
+        if total:
+            parts.append(f"{100.0 * (total - remaining) / total:5.1f}% of {format_size(total)}")
+        parts.append(f"remaining {format_size(remaining)}")
+        parts.append(f"{ram.get('mbps', 0):.1f} Mbit/s")
+        parts.append(f"dirty {ram.get('dirty-pages-rate', 0)} pages/s")
+        if ram.get("postcopy-requests"):
+            parts.append(f"{ram['postcopy-requests']} page requests")
+    if "total-time" in info:
+        parts.append(f"{info['total-time'] / 1000:.1f} s")
+    if "downtime" in info:
+        parts.append(f"downtime {info['downtime']} ms")
+    if "error-desc" in info:
+        parts.append(f"error: {info['error-desc']}")
+    return "  ".join(parts)
 
 
 async def show_progress(

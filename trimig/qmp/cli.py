@@ -31,6 +31,7 @@ import trio
 
 from .._trio import open_nursery
 from ..errors import ConfigError, TransportError, TrimigError
+from ..progress import pass_count, progress_line
 from ..units import format_size
 from . import commands
 from .client import QmpClient, connect_unix
@@ -328,41 +329,6 @@ async def _info(client: QmpClient, args: argparse.Namespace) -> int:
 # --- watch ------------------------------------------------------------------------------------
 
 
-def _pass_count(info: dict[str, Any], passes: int | None) -> int | None:
-    ram = info.get("ram")
-    synced = ram.get("dirty-sync-count") if isinstance(ram, dict) else None
-    counts = [count for count in (synced, passes) if isinstance(count, int)]
-    return max(counts) if counts else None
-
-
-def progress_line(info: dict[str, Any], passes: int | None = None) -> str:
-    """One line summarizing a query-migrate reply (``passes`` from MIGRATION_PASS if newer)."""
-    if "status" not in info:
-        return "waiting for a migration to start"
-    parts = [f"{info['status']:<15}"]
-    count = _pass_count(info, passes)
-    if count is not None:
-        parts.append(f"pass {count}")
-    ram = info.get("ram")
-    if isinstance(ram, dict):
-        total, remaining = ram.get("total", 0), ram.get("remaining", 0)
-        parts.append(f"sent {format_size(ram.get('transferred', 0))}")
-        if total:
-            parts.append(f"{100.0 * (total - remaining) / total:5.1f}% of {format_size(total)}")
-        parts.append(f"remaining {format_size(remaining)}")
-        parts.append(f"{ram.get('mbps', 0):.1f} Mbit/s")
-        parts.append(f"dirty {ram.get('dirty-pages-rate', 0)} pages/s")
-        if ram.get("postcopy-requests"):
-            parts.append(f"{ram['postcopy-requests']} page requests")
-    if "total-time" in info:
-        parts.append(f"{info['total-time'] / 1000:.1f} s")
-    if "downtime" in info:
-        parts.append(f"downtime {info['downtime']} ms")
-    if "error-desc" in info:
-        parts.append(f"error: {info['error-desc']}")
-    return "  ".join(parts)
-
-
 class _Progress:
     """The watch display: a rewritten line on a terminal; elsewhere one line each time the
     status or the pass changes."""
@@ -377,7 +343,7 @@ class _Progress:
         if self._tty:
             self._stream.write(f"\r\x1b[K{line}")
         else:
-            key = (info.get("status"), _pass_count(info, passes))
+            key = (info.get("status"), pass_count(info, passes))
             if key == self._last_key:
                 return
             self._last_key = key
