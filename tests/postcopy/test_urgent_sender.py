@@ -62,7 +62,6 @@ async def test_urgent_requests_are_sent_even_when_already_sent() -> None:
         page3, page4 = bytes(blocks[0].pages[3]), bytes(blocks[0].pages[4])
         stats = SourceStats()
         ram = RamSaver(blocks, stats)
-        ram.finish_bulk_pass()
         recorder = Recorder()
         urgent = MigrationChannel(recorder)
         sender = UrgentSender(ram, urgent)

@@ -91,6 +91,7 @@ ffi.cdef(
     int ioctl(int fd, unsigned long request, ...);
     int fallocate(int fd, int mode, int64_t offset, int64_t len);
     int madvise(void *addr, size_t length, int advice);
+    int mincore(void *addr, size_t length, unsigned char *vec);
     void *memset(void *s, int c, size_t n);
     void *memcpy(void *dest, const void *src, size_t n);
     """

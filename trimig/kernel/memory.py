@@ -139,6 +139,19 @@ class Mapping(ClosesOnExit):
                 "madvise", errno(), f"advice {advice}, offset {offset:#x}, length {length:#x}"
             )
 
+    def resident(self) -> bytearray:
+        """mincore(2) of the whole mapping: one byte per PAGE_SIZE page, bit 0 set where
+        the page is in memory. For a shmem file that means in its page cache (whether or
+        not this mapping touched it); for hugetlb, mapped by this mapping (a hole punched
+        in the file unmaps it from every mapping)."""
+        if self._mmap is None:
+            raise ValueError("the mapping is closed")
+        vec = bytearray(-(-self.length // PAGE_SIZE))
+        out = ffi.from_buffer("unsigned char[]", vec)
+        if libc.mincore(ffi.cast("void *", self.address), self.length, out) != 0:
+            raise KernelError("mincore", errno(), f"length {self.length:#x}")
+        return vec
+
     def close(self) -> None:
         """Unmap. Raises ``BufferError`` (and stays open) while exported buffers are alive."""
         if self._mmap is None:

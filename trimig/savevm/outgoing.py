@@ -262,7 +262,7 @@ class OutgoingMigration:
     ) -> None:
         ram = self._ram = RamSaver(self.blocks, self.stats)
         self._requests = PageRequestQueue(self.blocks)
-        dirty_log.collect(ram.dirty)  # start the log afresh: every page is dirty anyway
+        ram.sync(dirty_log)  # start the log afresh (every page is dirty anyway); hole map
         channel.put(codec.encode_file_header())
         channel.put(codec.encode_configuration())
         if self.capabilities.wants_return_path:
@@ -291,7 +291,6 @@ class OutgoingMigration:
 
         pass_started = time.monotonic()
         pass_bytes_start = self._bytes_moved()
-        bulk_pass = True
         while True:
             self._check_return_path()
             if self._postcopy_requested:
@@ -312,10 +311,7 @@ class OutgoingMigration:
             elapsed = max(time.monotonic() - pass_started, 1e-6)
             sent = self._bytes_moved() - pass_bytes_start
             self.stats.bandwidth = sent / elapsed
-            if bulk_pass:
-                ram.finish_bulk_pass()
-                bulk_pass = False
-            newly = dirty_log.collect(ram.dirty)
+            newly = ram.sync(dirty_log)
             self.stats.dirty_sync_count += 1
             trace(
                 "dirty_sync",
@@ -370,7 +366,7 @@ class OutgoingMigration:
         if self._on_event:
             self._on_event("STOP", {})
         self._set_status(MigrationStatus.DEVICE)
-        dirty_log.collect(ram.dirty)
+        ram.sync(dirty_log)  # exact: the guest is stopped
         self.stats.dirty_sync_count += 1
         bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
@@ -418,9 +414,8 @@ class OutgoingMigration:
             # The guest saves its state while the dirty log is synced and the discards built.
             nursery.start_soon(self._save_state_into, saved)
             await trio.lowlevel.checkpoint()  # the save-state request goes out now
-            dirty_log.collect(ram.dirty)  # exact: the guest is stopped
+            ram.sync(dirty_log)  # exact: the guest is stopped
             self.stats.dirty_sync_count += 1
-            ram.finish_bulk_pass()
             ram.encoder.reset()
             discards = discard_commands(ram)
             for command in discards:

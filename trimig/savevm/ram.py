@@ -96,8 +96,12 @@ class RamSaver:
         self.dirty = {b.name: np.ones(b.spec.target_pages, dtype=bool) for b in self.blocks}
         #: One bool per target page: sent at least once (for the debug dump).
         self.sent = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in self.blocks}
-        #: Pages that hold data in the memfd (not holes), known for the bulk pass only.
-        self._populated = {b.name: _populated_pages(b) for b in self.blocks}
+        #: One bool per target page: the last record we sent for it carried data (so the
+        #: destination's copy is not zero; a discard here must reach it).
+        self.holds_data = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in self.blocks}
+        #: Per shmem block, the pages that were holes in the memfd at the last ``sync``:
+        #: sent as ZERO without being read. Empty until the first sync.
+        self._holes: dict[str, np.ndarray] = {}
         self._cursor = (0, 0)  # (block index, window index)
         self.encoder = RamRecordEncoder()
         #: Per block, the destination's memory as (pages, TARGET_PAGE_SIZE) rows, when data
@@ -180,13 +184,14 @@ class RamSaver:
             return 0
         dirty[:] = False
         self.sent[block.name][pages] = True
-        populated = self._populated.get(block.name)
-        if populated is not None:
-            present = populated[pages]
-            is_zero = ~present
+        holes = self._holes.get(block.name)
+        if holes is not None:
+            is_zero = holes[pages]
+            present = ~is_zero
             is_zero[present] = zero_pages(block.pages, pages[present])
         else:
             is_zero = zero_pages(block.pages, pages)
+        self.holds_data[block.name][pages] = ~is_zero
         offsets = pages.astype(np.uint64) * TARGET_PAGE_SIZE
         zero_offsets = offsets[is_zero]
         data_offsets = offsets[~is_zero]
@@ -226,9 +231,33 @@ class RamSaver:
             self.one_sided_bytes += count * TARGET_PAGE_SIZE
         return moved
 
-    def finish_bulk_pass(self) -> None:
-        """Forget the hole map: after the first pass every dirty page was written by the guest."""
-        self._populated.clear()
+    def sync(self, dirty_log: DirtyLog) -> int:
+        """Bring the dirty bitmap up to date; return how many pages became dirty.
+
+        Takes the pages written since the last sync from the kernel log (which protects
+        them again), *then* reads which pages are holes in each memfd. That order is what
+        makes the hole map safe to send ZERO from without reading the page: a page that
+        is a hole when the map is read and is written afterwards is in the next sync's
+        log. Pages the guest discarded (``fallocate(PUNCH_HOLE)``, which the write log
+        does not see) after we sent their data become dirty here, so their ZERO goes out;
+        one discarded after this call is found by the next one, and the last sync, with
+        the guest stopped, is exact. Call it with the guest stopped before the last
+        pages go, and before any page goes (to start the log afresh).
+        """
+        newly = dirty_log.collect(self.dirty)
+        for block in self.blocks:
+            dirty = self.dirty[block.name]
+            if block.spec.hugetlb:
+                # hugetlbfs has no SEEK_HOLE; a punched huge page leaves our mapping, which
+                # holds every page we sent (the kernel read it through the mapping).
+                gone = self.holds_data[block.name] & ~_resident(block)
+            else:
+                holes = self._holes[block.name] = _hole_pages(block)
+                gone = self.holds_data[block.name] & holes
+            if gone.any():
+                newly += int(np.count_nonzero(gone & ~dirty))
+                dirty |= gone
+        return newly
 
 
 def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -260,11 +289,19 @@ def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
     return zero
 
 
-def _populated_pages(block: RamBlock) -> np.ndarray:
-    populated = np.zeros(block.spec.target_pages, dtype=bool)
+def _hole_pages(block: RamBlock) -> np.ndarray:
+    """One bool per target page: a hole in the block's memfd (SEEK_DATA/SEEK_HOLE, which
+    count a swapped-out shmem page as data)."""
+    holes = np.ones(block.spec.target_pages, dtype=bool)
     for start, end in block.data_ranges():
-        populated[start // TARGET_PAGE_SIZE : -(-end // TARGET_PAGE_SIZE)] = True
-    return populated
+        holes[start // TARGET_PAGE_SIZE : -(-end // TARGET_PAGE_SIZE)] = False
+    return holes
+
+
+def _resident(block: RamBlock) -> np.ndarray:
+    """One bool per target page: in memory and mapped by the engine (mincore)."""
+    vec = np.frombuffer(block.mapping.resident(), dtype=np.uint8)
+    return (vec[: block.spec.target_pages] & 1).astype(bool)
 
 
 async def send_part(
