@@ -276,6 +276,28 @@ class Engine:
         self._run_state = "running"
         self._emit("RESUME", {})
 
+    async def verify_guest(self) -> dict[str, Any]:
+        guest = self.guest
+        if guest is None and isinstance(self.migration, IncomingMigration):
+            guest = self.migration.guest  # postcopy: it runs before the migration completes
+        if guest is None:
+            raise ConfigError(
+                f"there is no guest here to verify (the engine is {self._state_words()})"
+            )
+        was_running = guest.running
+        if was_running:
+            await guest.stop()
+        try:
+            verdict = await guest.verify()
+        finally:
+            if was_running:
+                await guest.cont()
+        return {"verified": verdict.verified, "detail": verdict.detail}
+
+    def _state_words(self) -> str:
+        status = self.migration.status.value.value if self.migration is not None else "none"
+        return f"{self.query_status()['status']}, migration {status}"
+
     async def quit(self) -> None:
         self.quit_requested.set()
 

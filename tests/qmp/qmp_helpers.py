@@ -121,6 +121,10 @@ class FakeEngine:
         self.running = True
         self.emit("RESUME")
 
+    async def verify_guest(self) -> dict[str, Any]:
+        self.calls.append(("x-guest-verify", None))
+        return {"verified": True, "detail": "fake"}
+
     async def quit(self) -> None:
         self.calls.append(("quit", None))
         self.quit_called.set()

@@ -57,6 +57,10 @@ class EngineControl(Protocol):
     async def cont(self) -> None:
         """Resume the guest (emits RESUME)."""
 
+    async def verify_guest(self) -> dict[str, Any]:
+        """``x-guest-verify``: the guest checks its memory (paused around the check if it
+        runs); ``{"verified": bool, "detail": str}``. ConfigError without a guest here."""
+
     async def quit(self) -> None:
         """Shut the engine down. The QMP reply has already been sent when this is called."""
 

@@ -213,6 +213,10 @@ async def _cont(engine: EngineControl, args: dict[str, Any]) -> Any:
     return {}
 
 
+async def _x_guest_verify(engine: EngineControl, args: dict[str, Any]) -> Any:
+    return await engine.verify_guest()
+
+
 async def _quit(engine: EngineControl, args: dict[str, Any]) -> Any:
     await engine.quit()
     return {}
@@ -274,6 +278,7 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = _table(
     CommandSpec("query-status", _NO_ARGUMENTS, _query_status),
     CommandSpec("stop", _NO_ARGUMENTS, _stop),
     CommandSpec("cont", _NO_ARGUMENTS, _cont),
+    CommandSpec("x-guest-verify", _NO_ARGUMENTS, _x_guest_verify),
     CommandSpec("quit", _NO_ARGUMENTS, _quit, reply_first=True),
 )
 
