@@ -48,6 +48,11 @@ def _add_migration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--postcopy", action="store_true", help="switch to postcopy after the first pass"
     )
+    parser.add_argument(
+        "--no-preempt",
+        action="store_true",
+        help="with --postcopy: urgent pages share the main channel (no postcopy-preempt)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -60,7 +65,7 @@ def _migration_settings(
     parameters.set("downtime-limit", args.downtime_limit)
     if args.postcopy:
         capabilities.set("postcopy-ram", True)
-        capabilities.set("postcopy-preempt", True)
+        capabilities.set("postcopy-preempt", not args.no_preempt)
         parameters.set("x-postcopy-after-passes", 1)
     return capabilities, parameters
 
