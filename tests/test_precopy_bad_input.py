@@ -31,6 +31,7 @@ from precopy_harness import (
 
 from trimig import codec
 from trimig.errors import ConfigError, MigrationFailed, RemoteProtocolError
+from trimig.guest.workload import WorkloadState
 from trimig.loadvm.incoming import IncomingMigration
 from trimig.migration import MigrationStatus
 from trimig.savevm.outgoing import GUEST_SECTION_ID, RAM_SECTION_ID, OutgoingMigration
@@ -345,3 +346,168 @@ async def test_source_process_killed_mid_stream() -> None:
         cause = remote_protocol_error(destination.error)
         assert "truncated" in str(cause)
         assert destination.incoming.guest is None and destination.incoming.blocks == []
+
+
+# -- the end of the stream: nothing but a VM description may follow QEMU_VM_EOF ----------
+
+
+def shell_quote(path: str) -> str:
+    assert "'" not in path
+    return f"'{path}'"
+
+
+@pytest.mark.parametrize(
+    ("trailer", "shown"),
+    [
+        pytest.param("printf XYZ", "58 59 5a", id="with-eof"),
+        # Written after a pause: the destination must still be reading when it comes.
+        pytest.param("sleep 0.5; printf XYZ", "58 59 5a", id="later"),
+        pytest.param("printf '\\000\\000'", "00 00", id="a-second-eof"),
+    ],
+)
+async def test_bytes_after_eof_are_refused_naming_them(
+    recorded_stream: str, trailer: str, shown: str
+) -> None:
+    """A whole real stream (no return path) with bytes after its QEMU_VM_EOF: the
+    destination fails naming them, and never runs the guest."""
+    incoming, error = await load(f"exec:cat {shell_quote(recorded_stream)}; {trailer}")
+    cause = remote_protocol_error(error)
+    assert "after QEMU_VM_EOF" in str(cause), str(cause)
+    assert shown in str(cause), str(cause)
+    assert incoming.status.value is MigrationStatus.FAILED
+    assert "after QEMU_VM_EOF" in incoming.query()["error-desc"]
+    assert incoming.guest is None and incoming.blocks == []
+
+
+async def test_a_vm_description_may_follow_eof_but_nothing_after_it(
+    recorded_stream: str,
+) -> None:
+    description = "printf '\\006\\000\\000\\000\\002{}'"
+    incoming, error = await load(f"exec:cat {shell_quote(recorded_stream)}; {description}")
+    assert error is None, error
+    assert incoming.status.value is MigrationStatus.COMPLETED
+    incoming, error = await load(
+        f"exec:cat {shell_quote(recorded_stream)}; {description}; sleep 0.3; printf Q"
+    )
+    cause = remote_protocol_error(error)
+    assert "after the end of the stream" in str(cause) and "51" in str(cause), str(cause)
+    assert incoming.status.value is MigrationStatus.FAILED
+
+
+# -- the destination's verdict on the return path: SHUT(0) or SHUT(1) --------------------
+
+
+def crafted_stream_with_return_path(*, tail: bytes = b"") -> bytes:
+    """A whole, valid stream of a zero-filled GUEST_RAM guest that asks for a return path,
+    ending with its QEMU_VM_EOF and then ``tail``."""
+    state = WorkloadState(seed=0, fill="zero", passes=0, cursor=0, page_count=GUEST_RAM // 4096)
+    return (
+        stream_start()
+        + codec.encode_open_return_path()
+        + GOOD_RAM
+        + codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state.to_bytes())
+        + codec.encode_eof()
+        + tail
+    )
+
+
+async def load_with_return_path(
+    short_tmp: str, data: bytes
+) -> tuple[IncomingMigration, BaseException | None, list[object]]:
+    """Send ``data`` to a destination over a unix socket in one write, then read the
+    return path until the destination closes it, as a source with a return path does (it
+    keeps its direction open until the destination's SHUT). Returns the destination, its
+    error and the return-path messages, the last being ChannelClosed."""
+    incoming = IncomingMigration(guest_specs(), guest_command=GUEST_COMMAND)
+    error: BaseException | None = None
+    messages: list[object] = []
+    try:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+
+                async def receive(*, task_status: trio.TaskStatus[str]) -> None:
+                    nonlocal error
+                    try:
+                        await incoming.listen_and_run(
+                            f"unix:{short_tmp}/sock", task_status=task_status
+                        )
+                    except MigrationFailed as exc:
+                        error = exc
+
+                address = await nursery.start(receive)
+                stream = await connect(address)
+                try:
+                    await stream.send_buffers([data])
+                    decoder = codec.ReturnPathDecoder()
+                    buffer = bytearray(4096)
+                    while not messages or not isinstance(messages[-1], codec.ChannelClosed):
+                        event = decoder.next_event()
+                        if event is codec.NEED_DATA:
+                            count = await stream.receive_into(memoryview(buffer))
+                            if count:
+                                decoder.receive_data(buffer[:count])
+                            else:
+                                decoder.receive_eof()
+                        else:
+                            messages.append(event)
+                finally:
+                    await stream.aclose()
+    finally:
+        with trio.CancelScope(shield=True):
+            await incoming.aclose()
+    return incoming, error, messages
+
+
+async def test_destination_says_shut_0_when_it_loaded_the_stream(short_tmp: str) -> None:
+    """The control: a good stream over a return path ends with SHUT(0), then the close."""
+    incoming, error, messages = await load_with_return_path(
+        short_tmp, crafted_stream_with_return_path()
+    )
+    assert error is None, error
+    assert incoming.status.value is MigrationStatus.COMPLETED
+    assert messages == [codec.Shut(0), codec.ChannelClosed()]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(
+            crafted_stream_with_return_path(tail=b"XYZ"),
+            "after QEMU_VM_EOF",
+            id="bytes-after-eof",
+        ),
+        pytest.param(
+            stream_start()
+            + codec.encode_open_return_path()
+            + GOOD_RAM
+            + guest_section("bogus-device"),
+            "unknown section 'bogus-device'",
+            id="unknown-section",
+        ),
+        pytest.param(
+            stream_start() + codec.encode_open_return_path() + ram_setup([("pc.ram", 32 * MiB)]),
+            f"RAM block 'pc.ram' has {32 * MiB} bytes in the stream but {GUEST_RAM} here",
+            id="block-size-differs",
+        ),
+        pytest.param(
+            stream_start()
+            + codec.encode_open_return_path()
+            + GOOD_RAM
+            + codec.encode_section_part(RAM_SECTION_ID)
+            + b"\xff" * 8,
+            "unsupported RAM record flags",
+            id="malformed-ram-record",
+        ),
+    ],
+)
+async def test_destination_says_shut_1_before_it_closes_on_a_refused_stream(
+    short_tmp: str, data: bytes, expected: str
+) -> None:
+    """A stream the destination refuses (the source keeps its direction open): it tells
+    the source with SHUT(1) on the return path before it closes the connection."""
+    incoming, error, messages = await load_with_return_path(short_tmp, data)
+    cause = remote_protocol_error(error)
+    assert expected in str(cause)
+    assert incoming.status.value is MigrationStatus.FAILED
+    assert messages == [codec.Shut(1), codec.ChannelClosed()], (messages, str(cause))
+    assert incoming.guest is None and incoming.blocks == []

@@ -101,9 +101,14 @@ def test_stream_must_end_with_eof_and_only_vm_description_may_follow() -> None:
     message = decode_error(start)
     assert "stream truncated" in message and "before QEMU_VM_EOF" in message
     assert f"offset {len(start)}" in message
-    assert "only a VM description may follow" in decode_error(start + b"\x00\x00")
+    message = decode_error(start + b"\x00\x00")
+    assert "unexpected bytes 00 after QEMU_VM_EOF" in message
+    assert "only a VM description may follow" in message
     trailer = codec.encode_eof() + codec.encode_vm_description(b"{}")
-    assert "data after the end of the stream" in decode_error(start + trailer + b"\x00")
+    message = decode_error(start + trailer + b"\x00\x41")
+    assert "unexpected bytes 00 41 after the end of the stream" in message
+    long = decode_error(start + trailer + bytes(range(20)))
+    assert "00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f ... (20 bytes so far)" in long
 
 
 # --- sections ----------------------------------------------------------------------

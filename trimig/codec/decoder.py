@@ -219,7 +219,10 @@ class StreamDecoder(DecoderBase[StreamEvent]):
             return self._step_vm_description()
         if self._package:
             raise Malformed("data after POSTCOPY_RUN")
-        raise Malformed("data after the end of the stream")
+        raise Malformed(
+            f"{self._trailing_bytes()} after the end of the stream (QEMU_VM_EOF and its VM "
+            "description)"
+        )
 
     def _step_header(self) -> FileHeader:
         cursor = Cursor(self._buffer, "the file header")
@@ -370,13 +373,22 @@ class StreamDecoder(DecoderBase[StreamEvent]):
         kind = cursor.u8()
         if kind != SectionType.VMDESCRIPTION:
             raise Malformed(
-                f"unexpected byte {kind:#04x} after QEMU_VM_EOF (only a VM description may follow)"
+                f"{self._trailing_bytes()} after QEMU_VM_EOF (only a VM description may follow)"
             )
         length = cursor.be32()
         json = cursor.take(length)
         self._buffer.consume(cursor.used)
         self._state = _State.DONE
         return VmDescription(json)
+
+    def _trailing_bytes(self, shown: int = 16) -> str:
+        """The bytes received past the end of the stream, named for an error message."""
+        buffer = self._buffer
+        data = bytes(buffer.view[buffer.start : min(buffer.end, buffer.start + shown)])
+        text = f"unexpected bytes {data.hex(' ')}"
+        if len(buffer) > shown:
+            text += f" ... ({len(buffer)} bytes so far)"
+        return text
 
     # --- commands -----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from .. import codec
 from .._trio import open_nursery
 from ..channel import MigrationChannel
 from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
-from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError
+from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError, TransportError
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationStatus
 from ..postcopy import PostcopyState
@@ -34,6 +34,8 @@ from .reader import ReturnPathWriter, next_event
 log = logging.getLogger("trimig.loadvm")
 
 CLEANUP_TIMEOUT = 10.0
+#: Without a return path, how long the source may take to end the stream after its EOF.
+END_OF_STREAM_TIMEOUT = 10.0
 KNOWN_DEVICE_SECTIONS = ("guest",)
 _IGNORED_EVENTS = (
     codec.FileHeader,
@@ -170,20 +172,26 @@ class IncomingMigration:
                     if self._return_path is not None:
                         await self._return_path.send(codec.encode_rp_shut(0))
                     nursery.cancel_scope.cancel()
+            except BaseException:
+                # The source learns our verdict before the connection goes: it fails (and
+                # resumes its guest) on SHUT(1) instead of guessing from a reset.
+                if not self._guest_runs_here():
+                    await self._send_shut_failed()
+                raise
             finally:
                 if self._postcopy is not None:
                     self.postcopy_stats = self._postcopy.statistics()
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                     await stream.aclose()
         except BaseException as exc:
-            if self._postcopy is not None and self._postcopy.state.state >= PostcopyState.RUNNING:
+            if self._guest_runs_here():
                 await self._pause(exc)
                 if isinstance(exc, Exception):
                     raise MigrationPaused(
                         f"postcopy broke after the guest started here: {self.error_desc}"
                     ) from exc
                 raise
-            await self._fail(exc, stream_error=True)
+            await self._fail(exc)
             if isinstance(exc, Exception):
                 raise MigrationFailed(f"incoming migration failed: {self.error_desc}") from exc
             raise
@@ -208,14 +216,24 @@ class IncomingMigration:
         log.error("postcopy paused: %s", self.error_desc)
         self._set_status(MigrationStatus.POSTCOPY_PAUSED)
 
-    async def _fail(self, exc: BaseException, *, stream_error: bool = False) -> None:
+    def _guest_runs_here(self) -> bool:
+        """Postcopy ran the guest here: a failure now pauses, and sends no SHUT."""
+        return self._postcopy is not None and self._postcopy.state.state >= PostcopyState.RUNNING
+
+    async def _send_shut_failed(self) -> None:
+        """SHUT(1) on the return path, if one is open (QEMU's destination does the same on
+        a failed load), while the connection is still up."""
+        if self._return_path is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            try:
+                await self._return_path.send(codec.encode_rp_shut(1))
+            except Exception:
+                log.debug("could not send SHUT(1)", exc_info=True)
+
+    async def _fail(self, exc: BaseException) -> None:
         self.error_desc = str(exc) or type(exc).__name__
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            if stream_error and self._return_path is not None:
-                try:
-                    await self._return_path.send(codec.encode_rp_shut(1))
-                except Exception:
-                    log.debug("could not send SHUT(1)", exc_info=True)
             await self.aclose()
         self._set_status(MigrationStatus.FAILED)
 
@@ -253,6 +271,7 @@ class IncomingMigration:
                 ram.check_mem_size(event, postcopy=self._postcopy is not None)
                 await self._register_regions(channel)
             elif isinstance(event, codec.EndOfStream):
+                await self._read_to_the_end(decoder, channel)
                 break
             elif isinstance(event, codec.PostcopyAdvise):
                 if not self.capabilities.postcopy_ram:
@@ -271,10 +290,56 @@ class IncomingMigration:
             elif isinstance(event, codec.Packaged):
                 await self._load_package(event.blob, channel, decoder)
                 return
+            elif isinstance(event, codec.Ping) and self._return_path is not None:
+                await self._pong_main_stream(event)
             else:
                 await self._handle_common(event, channel)
         if self._device_state is None:
             raise RemoteProtocolError("the stream ended without the guest's device state")
+
+    async def _read_to_the_end(
+        self, decoder: codec.StreamDecoder, channel: MigrationChannel
+    ) -> None:
+        """After a precopy QEMU_VM_EOF only a VM description may follow; the decoder refuses
+        anything else, naming the bytes.
+
+        Without a return path the source has nothing to wait for and ends the main channel
+        right after EOF, so read up to that end: a byte after EOF fails the migration
+        whenever it comes. With one, the source (QEMU's as ours) keeps the channel open
+        until our SHUT, so we cannot wait for its end: we refuse what came with the EOF
+        (and finish a VM description that began), then decide.
+        """
+        to_the_end = self._return_path is None
+        with trio.move_on_after(END_OF_STREAM_TIMEOUT) as bound:
+            while True:
+                event = decoder.next_event()
+                if event is codec.NEED_DATA:
+                    if not to_the_end and not decoder.buffered:
+                        return
+                    if not await channel.receive_into_decoder(decoder):
+                        decoder.receive_eof()
+                elif isinstance(event, codec.ChannelClosed):
+                    return
+                elif not isinstance(event, codec.VmDescription):
+                    raise RemoteProtocolError(
+                        f"unexpected {type(event).__name__} after QEMU_VM_EOF"
+                    )
+        if bound.cancelled_caught:
+            raise TransportError(
+                f"the source did not end the stream within {END_OF_STREAM_TIMEOUT:g} s of "
+                "its QEMU_VM_EOF"
+            )
+
+    async def _pong_main_stream(self, event: codec.Ping) -> None:
+        """Answer a PING of the main stream. As in QEMU, a PONG that cannot go out does not
+        end the load: the main stream then tells what happened to the source (it ends
+        short), or the final SHUT fails. (A PING in the package is another matter: PONG
+        0x42 commits both sides, and failing to send it fails the migration.)"""
+        assert self._return_path is not None
+        try:
+            await self._return_path.send(codec.encode_rp_pong(event.value))
+        except TransportError as exc:
+            log.info("could not answer PING(%d) on the return path: %s", event.value, exc)
 
     def _require_postcopy(self, event: object) -> PostcopyIncoming:
         if self._postcopy is None:
