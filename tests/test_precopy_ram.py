@@ -252,3 +252,23 @@ def test_load_pages_in_any_order() -> None:
         assert np.flatnonzero(loader.written["pc.ram"]).tolist() == [4, 5, 7]
     finally:
         block.close()
+
+
+@pytest.mark.usefixtures("hugepages")
+def test_zero_record_inside_a_written_huge_page_zeroes_that_page_only() -> None:
+    """A ZERO for a 4 KiB page of a huge page we wrote must zero just it (a hole can only
+    be a whole huge page); the rest of the huge page keeps its data."""
+    huge = 2 << 20
+    (block,) = create_blocks([RamBlockSpec("pc.huge", 2 * huge, huge)])
+    try:
+        loader = loader_for([block])
+        data = np.random.default_rng(8).integers(1, 256, (1024, PAGE), dtype=np.uint8)
+        loader.load_pages(page_event("pc.huge", 0, data))
+        zeros = np.array([3 * PAGE, 700 * PAGE], dtype=np.uint64)
+        loader.load_zero_pages(codec.RamZeroPages("pc.huge", zeros))
+        assert not block.pages[[3, 700]].any()
+        expected = data.copy()
+        expected[[3, 700]] = 0
+        assert np.array_equal(block.pages[:1024], expected)
+    finally:
+        block.close()

@@ -92,11 +92,19 @@ class RamLoader:
             self.received.block(block.name).set_pages(index)
 
     def load_zero_pages(self, event: codec.RamZeroPages) -> None:
-        """Make pages zero without allocating them."""
+        """Make pages zero without allocating them.
+
+        A page we wrote is punched out of the memfd again; in a hugetlb block, where a
+        hole can only be a whole huge page, it is zeroed in place instead (a partial punch
+        zeroes in place only on Linux 6.2 and later)."""
         block = self._block(event.block)
         index = (event.offsets // TARGET_PAGE_SIZE).astype(np.int64)
         written = self.written[block.name]
         to_clear = index[written[index]]
+        if block.spec.hugetlb:
+            block.pages[to_clear] = 0
+            self.received.block(block.name).set_pages(index)
+            return  # still allocated: ``written`` stays set, a later ZERO re-zeroes it
         for start, end in _runs(to_clear):
             punch_hole(block.fd, start * TARGET_PAGE_SIZE, (end - start) * TARGET_PAGE_SIZE)
         written[to_clear] = False
