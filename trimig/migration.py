@@ -66,7 +66,11 @@ class MigrationCapabilities:
 
     events: bool = False
     postcopy_ram: bool = False
-    return_path: bool = False
+    #: On by default, unlike QEMU: the source opens the return path on every transport that
+    #: has one (tcp, unix, rdma) and reports ``completed`` only after the destination's
+    #: SHUT(0), so a stream the destination refused ends ``failed``. exec has none; there
+    #: (or with this off) ``completed`` means the whole stream was written.
+    return_path: bool = True
     postcopy_blocktime: bool = False
     postcopy_preempt: bool = False
 
@@ -90,6 +94,7 @@ class MigrationCapabilities:
 
     @property
     def wants_return_path(self) -> bool:
+        """A return path is used when the transport has one (postcopy-ram requires one)."""
         return self.return_path or self.postcopy_ram
 
 

@@ -59,6 +59,8 @@ ITERATION_SLICE = 0.05
 #: Flush the channel when this much is queued.
 FLUSH_BYTES = 4 << 20
 SHUT_TIMEOUT = 30.0
+#: After a send fails, how long to wait for the destination's SHUT that may explain it.
+VERDICT_TIMEOUT = 2.0
 CLEANUP_TIMEOUT = 10.0
 
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -91,6 +93,11 @@ class OutgoingMigration:
         self._shut: trio.Event = trio.Event()
         self._shut_status: int | None = None
         self._return_path_error: BaseException | None = None
+        #: Whether this migration uses a return path (decided once connected).
+        self._uses_return_path = False
+        #: run() is failing and waits for the destination's verdict: a return-path error
+        #: then only ends that wait.
+        self._failing = False
         self._guest_stopped_by_us = False
         self._limiter = RateLimiter(self.parameters.max_bandwidth)
         self._ram: RamSaver | None = None
@@ -128,13 +135,13 @@ class OutgoingMigration:
         return self.stats.query(self.status.value)
 
     def _failure_reason(self, exc: BaseException) -> str:
-        """Why the migration failed: the destination's own verdict when it sent one first."""
+        """Why the migration failed: the destination's own verdict (a SHUT with an error
+        status) first when it sent one."""
         reason = str(exc) or type(exc).__name__
-        if self._shut.is_set() and self._shut_status:
-            return (
-                f"the destination refused the stream (SHUT status {self._shut_status}); "
-                f"here: {reason}"
-            )
+        if self._shut_status:
+            verdict = _refusal(self._shut_status)
+            if verdict not in reason:
+                return f"{verdict}; here: {reason}"
         return reason
 
     def _bytes_moved(self) -> int:
@@ -180,23 +187,27 @@ class OutgoingMigration:
         try:
             stream = await connect(uri, **self._connect_options)
             try:
-                if self.capabilities.wants_return_path and not stream.has_return_path:
+                if self.capabilities.postcopy_ram and not stream.has_return_path:
                     raise ConfigError(
-                        f"the transport of {uri!r} has no return path, which "
-                        f"{'postcopy-ram' if self.capabilities.postcopy_ram else 'return-path'}"
-                        " needs"
+                        f"the transport of {uri!r} has no return path, which postcopy-ram needs"
                     )
+                # With a return path the destination's SHUT says whether it loaded the
+                # stream; without one (exec) success means the stream was written.
+                self._uses_return_path = stream.has_return_path and (
+                    self.capabilities.return_path or self.capabilities.postcopy_ram
+                )
                 channel = self._channel = MigrationChannel(stream)
                 uffd, addresses = await self.guest.track_dirty()
                 dirty_log = DirtyLog(self.guest.pid, self.blocks, addresses, uffd)
                 async with open_nursery() as nursery:
-                    if self.capabilities.wants_return_path:
+                    if self._uses_return_path:
                         await nursery.start(self._read_return_path, channel)
                     with self._work:
                         try:
                             await self._migrate(channel, dirty_log, nursery, uri)
                         except BaseException as exc:  # also the Cancelled this scope catches
                             _forget_locals(exc)
+                            await self._await_verdict(exc)
                             raise
                     if self._work.cancelled_caught and self._return_path_error is not None:
                         raise self._return_path_error
@@ -265,7 +276,7 @@ class OutgoingMigration:
         ram.sync(dirty_log)  # start the log afresh (every page is dirty anyway); hole map
         channel.put(codec.encode_file_header())
         channel.put(codec.encode_configuration())
-        if self.capabilities.wants_return_path:
+        if self._uses_return_path:
             channel.put(codec.encode_open_return_path())
             channel.put(codec.encode_ping(1))
         if self.capabilities.postcopy_ram:
@@ -383,7 +394,7 @@ class OutgoingMigration:
         self.stats.downtime_bytes = self._bytes_moved() - bytes_before
         self.stats.transferred = self._bytes_moved()
         self.stats.remaining = 0
-        if self.capabilities.wants_return_path:
+        if self._uses_return_path:
             await self._wait_for_shut()
         else:
             await channel.send_eof()
@@ -517,6 +528,10 @@ class OutgoingMigration:
         Raises RemoteProtocolError or TransportError for one that ends the path."""
         if isinstance(event, codec.Shut):
             self._shut_status = event.status
+            if event.status:
+                # The destination failed to load the stream: fail now, as QEMU's source
+                # does ("Sibling indicated error"), not once the rest is sent.
+                raise RemoteProtocolError(_refusal(event.status))
             self._shut.set()
             return True
         if isinstance(event, codec.Pong):
@@ -534,10 +549,26 @@ class OutgoingMigration:
         raise RemoteProtocolError(f"unexpected return-path message {event!r}")
 
     def _return_path_failed(self, exc: RemoteProtocolError | TransportError) -> None:
-        # Fail (or, once the guest runs on the destination, pause) now: cancel the work.
+        # Fail (or, once the guest runs on the destination, pause) now: cancel the work,
+        # unless it is failing already (it only waited for this).
         self._return_path_error = exc
         self._shut.set()
-        self._work.cancel()
+        if not self._failing:
+            self._work.cancel()
+
+    async def _await_verdict(self, exc: BaseException) -> None:
+        """The work failed on the link (a send refused, reset): a destination that refused
+        the stream says so with SHUT(1) just before it closes, so give the return path a
+        moment to deliver it; the failure then names the destination's verdict."""
+        self._failing = True
+        if (
+            self._uses_return_path
+            and not self._postcopy_running
+            and not self._shut.is_set()
+            and isinstance(sole_error(exc), TransportError)
+        ):
+            with trio.move_on_after(VERDICT_TIMEOUT):
+                await self._shut.wait()
 
     def _return_path_item(self, item: object) -> bool:
         """Act on what the return-path thread posted: a message, a request it answered,
@@ -598,7 +629,7 @@ class OutgoingMigration:
             raise self._return_path_error
         if self._shut.is_set():
             raise RemoteProtocolError(
-                f"destination shut the migration early (status {self._shut_status})"
+                f"the destination shut the migration early (SHUT status {self._shut_status})"
             )
 
     async def _wait_for_shut(self) -> None:
@@ -608,11 +639,11 @@ class OutgoingMigration:
             raise TransportError(f"destination did not confirm within {SHUT_TIMEOUT:.0f} s")
         if self._return_path_error is not None:
             raise self._return_path_error
-        if self._shut_status:
-            raise RemoteProtocolError(
-                "destination reported an error loading the stream "
-                f"(SHUT status {self._shut_status})"
-            )
+
+
+def _refusal(status: int) -> str:
+    """The source's words for a SHUT with error ``status`` from the destination."""
+    return f"the destination failed to load the stream (SHUT status {status})"
 
 
 def _post(channel: trio.MemorySendChannel[object], item: object) -> None:
