@@ -19,8 +19,8 @@ from typing import Protocol
 import trio
 
 from trimig.errors import ConfigError, LocalProtocolError, TransportError
-from trimig.transports.base import Buffer, ByteStream, byte_buffers
-from trimig.transports.gather import GatherItem, IoVector
+from trimig.kernel.iov import Buffer, GatherItem, IoVector, byte_buffers
+from trimig.transports.base import ByteStream
 
 __all__ = [
     "BUFFER_DELAY",

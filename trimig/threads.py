@@ -13,9 +13,10 @@ blocking loop over non-blocking fds:
 * :func:`run_in_thread` runs ``loop(stop)`` in a thread for the lifetime of a trio task
   (start it with ``nursery.start``). Cancelling the task sets ``stop`` and waits for the
   loop to return: the thread never outlives its owner.
-* The loop waits with :func:`wait_readable`, reads with :func:`read_into` and writes with
-  :func:`write_all`, which all watch ``stop`` (``write_all`` only until it has written
-  something: a message goes out whole).
+* The loop waits with :func:`wait_readable`, reads with :func:`read_into` (or
+  :func:`readv_into`) and writes with :func:`write_all`: the thread drivers of the
+  synchronous steps of ``trimig.kernel.iov``. The reads watch ``stop``; ``write_all`` does
+  not (a message goes out whole) but gives up when the peer takes nothing for a while.
 
 The GIL. Every system call a thread makes lets the main thread take the GIL; getting it
 back waits for the main thread's next system call or, when the main thread is busy in
@@ -51,7 +52,7 @@ import trio
 
 from ._trio import open_nursery
 from .errors import TransportError
-from .transports.base import Buffer, byte_buffers
+from .kernel.iov import GatherItem, GatherWrite, readv
 
 T = TypeVar("T")
 
@@ -62,7 +63,15 @@ URGENT_NICE = -10
 """Nice value of urgent threads (best effort: raising a priority needs CAP_SYS_NICE or a
 RLIMIT_NICE that allows it; without, they run at the process's)."""
 
-__all__ = ["StopSignal", "read_into", "run_in_thread", "stream_fd", "wait_readable", "write_all"]
+__all__ = [
+    "StopSignal",
+    "read_into",
+    "readv_into",
+    "run_in_thread",
+    "stream_fd",
+    "wait_readable",
+    "write_all",
+]
 
 
 class StopSignal:
@@ -174,53 +183,47 @@ def wait_readable(fds: Sequence[int], stop: StopSignal) -> list[int] | None:
 def read_into(fd: int, buffer: memoryview, stop: StopSignal, *, what: str) -> int | None:
     """Read at least one byte from the non-blocking ``fd`` into ``buffer``; the count, 0 at
     EOF, or None once ``stop`` is set. Errors raise TransportError naming ``what``."""
+    return readv_into(fd, [buffer], stop, what=what)
+
+
+def readv_into(
+    fd: int, buffers: Sequence[memoryview], stop: StopSignal, *, what: str
+) -> int | None:
+    """Like :func:`read_into`, scattering what one readv takes over ``buffers`` in order."""
     while True:
         try:
-            return os.readv(fd, [buffer])
-        except BlockingIOError:
-            pass
+            count = readv(fd, buffers)
         except OSError as error:
             reason = os.strerror(error.errno or 0)
             raise TransportError(f"reading {what} failed: {reason}") from error
+        if count is not None:
+            return count
         if wait_readable([fd], stop) is None:
             return None
 
 
-def write_all(fd: int, buffers: Sequence[Buffer], *, timeout: float, what: str) -> int:
-    """Write every byte of ``buffers`` to the non-blocking ``fd`` (gather writes, waiting
-    for room as needed); return the count. Raises TransportError naming ``what`` if the
-    peer takes nothing for ``timeout`` seconds or the write fails."""
-    views, lengths = byte_buffers(buffers)
-    total = sum(lengths)
+def write_all(fd: int, buffers: Sequence[GatherItem], *, timeout: float, what: str) -> int:
+    """Write every byte of ``buffers`` to the non-blocking ``fd`` from this thread, blocking
+    until it is out (gather writes, waiting for room as needed); return the count. Not
+    stopped by a StopSignal: a message goes out whole. Raises TransportError naming
+    ``what`` if the peer takes nothing for ``timeout`` seconds or the write fails."""
+    gather = GatherWrite(buffers)
     deadline = time.monotonic() + timeout
-    index = 0
-    while index < len(views):
+    remaining = gather.remaining
+    while True:
         try:
-            written = os.writev(fd, views[index : index + _IOV_MAX])
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            ready = select.poll()
-            ready.register(fd, select.POLLOUT)
-            if remaining <= 0 or not ready.poll(remaining * 1000):
-                raise TransportError(
-                    f"writing {what} failed: the peer took nothing for {timeout:g} s"
-                ) from None
-            continue
+            if gather.write(fd):
+                return gather.total
         except OSError as error:
             reason = os.strerror(error.errno or 0)
             if error.errno in (errno.EPIPE, errno.ECONNRESET):
                 reason += " (the peer closed the connection)"
             raise TransportError(f"writing {what} failed: {reason}") from error
-        deadline = time.monotonic() + timeout
-        while written:
-            if written >= lengths[index]:
-                written -= lengths[index]
-                index += 1
-            else:
-                views[index] = memoryview(views[index])[written:]
-                lengths[index] -= written
-                written = 0
-    return total
-
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
+        if gather.remaining < remaining:  # progress: the peer gets another ``timeout``
+            remaining = gather.remaining
+            deadline = time.monotonic() + timeout
+        wait = deadline - time.monotonic()
+        ready = select.poll()
+        ready.register(fd, select.POLLOUT)
+        if wait <= 0 or not ready.poll(wait * 1000):
+            raise TransportError(f"writing {what} failed: the peer took nothing for {timeout:g} s")

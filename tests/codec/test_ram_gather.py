@@ -7,7 +7,7 @@ import pytest
 
 from trimig.codec import RamRecordEncoder
 from trimig.errors import LocalProtocolError
-from trimig.transports.gather import IoVector, flatten
+from trimig.kernel.iov import IoVector, flatten
 
 PAGE = 4096
 

@@ -11,8 +11,8 @@ from test_conformance import receive_all
 from transport_pairs import Setup, connected
 
 from trimig.errors import KernelError, LocalProtocolError
+from trimig.kernel.iov import IoVector, flatten, write_rows_at
 from trimig.transports import IOV_MAX, SocketStream
-from trimig.transports.gather import IoVector, flatten, write_rows_at
 
 PAGE = 4096
 

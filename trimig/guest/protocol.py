@@ -14,18 +14,17 @@ Message shapes:
 
 from __future__ import annotations
 
-import array
 import base64
 import binascii
-import contextlib
 import enum
 import json
-import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import GuestError, LocalProtocolError
+from ..kernel import fdpass
+from ..kernel.fdpass import close_fds as close_fds  # the guest library and the engine use it
 
 PROTOCOL_VERSION = 1
 #: The environment variable naming the guest's end of the socketpair.
@@ -33,10 +32,9 @@ ENV_FD = "TRIMIG_GUEST_FD"
 #: The largest packet either side sends or accepts, in bytes of JSON.
 MAX_MESSAGE_BYTES = 64 * 1024
 #: The most fds one message may carry (the kernel's SCM_MAX_FD).
-MAX_FDS = 253
+MAX_FDS = fdpass.SCM_MAX_FD
 
-_FD_SIZE = array.array("i").itemsize
-ANCILLARY_BUFFER_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
+ANCILLARY_BUFFER_SIZE = fdpass.ancillary_size(MAX_FDS)
 
 
 class Role(enum.StrEnum):
@@ -130,20 +128,15 @@ def decode_state(text: Any) -> bytes:
         raise GuestError(f"device state is not valid base64: {error}") from None
 
 
-def ancillary_for(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
-    """The sendmsg ancillary data carrying ``fds`` with SCM_RIGHTS (empty list for none)."""
+def _check_fd_count(fds: Sequence[int]) -> Sequence[int]:
     if len(fds) > MAX_FDS:
         raise LocalProtocolError(f"a guest protocol message can carry at most {MAX_FDS} fds")
-    if not fds:
-        return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return fds
 
 
-def close_fds(fds: Iterable[int]) -> None:
-    """Close every fd, ignoring ones already closed."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+def ancillary_for(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The sendmsg ancillary data carrying ``fds`` with SCM_RIGHTS (empty list for none)."""
+    return fdpass.rights(_check_fd_count(fds))
 
 
 def parse_received(
@@ -154,11 +147,12 @@ def parse_received(
     Raises GuestError for a truncated packet, truncated ancillary data or bad JSON,
     after closing any fds that arrived with it.
     """
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % _FD_SIZE
-            fds.extend(array.array("i", payload[:usable]))
+    return _check_received(data, fdpass.take_fds(ancdata), msg_flags)
+
+
+def _check_received(
+    data: bytes, fds: list[int], msg_flags: int
+) -> tuple[dict[str, Any], list[int]]:
     try:
         if msg_flags & socket.MSG_TRUNC:
             raise GuestError(
@@ -174,7 +168,7 @@ def parse_received(
 
 def send_message(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
     """Blocking send of one message (+ fds) on a SOCK_SEQPACKET socket."""
-    sock.sendmsg([encode_message(message)], ancillary_for(fds))
+    fdpass.send_fds(sock, [encode_message(message)], _check_fd_count(fds))
 
 
 def receive_message(
@@ -184,9 +178,7 @@ def receive_message(
 
     With ``flags=socket.MSG_DONTWAIT`` raises BlockingIOError when nothing is queued.
     """
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        MAX_MESSAGE_BYTES, ANCILLARY_BUFFER_SIZE, flags | socket.MSG_CMSG_CLOEXEC
-    )
-    if not data and not ancdata:
+    data, fds, msg_flags = fdpass.recv_fds(sock, MAX_MESSAGE_BYTES, MAX_FDS, flags=flags)
+    if not data and not fds:
         return None
-    return parse_received(data, ancdata, msg_flags)
+    return _check_received(data, fds, msg_flags)

@@ -1,5 +1,7 @@
 """Kernel bindings (cffi in ABI mode, no compiler, no trio): memfds and mappings,
-userfaultfd, PAGEMAP_SCAN dirty tracking and a probe of what the kernel offers."""
+userfaultfd, PAGEMAP_SCAN dirty tracking and a probe of what the kernel offers; gather and
+scatter I/O (``kernel.iov``) and fd passing (``kernel.fdpass``). The only home of system
+calls and fd plumbing: the layers above drive these synchronous steps from trio or threads."""
 
 from .memory import (
     HUGE_PAGE_SIZE,

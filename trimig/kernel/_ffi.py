@@ -1,4 +1,5 @@
-"""cffi declarations (ABI mode, no compiler): userfaultfd and PAGEMAP_SCAN structs, libc calls.
+"""cffi declarations (ABI mode, no compiler): userfaultfd and PAGEMAP_SCAN structs, libc calls
+(the memory calls, and writev/pwritev over ``struct iovec`` arrays).
 
 The layouts follow ``include/uapi/linux/userfaultfd.h`` and ``include/uapi/linux/fs.h``
 of Linux 6.18. ioctl request numbers are computed from the struct sizes with the
@@ -94,6 +95,10 @@ ffi.cdef(
     int mincore(void *addr, size_t length, unsigned char *vec);
     void *memset(void *s, int c, size_t n);
     void *memcpy(void *dest, const void *src, size_t n);
+
+    struct iovec { void *iov_base; size_t iov_len; };
+    ssize_t writev(int fd, const struct iovec *iov, int iovcnt);
+    ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, long offset);
     """
 )
 

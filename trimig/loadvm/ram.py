@@ -14,10 +14,10 @@ import numpy as np
 
 from .. import codec
 from ..errors import RemoteProtocolError
+from ..kernel.iov import write_rows_at
 from ..kernel.memory import punch_hole
 from ..postcopy.bitmaps import ReceivedBitmap
 from ..ram import TARGET_PAGE_SIZE, RamBlock
-from ..transports.gather import write_rows_at
 
 
 class RamLoader:

@@ -18,7 +18,6 @@ that are not coming.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import attrs
@@ -34,11 +33,11 @@ from ..codec.constants import (
     RAM_SAVE_FLAG_PAGE,
     TARGET_PAGE_SIZE,
 )
-from ..errors import TransportError
-from ..threads import StopSignal, read_into, wait_readable
+from ..kernel.iov import IOV_MAX
+from ..threads import StopSignal, read_into, readv_into
 
 WORD_SIZE = PAGE_RECORD_SIZE - TARGET_PAGE_SIZE
-MAX_RECORDS = min(512, os.sysconf("SC_IOV_MAX") // 2)
+MAX_RECORDS = min(512, IOV_MAX // 2)
 """Records one read can take (two iovecs each)."""
 
 _PAGE_CONTINUE = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
@@ -211,14 +210,4 @@ class PageScatter:
     def _readv(self, fd: int, stop: StopSignal, offset: int, end_piece: int) -> int | None:
         """One readv into the pieces from byte ``offset`` (up to piece ``end_piece``),
         waiting for data; the count (0 at EOF), or None once ``stop`` is set."""
-        views = self._views_from(offset, end_piece)
-        while True:
-            try:
-                return os.readv(fd, views)
-            except BlockingIOError:
-                pass
-            except OSError as error:
-                reason = os.strerror(error.errno or 0)
-                raise TransportError(f"reading the main stream failed: {reason}") from error
-            if wait_readable([fd], stop) is None:
-                return None
+        return readv_into(fd, self._views_from(offset, end_piece), stop, what="the main stream")

@@ -23,12 +23,12 @@ from .. import codec
 from ..channel import MigrationChannel, RateLimiter
 from ..codec import RamRecordEncoder
 from ..errors import TransportError
+from ..kernel.iov import IoVector
 from ..kernel.pagemap import PagemapScanner
 from ..kernel.uffd import Userfaultfd
 from ..migration import SourceStats
 from ..ram import TARGET_PAGE_SIZE, RamBlock
 from ..transports.base import RegionRegistry
-from ..transports.gather import IoVector
 
 #: Target pages per send window: one 2 MiB host page, so a hugetlb host page is never
 #: split across windows, and 2 x 512 iovecs fit one writev.

@@ -4,7 +4,8 @@
 forms). A transport moves bytes only; it knows nothing of the migration stream format.
 """
 
-from trimig.transports.base import IOV_MAX, Buffer, ByteStream, Listener, RegionRegistry
+from trimig.kernel.iov import IOV_MAX
+from trimig.transports.base import Buffer, ByteStream, Listener, RegionRegistry
 from trimig.transports.endpoints import connect, listen
 from trimig.transports.exec_ import PipeStream
 from trimig.transports.rdma import MemoryFabric, MemoryStream, memory_stream_pair

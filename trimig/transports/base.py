@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self, TypeAlias
+from typing import Protocol, Self
 
 import trio
 
 from trimig.errors import LocalProtocolError, TransportError
+from trimig.kernel.iov import Buffer as Buffer  # the buffer type of the transports' API
+from trimig.kernel.iov import GatherItem, GatherWrite
 from trimig.transports.uri import Address
-
-if TYPE_CHECKING:
-    from trimig.transports.gather import IoVector
-
-# A contiguous buffer: bytes, bytearray, memoryview or anything exporting the buffer
-# protocol (a numpy page array, an mmap). Python 3.11 has no collections.abc.Buffer.
-Buffer: TypeAlias = bytes | bytearray | memoryview
-
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-"""Most entries one sendmsg/writev call takes (1024 on Linux)."""
 
 
 class RegionRegistry(Protocol):
@@ -70,10 +62,10 @@ class ByteStream(Protocol):
         """The one-sided memory registry; None except on the RDMA-shaped transport."""
         ...
 
-    async def send_buffers(self, buffers: Sequence[Buffer | IoVector]) -> None:
+    async def send_buffers(self, buffers: Sequence[GatherItem]) -> None:
         """Gather-write every byte of ``buffers`` in order (one writev per batch).
 
-        Items are buffers or :class:`~trimig.transports.gather.IoVector` gather arrays. The
+        Items are buffers or :class:`~trimig.kernel.iov.IoVector` gather arrays. The
         bytes are not copied and must not change until this returns. If cancelled, an
         unknown prefix may have been sent: the stream is then only good for aclose().
         """
@@ -132,60 +124,18 @@ class ListenerBase:
         await self.aclose()
 
 
-def byte_buffers(buffers: Sequence[Buffer]) -> tuple[list[Buffer], list[int]]:
-    """Flat byte views of ``buffers`` (empty ones dropped) and their lengths. No copying."""
-    views: list[Buffer] = []
-    lengths: list[int] = []
-    for buffer in buffers:
-        kind = type(buffer)
-        if kind is bytes or kind is bytearray:
-            length = len(buffer)
-        elif (
-            kind is memoryview
-            and buffer.ndim == 1  # type: ignore[union-attr]
-            and buffer.itemsize == 1  # type: ignore[union-attr]
-            and buffer.c_contiguous  # type: ignore[union-attr]
-        ):
-            length = buffer.nbytes  # type: ignore[union-attr]
-        else:
-            view = memoryview(buffer)
-            if not view.c_contiguous:
-                raise LocalProtocolError(
-                    f"gather buffer {len(views)} is not contiguous ({view.strides} strides)"
-                )
-            if view.ndim != 1 or view.itemsize != 1:
-                view = view.cast("B")
-            buffer, length = view, view.nbytes
-        if length:
-            views.append(buffer)
-            lengths.append(length)
-    return views, lengths
+async def write_gather(fd: int, items: Sequence[GatherItem]) -> int:
+    """Write every byte of ``items`` to the non-blocking ``fd``; return the count.
 
-
-async def write_all(
-    write_some: Callable[[list[Buffer]], Awaitable[int]], buffers: Sequence[Buffer]
-) -> int:
-    """Write every byte of ``buffers`` through a gather primitive; return the byte count.
-
-    ``write_some`` takes at most IOV_MAX buffers and returns how many bytes it wrote. After a
-    partial write only the partly written entry is re-sliced; payloads are never copied.
+    The trio driver of :class:`~trimig.kernel.iov.GatherWrite`: waits for ``fd`` to become
+    writable whenever the kernel buffer is full. Raises OSError (EPIPE, ECONNRESET, ...) as
+    os.writev would. Cancelled while waiting, an unknown prefix has been written. Not a
+    checkpoint by itself when nothing blocks.
     """
-    views, lengths = byte_buffers(buffers)
-    total = sum(lengths)
-    index = 0
-    count = len(views)
-    while index < count:
-        written = await write_some(views[index : index + IOV_MAX])
-        while written:
-            length = lengths[index]
-            if written >= length:
-                written -= length
-                index += 1
-            else:
-                views[index] = memoryview(views[index])[written:]
-                lengths[index] = length - written
-                written = 0
-    return total
+    gather = GatherWrite(items)
+    while not gather.write(fd):
+        await trio.lowlevel.wait_writable(fd)
+    return gather.total
 
 
 def check_receive_buffer(buffer: memoryview) -> None:

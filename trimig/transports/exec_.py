@@ -26,13 +26,14 @@ from collections.abc import Sequence
 import trio
 
 from trimig.errors import TransportError
+from trimig.kernel.iov import GatherItem, readv
 from trimig.transports.base import (
     ListenerBase,
     RegionRegistry,
     check_receive_buffer,
     transport_error,
+    write_gather,
 )
-from trimig.transports.gather import GatherItem, write_gather
 from trimig.transports.uri import ExecCommand
 
 PIPE_SIZE = 1024 * 1024
@@ -183,17 +184,11 @@ class PipeStream:
         if self._fd < 0:
             raise TransportError(f"receiving on {self._uri} after aclose()")
         await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                count = os.readv(self._fd, [buffer])
-                break
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(self._fd)
-                except trio.ClosedResourceError as error:
-                    raise transport_error(f"receiving on {self._uri}", error) from error
-            except OSError as error:
-                raise transport_error(f"receiving on {self._uri}", error) from error
+        try:
+            while (count := readv(self._fd, [buffer])) is None:
+                await trio.lowlevel.wait_readable(self._fd)
+        except (OSError, trio.ClosedResourceError) as error:
+            raise transport_error(f"receiving on {self._uri}", error) from error
         if count == 0 and not self._finished:
             if await self._child.wait() != 0:
                 raise self._child.failure("failed")

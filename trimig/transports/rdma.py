@@ -25,7 +25,6 @@ live views is unmapped (and its fd closed) only when the last view goes away.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import mmap
 import os
@@ -36,15 +35,14 @@ from collections.abc import Sequence
 import trio
 
 from trimig.errors import KernelError, LocalProtocolError, RemoteProtocolError, TransportError
+from trimig.kernel import fdpass
+from trimig.kernel.iov import Buffer, GatherItem, byte_buffers, flatten
 from trimig.transports.base import (
-    Buffer,
     ListenerBase,
     RegionRegistry,
-    byte_buffers,
     check_receive_buffer,
     transport_error,
 )
-from trimig.transports.gather import GatherItem, flatten
 from trimig.transports.socket import (
     LISTEN_BACKLOG,
     SocketListener,
@@ -345,19 +343,6 @@ class MemoryFabric:
 # Cross-process flavour
 
 
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == stdlib_socket.SOL_SOCKET and kind == stdlib_socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
 class SocketRegions:
     """RegionRegistry of ``rdma:PATH``: registrations travel as memfds on a control socket."""
 
@@ -386,9 +371,8 @@ class SocketRegions:
                 f"fd {fd} of region {name!r} holds {held} bytes, less than its size {size}"
             )
         message = _REGISTER_HEADER.pack(_REGISTER, size) + encoded
-        rights = [(stdlib_socket.SOL_SOCKET, stdlib_socket.SCM_RIGHTS, array.array("i", [fd]))]
         try:
-            await self._control.sendmsg([message], rights)
+            await self._control.sendmsg([message], fdpass.rights([fd]))
         except (OSError, trio.ClosedResourceError) as error:
             raise transport_error(f"registering region {name!r} on {self._uri}", error) from error
         self._registered.add(name)
@@ -411,23 +395,24 @@ class SocketRegions:
 
     async def _read_registration(self) -> None:
         try:
-            data, ancdata, flags, _ = await self._control.recvmsg(
-                1 + 8 + _MAX_NAME + 1,
-                stdlib_socket.CMSG_SPACE(_MAX_FDS * 4),
-                stdlib_socket.MSG_CMSG_CLOEXEC,
+            data, fds, flags = fdpass.unpack(
+                await self._control.recvmsg(
+                    1 + 8 + _MAX_NAME + 1,
+                    fdpass.ancillary_size(_MAX_FDS),
+                    stdlib_socket.MSG_CMSG_CLOEXEC,
+                )
             )
         except (OSError, trio.ClosedResourceError) as error:
             if self._closed:
                 raise TransportError(f"{self._uri}: the stream is closed") from error
             raise transport_error(f"reading registrations on {self._uri}", error) from error
-        fds = _take_fds(ancdata)
         try:
             if not data:
                 self._peer_gone = True
                 return
             self._map_registration(data, flags, fds)
         finally:
-            _close_fds(fds)
+            fdpass.close_fds(fds)
 
     def _map_registration(self, data: bytes, flags: int, fds: list[int]) -> None:
         where = f"registration on {self._uri}"
@@ -473,10 +458,7 @@ async def connect_rdma_socket(address: RdmaSocketAddress) -> SocketStream:
     try:
         mine, theirs = stdlib_socket.socketpair(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_SEQPACKET)
         with theirs:
-            rights = array.array("i", [theirs.fileno()])
-            sent = await data.sendmsg(
-                [HELLO], [(stdlib_socket.SOL_SOCKET, stdlib_socket.SCM_RIGHTS, rights)]
-            )
+            sent = await data.sendmsg([HELLO], fdpass.rights([theirs.fileno()]))
         while sent < len(HELLO):
             sent += await data.send(HELLO[sent:])
         control = trio.socket.from_stdlib_socket(mine)
@@ -498,15 +480,16 @@ async def _accept_rdma(sock: trio.socket.SocketType, uri: str) -> SocketStream:
     control_fd: int | None = None
     try:
         while len(received) < len(HELLO):
-            data, ancdata, _, _ = await sock.recvmsg(
-                len(HELLO) - len(received),
-                stdlib_socket.CMSG_SPACE(_MAX_FDS * 4),
-                stdlib_socket.MSG_CMSG_CLOEXEC,
+            data, fds, _ = fdpass.unpack(
+                await sock.recvmsg(
+                    len(HELLO) - len(received),
+                    fdpass.ancillary_size(_MAX_FDS),
+                    stdlib_socket.MSG_CMSG_CLOEXEC,
+                )
             )
-            fds = _take_fds(ancdata)
             if fds and control_fd is None:
                 control_fd = fds.pop(0)
-            _close_fds(fds)
+            fdpass.close_fds(fds)
             if not data:
                 raise TransportError(f"accepting on {uri}: the peer left during the handshake")
             received += data

@@ -12,14 +12,15 @@ from typing import Protocol
 import trio
 
 from trimig.errors import ConfigError, TransportError
+from trimig.kernel.iov import GatherItem
 from trimig.transports.base import (
     ByteStream,
     ListenerBase,
     RegionRegistry,
     check_receive_buffer,
     transport_error,
+    write_gather,
 )
-from trimig.transports.gather import GatherItem, write_gather
 from trimig.transports.uri import Address, TcpAddress, UnixAddress
 
 SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
