@@ -8,7 +8,7 @@ from trimig.kernel.iov import IOV_MAX
 from trimig.transports.base import Buffer, ByteStream, Listener, RegionRegistry
 from trimig.transports.endpoints import connect, listen
 from trimig.transports.exec_ import PipeStream
-from trimig.transports.rdma import MemoryFabric, MemoryStream, memory_stream_pair
+from trimig.transports.rdma_memory import MemoryFabric, MemoryStream, memory_stream_pair
 from trimig.transports.socket import SocketStream
 from trimig.transports.uri import (
     Address,

@@ -44,6 +44,29 @@ class RegionRegistry(Protocol):
         ...
 
 
+MAX_REGION_NAME = 255
+"""Longest region name, in bytes of UTF-8."""
+
+
+def check_registration(name: str, size: int, buffer: memoryview) -> bytes:
+    """Refuse a registration that breaks RegionRegistry.register's contract; the encoded name."""
+    encoded = name.encode()
+    if not 1 <= len(encoded) <= MAX_REGION_NAME:
+        raise LocalProtocolError(
+            f"region name {name!r} must be 1-{MAX_REGION_NAME} bytes of UTF-8, not {len(encoded)}"
+        )
+    if size <= 0:
+        raise LocalProtocolError(f"region {name!r} has size {size}; it must be positive")
+    view = memoryview(buffer)
+    if view.readonly:
+        raise LocalProtocolError(f"the buffer of region {name!r} is read-only")
+    if view.nbytes != size:
+        raise LocalProtocolError(
+            f"the buffer of region {name!r} has {view.nbytes} bytes but its size is {size}"
+        )
+    return encoded
+
+
 class ByteStream(Protocol):
     """A bidirectional (or one-way, for exec) byte pipe between the two engines."""
 

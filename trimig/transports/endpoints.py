@@ -5,7 +5,8 @@ from __future__ import annotations
 from trimig.errors import ConfigError
 from trimig.transports.base import ByteStream, Listener
 from trimig.transports.exec_ import connect_exec, listen_exec
-from trimig.transports.rdma import MemoryFabric, connect_rdma_socket, listen_rdma_socket
+from trimig.transports.rdma_memory import MemoryFabric
+from trimig.transports.rdma_socket import connect_rdma_socket, listen_rdma_socket
 from trimig.transports.socket import connect_tcp, connect_unix, listen_tcp, listen_unix
 from trimig.transports.uri import (
     Address,
