@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..units import parse_rate
-from . import Guest, GuestBlock, GuestProgram, GuestRequestError, Role, VerifyResult
+from .library import Guest, GuestBlock, GuestProgram, GuestRequestError, Role, VerifyResult
 
 WORKLOAD_PAGE_SIZE = 4096
 WORDS_PER_PAGE = WORKLOAD_PAGE_SIZE // 8
@@ -104,8 +104,9 @@ class WorkloadState:
         for key in ("seed", "pass", "cursor", "page_count", "generation"):
             value = raw.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise GuestRequestError(f"workload state: {key!r} must be a natural number, "
-                                        f"got {value!r}")
+                raise GuestRequestError(
+                    f"workload state: {key!r} must be a natural number, got {value!r}"
+                )
             fields[key] = value
         if raw.get("fill") not in FILLS:
             raise GuestRequestError(f"workload state: unknown fill {raw.get('fill')!r}")
@@ -237,8 +238,7 @@ class Workload(GuestProgram):
         fields["memory_pass"] = memory_pass
         fields["memory_cursor"] = memory_cursor
         where = (
-            f"device state pass {state.passes} cursor {state.cursor} "
-            f"generation {state.generation}"
+            f"device state pass {state.passes} cursor {state.cursor} generation {state.generation}"
         )
         expected = np.full(self._page_count, state.passes, dtype=np.uint64)
         expected[: state.cursor] += np.uint64(1)
@@ -270,9 +270,7 @@ class Workload(GuestProgram):
                 f"({state.fill} fill, seed {state.seed})",
                 fields,
             )
-        return VerifyResult(
-            True, f"{self._page_count} pages consistent with {where}", fields
-        )
+        return VerifyResult(True, f"{self._page_count} pages consistent with {where}", fields)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -359,8 +357,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="max",
         help="bytes of pages touched per second, e.g. 100M; 0 or max: as fast as it can",
     )
-    parser.add_argument("--fill", choices=FILLS, default="random",
-                        help="what the rest of each page holds (default random)")
+    parser.add_argument(
+        "--fill",
+        choices=FILLS,
+        default="random",
+        help="what the rest of each page holds (default random)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random fill")
     return parser.parse_args(argv)
 
