@@ -5,13 +5,18 @@ Over every transport with a return path (tcp, unix, rdma) the source opens it (t
 destination's SHUT(0). Here the destination's guest refuses its device state at
 load-state, after the whole stream arrived: the destination sends SHUT(1), and the source
 ends ``failed`` naming that verdict, with its guest running on, dirty tracking undone.
-Through OutgoingMigration.
+Through OutgoingMigration, and through the CLI as two real processes (``trimig incoming``
+and ``trimig migrate``); the QMP engines (``trimig run``) are in tests/qmp/test_engines.py.
 Over exec (no return path) ``completed`` means the stream was written, as documented.
 """
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,10 +24,14 @@ import trio
 from precopy_harness import (
     DEADLINE,
     DIRTY_RATE,
+    GUEST_RAM,
+    TRIMIG,
     assert_runs_undisturbed,
     guest_specs,
     migrate_and_verify,
+    one_json_object,
     open_destination,
+    run_trimig,
     source_guest,
 )
 from refusing_guest import REFUSAL
@@ -39,6 +48,7 @@ REFUSING_GUEST = [
     DIRTY_RATE,
 ]
 VERDICT = "the destination failed to load the stream (SHUT status 1)"
+GUEST_OPTIONS = ("--ram", "64M", "--dirty-rate", DIRTY_RATE)
 
 
 def test_return_path_is_on_by_default() -> None:
@@ -107,3 +117,61 @@ async def test_with_return_path_off_completed_means_written() -> None:
                 await outgoing.run(destination.connect_uri)
             assert await destination.wait_finished() is MigrationStatus.FAILED
         assert outgoing.status.value is MigrationStatus.COMPLETED
+
+
+# -- the CLI: trimig incoming and trimig migrate, two real processes -------------------
+
+
+def _listen_uri(transport: str, directory: str) -> str:
+    if transport == "tcp":
+        return "tcp:127.0.0.1:0"
+    if transport == "unix":
+        return f"unix:{directory}/migration.sock"
+    return f"rdma:{directory}/rdma.sock"
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "rdma"])
+def test_cli_migrate_fails_when_trimig_incoming_refuses(transport: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="tvd", dir="/tmp") as directory:
+        incoming = subprocess.Popen(
+            [
+                *TRIMIG, "incoming", _listen_uri(transport, directory), "--json", *GUEST_OPTIONS,
+                "--", *REFUSING_GUEST,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            assert incoming.stderr is not None
+            ready, _, _ = select.select([incoming.stderr], [], [], DEADLINE)
+            assert ready, "trimig incoming said nothing"
+            line = incoming.stderr.readline().strip()
+            assert line.startswith("trimig: listening on "), line
+            uri = line.rpartition(" ")[2]
+            migrate = run_trimig("migrate", uri, "--json", "--warmup", "0.2", *GUEST_OPTIONS)
+            out, err = incoming.communicate(timeout=DEADLINE)
+        finally:
+            if incoming.poll() is None:
+                incoming.kill()
+            incoming.communicate()
+    # The source: failed with the destination's verdict, exit status 1, its guest running.
+    assert migrate.returncode == 1, (migrate.stdout, migrate.stderr)
+    source = one_json_object(migrate.stdout)
+    assert source["status"] == "failed", source
+    assert VERDICT in source["error-desc"], source
+    assert source["ram"]["total"] == GUEST_RAM
+    assert source["guest"] == {"running": True, "dirty-tracked": False}, source
+    error = migrate.stderr.strip().splitlines()[-1]
+    assert error.startswith("trimig: error: migration to ") and VERDICT in error, migrate.stderr
+    assert "Traceback" not in migrate.stderr
+    # The destination: failed naming its guest's refusal, on stderr and in its JSON.
+    assert incoming.returncode == 1, err
+    destination = one_json_object(out)
+    assert destination["status"] == "failed", destination
+    assert REFUSAL in destination["error-desc"], destination
+    assert destination["verified"] is False
+    errors = [line for line in err.splitlines() if line.startswith("trimig: error: ")]
+    assert len(errors) == 1 and REFUSAL in errors[0], err
+    assert "Traceback" not in err

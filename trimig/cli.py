@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -145,10 +146,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             progress=True,
             postcopy_after_first_pass=args.postcopy,
+            keep_failure=True,
         )
     )
     report(result.to_json(), args.json)
-    return 0 if result.ok else 1
+    if result.ok:
+        return 0
+    if result.error is not None:
+        failure = one_line(result.error)
+        destination = result.destination.get("error-desc")
+        if destination and destination not in failure:
+            failure += f"; the destination: {destination}"
+    elif result.destination.get("error-desc"):
+        failure = f"the destination failed: {result.destination['error-desc']}"
+    else:
+        failure = unverified(result.verdict.detail if result.verdict else None)
+    report_error(failure)
+    return 1
+
+
+def unverified(detail: str | None) -> str:
+    """The failure of a moved guest that did not verify its memory."""
+    if detail is None:
+        return "the moved guest did not verify its memory"
+    return f"the moved guest did not verify its memory: {detail}"
 
 
 def report(info: dict[str, Any], as_json: bool) -> None:
@@ -156,14 +177,40 @@ def report(info: dict[str, Any], as_json: bool) -> None:
     from .progress import statistics_table
 
     if as_json:
-        print(json.dumps(info, sort_keys=True))
+        print(json.dumps(info, sort_keys=True), flush=True)
         return
     extra = {k: v for k, v in info.items() if k in ("verified",)}
     verdict = info.get("verdict") or {}
     if verdict.get("detail"):
         extra["verdict"] = verdict["detail"]
-    body = {k: v for k, v in info.items() if k not in ("verified", "verdict", "destination")}
-    print(statistics_table(body, extra))
+    for key, value in (info.get("guest") or {}).items():
+        extra[f"guest.{key}"] = value
+    body = {
+        k: v for k, v in info.items() if k not in ("verified", "verdict", "destination", "guest")
+    }
+    print(statistics_table(body, extra), flush=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong, in one line: the error's text, with its cause when that adds to it,
+    and the errors of a group (several tasks failed) joined."""
+    from ._trio import sole_error
+
+    exc = sole_error(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(one_line(inner) for inner in exc.exceptions)
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None:
+        detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        if detail and detail not in text:
+            text += f": {detail}"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def report_error(message: str) -> None:
+    """Name a failure on stderr: one line, ``trimig: error: ...``."""
+    print(f"trimig: error: {message}", file=sys.stderr, flush=True)
 
 
 #: Signals that shut a ``trimig run`` engine down cleanly (as ``quit`` does).
@@ -254,15 +301,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except TrimigError as exc:
-        print(f"trimig: error: {exc}", file=sys.stderr)
-        cause = exc.__cause__
-        if cause is not None and str(cause) and str(cause) not in str(exc):
-            print(f"trimig: cause: {cause}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("trimig: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:  # every failure is named in one line (and in --json)
+        if isinstance(exc, SystemExit):
+            raise
+        from ._trio import sole_error
+
+        message = one_line(exc)
+        if not isinstance(sole_error(exc), TrimigError):
+            # Not an error trimig raises on purpose: a bug, or an unexpected OS error.
+            message = f"{type(sole_error(exc)).__name__}: {message}"
+            if args.verbose:
+                traceback.print_exc()
+            else:
+                message += " (run with -v for the traceback)"
+        report_error(message)
+        if getattr(args, "json", False):
+            # Nothing was reported yet: the JSON names the failure as query-migrate does.
+            print(json.dumps({"status": "failed", "error-desc": message}), flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from ._trio import open_nursery
-from .errors import ConfigError, TrimigError
+from .errors import ConfigError, MigrationFailed, MigrationPaused, TrimigError
 from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
 from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParameters, MigrationStatus
@@ -36,11 +36,14 @@ class LocalMigrationResult:
     source: dict[str, Any]
     destination: dict[str, Any]
     verdict: Verdict | None
+    #: Why the source failed (MigrationFailed or MigrationPaused), with ``keep_failure``.
+    error: TrimigError | None = None
 
     @property
     def ok(self) -> bool:
         return (
-            self.source.get("status") == "completed"
+            self.error is None
+            and self.source.get("status") == "completed"
             and self.verdict is not None
             and self.verdict.verified
         )
@@ -110,8 +113,12 @@ async def migrate_locally(
     run_after: float = 0.3,
     progress: bool = False,
     postcopy_after_first_pass: bool = False,
+    keep_failure: bool = False,
 ) -> LocalMigrationResult:
-    """Start a guest, let it run ``warmup`` s, migrate it over ``transport``, verify it."""
+    """Start a guest, let it run ``warmup`` s, migrate it over ``transport``, verify it.
+
+    A failed migration raises what ``OutgoingMigration.run`` raised, or, with
+    ``keep_failure``, is returned: ``error`` holds it and ``source`` says ``failed``."""
     command = list(guest_command or workload_command())
     capabilities = capabilities or MigrationCapabilities()
     parameters = parameters or MigrationParameters()
@@ -137,15 +144,21 @@ async def migrate_locally(
                     connect_options=options,
                 )
                 shown = progress_shown(outgoing.query) if progress else nullcontext()
+                error: TrimigError | None = None
                 async with shown:
-                    await outgoing.run(connect_uri.format(address=address))
+                    try:
+                        await outgoing.run(connect_uri.format(address=address))
+                    except (MigrationFailed, MigrationPaused) as exc:
+                        if not keep_failure:
+                            raise
+                        error = exc
                 await incoming.status.wait_value(
                     lambda status: (
                         not status.is_running or status is MigrationStatus.POSTCOPY_PAUSED
                     )
                 )
             verdict = await verify_destination(incoming, run_after)
-            return LocalMigrationResult(outgoing.query(), incoming.query(), verdict)
+            return LocalMigrationResult(outgoing.query(), incoming.query(), verdict, error)
         finally:
             await incoming.aclose()
 

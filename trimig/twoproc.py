@@ -1,9 +1,10 @@
-"""The two-process flow: ``trimig incoming URI`` on one side, ``trimig migrate URI`` on the other.
-"""
+"""The two-process flow: ``trimig incoming URI`` on one side, ``trimig migrate URI`` on
+the other."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import trio
 
 from ._trio import open_nursery
+
+log = logging.getLogger("trimig.twoproc")
 
 OptionAdder = Callable[[argparse.ArgumentParser], None]
 
@@ -50,7 +53,7 @@ def add_two_process_commands(
 
 
 def _cmd_incoming(args: argparse.Namespace) -> int:
-    from .cli import _migration_settings, guest_setup, report
+    from .cli import _migration_settings, guest_setup, report, report_error, unverified
     from .demo import receive, verify_destination
     from .loadvm.incoming import IncomingMigration
 
@@ -73,11 +76,17 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
     info = trio.run(main)
     report(info, args.json)
-    return 0 if info["verified"] else 1
+    if info["verified"]:
+        return 0
+    if info.get("error-desc"):
+        report_error(f"incoming migration failed: {info['error-desc']}")
+    else:
+        report_error(unverified((info.get("verdict") or {}).get("detail")))
+    return 1
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from .cli import _migration_settings, guest_setup, report
+    from .cli import _migration_settings, guest_setup, one_line, report, report_error
 
     if args.qmp:
         from .qmp.cli import run_control_command
@@ -86,6 +95,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             ["migrate", args.qmp, args.uri, *(["--json"] if args.json else [])]
         )
     from .demo import running_guest
+    from .errors import MigrationFailed, MigrationPaused, TrimigError
     from .progress import progress_shown
     from .savevm.outgoing import OutgoingMigration
     from .transports import parse_uri
@@ -95,15 +105,35 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     specs, command = guest_setup(args)
     capabilities, parameters = _migration_settings(args)
 
-    async def main() -> dict[str, Any]:
+    async def main() -> tuple[dict[str, Any], Exception | None]:
         async with running_guest(specs, command) as (guest, blocks):
             await trio.sleep(args.warmup)
             outgoing = OutgoingMigration(
                 guest, blocks, capabilities=capabilities, parameters=parameters
             )
+            error: Exception | None = None
             async with progress_shown(outgoing.query):
-                await outgoing.run(args.uri)
-            return outgoing.query()
+                try:
+                    await outgoing.run(args.uri)
+                except (MigrationFailed, MigrationPaused) as exc:
+                    error = exc
+            info = outgoing.query()
+            # The guest itself says how the migration left it: stopped once it moved,
+            # running (and no longer dirty-tracked) after a failure.
+            try:
+                status = await guest.query()
+            except TrimigError as exc:  # a guest that died: the migration's error says so
+                log.info("could not query the source guest: %s", exc)
+            else:
+                info["guest"] = {
+                    "running": status.get("running"),
+                    "dirty-tracked": status.get("dirty_tracked"),
+                }
+            return info, error
 
-    report(trio.run(main), args.json)
+    info, error = trio.run(main)
+    report(info, args.json)
+    if error is not None:
+        report_error(one_line(error))
+        return 1
     return 0

@@ -11,12 +11,13 @@
 * ``--wait SECONDS`` on every command: retry connecting while the engine is still starting.
 * ``watch PATH``: live progress from MIGRATION/MIGRATION_PASS events plus periodic
   query-migrate, on stderr; exits 0 when the migration completes, 1 if it fails or is
-  cancelled.
+  cancelled (naming why on stderr).
 
 Every command takes ``--json``: machine-readable output on stdout. Each sub-parser sets
 ``handler`` to a callable ``(argparse.Namespace) -> int`` (the exit status), so the main CLI runs
 ``args.handler(args)``. :func:`run_control_command` does the same without ``trimig/cli.py``.
-Errors (a QMP error reply, no server at PATH) print ``trimig: error: ...`` and return 1.
+Errors (a QMP error reply, no server at PATH) print ``trimig: error: ...`` (one line) on
+stderr and return 1; with ``--json`` stdout carries them too, as a QMP error reply.
 """
 
 from __future__ import annotations
@@ -168,19 +169,35 @@ def _client_command(action: ClientAction) -> Callable[[argparse.Namespace], int]
 
         try:
             return trio.run(connect_and_run)
-        except QmpError as exc:
-            _error(exc.desc if exc.error_class == "GenericError" else str(exc))
-        except TrimigError as exc:
-            _error(str(exc))
         except KeyboardInterrupt:
             _error("interrupted")
+        except QmpError as exc:
+            _fail(
+                args, exc.desc if exc.error_class == "GenericError" else str(exc), exc.error_class
+            )
+        except Exception as exc:  # every failure is named in one line (and in --json)
+            from ..cli import one_line
+
+            message = one_line(exc)
+            if not isinstance(exc, TrimigError):
+                message = f"{type(exc).__name__}: {message}"
+            _fail(args, message, type(exc).__name__)
         return 1
 
     return run
 
 
 def _error(message: str) -> None:
-    print(f"trimig: error: {message}", file=sys.stderr)
+    print(f"trimig: error: {message}", file=sys.stderr, flush=True)
+
+
+def _fail(args: argparse.Namespace, message: str, error_class: str) -> None:
+    """Name a failed command on stderr, and with --json on stdout too, shaped as a QMP
+    error reply: ``{"error": {"class": ..., "desc": ...}}`` (the class of a QMP error, or
+    of trimig's own, such as TransportError when there is no engine at PATH)."""
+    _error(message)
+    if getattr(args, "json", False):
+        _print_json({"error": {"class": error_class, "desc": message}})
 
 
 def _print_json(value: Any, out: TextIO | None = None) -> None:
@@ -429,7 +446,15 @@ async def watch_migration(
         nursery.cancel_scope.cancel()
     if not json_output:
         progress.finish(info, passes)
-    return 0 if info.get("status") == "completed" else 1
+    status = info.get("status")
+    if status == "completed":
+        return 0
+    # With --json the last line on stdout is the final query-migrate, error-desc included.
+    if info.get("error-desc"):
+        _error(f"migration {status}: {info['error-desc']}")
+    else:
+        _error(f"migration {status}")
+    return 1
 
 
 if __name__ == "__main__":
