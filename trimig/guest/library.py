@@ -36,23 +36,11 @@ import attrs
 import numpy as np
 
 from ..errors import ConfigError, GuestError, TrimigError
-from ..kernel.memory import Mapping, punch_hole
+from ..kernel.memory import punch_hole
 from ..kernel.uffd import Feature, Mode, Userfaultfd
-from ..ram import RamBlockSpec
+from ..ram import MappedBlock, RamBlockSpec
 from . import protocol
 from .protocol import Command, Event, Role
-
-__all__ = [
-    "Event",
-    "Guest",
-    "GuestBlock",
-    "GuestProgram",
-    "GuestRequestError",
-    "Role",
-    "VerifyResult",
-    "register_blocks",
-    "uffd_features",
-]
 
 
 class GuestRequestError(GuestError):
@@ -68,7 +56,7 @@ class VerifyResult:
     fields: dict[str, Any] = attrs.field(factory=dict)
 
 
-class GuestBlock:
+class GuestBlock(MappedBlock):
     """One RAM block as the guest sees it: the memfd it received and its own mapping."""
 
     def __init__(self, spec: RamBlockSpec, fd: int) -> None:
@@ -78,40 +66,11 @@ class GuestBlock:
                 f"memfd of block {spec.name!r} is {size} bytes, smaller than the block's "
                 f"{spec.size}"
             )
-        self.spec = spec
-        self.fd = fd
-        self.mapping = Mapping(fd, spec.size)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def size(self) -> int:
-        return self.spec.size
-
-    @property
-    def page_size(self) -> int:
-        return self.spec.page_size
-
-    @property
-    def address(self) -> int:
-        """Virtual address of the mapping in this process."""
-        return self.mapping.address
-
-    @property
-    def buffer(self) -> memoryview:
-        """The block's memory, writable, format ``"B"``."""
-        return self.mapping.buffer
+        super().__init__(spec, fd)
 
     def array(self, dtype: Any = np.uint8) -> np.ndarray:
         """The block's memory as a 1-D numpy view of ``dtype`` (no copy)."""
         return np.frombuffer(self.mapping.buffer, dtype=dtype)
-
-    def close(self) -> None:
-        """Unmap and close the memfd (views of the memory must be gone first)."""
-        self.mapping.close()
-        protocol.close_fds([self.fd])
 
 
 class GuestProgram:

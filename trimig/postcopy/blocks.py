@@ -1,48 +1,20 @@
 """What the postcopy pieces need to know about a RAM block.
 
-``BlockLayout`` is structural: ``trimig.ram.RamBlockSpec`` and ``RamBlock`` both
-satisfy it. ``GuestRamBlock`` adds what placement and fault handling need: where
-the *guest* mapped the block and the engine's memfd of it (for hole punching).
+The postcopy pieces take any ``BlockLayout`` (``trimig.ram``: ``RamBlockSpec`` and
+``RamBlock`` satisfy it) and check it with ``check_layout``, the validation every block
+type shares; both are re-exported here. ``GuestRamBlock`` adds what placement and fault
+handling need: where the *guest* mapped the block and the engine's memfd of it (for hole
+punching).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import attrs
 
+from ..codec.constants import TARGET_PAGE_SIZE as TARGET_PAGE_SIZE
 from ..errors import ConfigError
-
-TARGET_PAGE_SIZE = 4096
-"""Every page record on the wire addresses one 4 KiB target page."""
-
-
-class BlockLayout(Protocol):
-    """A RAM block's name, size in bytes and host page size (4 KiB or 2 MiB)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def page_size(self) -> int: ...
-
-
-def check_layout(block: BlockLayout) -> None:
-    """Raise ConfigError unless the block's sizes suit target-page bookkeeping."""
-    page_size = block.page_size
-    if page_size < TARGET_PAGE_SIZE or page_size % TARGET_PAGE_SIZE:
-        raise ConfigError(
-            f"RAM block {block.name!r}: page size {page_size} is not a multiple of the "
-            f"{TARGET_PAGE_SIZE}-byte target page"
-        )
-    if block.size <= 0 or block.size % page_size:
-        raise ConfigError(
-            f"RAM block {block.name!r}: size {block.size} is not a positive multiple of "
-            f"its page size {page_size}"
-        )
+from ..ram import BlockLayout as BlockLayout
+from ..ram import check_layout
 
 
 @attrs.frozen

@@ -11,11 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from ..codec.constants import MAX_DISCARDS_PER_COMMAND as MAX_DISCARDS_PER_COMMAND
 from .bitmaps import bool_runs
 from .blocks import TARGET_PAGE_SIZE
-
-MAX_DISCARDS_PER_COMMAND = 12
-"""At most this many (start, length) ranges per POSTCOPY_RAM_DISCARD command."""
 
 Range = tuple[int, int]
 
