@@ -183,7 +183,7 @@ def destination(args: argparse.Namespace) -> None:
 
     from trimig.loadvm.incoming import IncomingMigration
     from trimig.migration import MigrationStatus
-    from trimig.ram import default_block_specs
+    from trimig.ram_blocks import default_block_specs
     from trimig.units import parse_size
 
     async def main() -> dict[str, Any]:
@@ -221,7 +221,7 @@ def source(args: argparse.Namespace) -> None:
 
     from trimig.demo import running_guest
     from trimig.migration import MigrationParameters, MigrationStatus
-    from trimig.ram import default_block_specs
+    from trimig.ram_blocks import default_block_specs
     from trimig.savevm.outgoing import OutgoingMigration
     from trimig.units import parse_size
 

@@ -240,7 +240,7 @@ def destination(args: argparse.Namespace) -> None:
     from trimig.kernel.memory import MADV_POPULATE_WRITE
     from trimig.loadvm import incoming as incoming_module
     from trimig.loadvm.incoming import IncomingMigration
-    from trimig.ram import RamBlock, RamBlockSpec, create_blocks
+    from trimig.ram_blocks import RamBlock, RamBlockSpec, create_blocks
     from trimig.transports import listen
 
     specs = [RamBlockSpec("pc.ram", parse_size(args.ram))]
@@ -295,7 +295,7 @@ def source(args: argparse.Namespace) -> None:
 
     from trimig.guest.host import GuestProcess, workload_command
     from trimig.kernel.memory import MADV_POPULATE_WRITE
-    from trimig.ram import RamBlockSpec, create_blocks
+    from trimig.ram_blocks import RamBlockSpec, create_blocks
     from trimig.savevm.outgoing import OutgoingMigration
 
     specs = [RamBlockSpec("pc.ram", parse_size(args.ram))]

@@ -33,7 +33,7 @@ from trimig.demo import receive, running_guest, transport_uris, verify_destinati
 from trimig.errors import TrimigError
 from trimig.loadvm.incoming import IncomingMigration
 from trimig.migration import MigrationCapabilities, MigrationParameters, MigrationStatus
-from trimig.ram import default_block_specs
+from trimig.ram_blocks import default_block_specs
 from trimig.savevm.outgoing import OutgoingMigration
 
 MiB = 1 << 20

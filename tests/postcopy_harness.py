@@ -23,7 +23,7 @@ from trimig.demo import running_guest, transport_uris
 from trimig.guest.host import GuestProcess, Verdict, workload_command
 from trimig.loadvm.incoming import IncomingMigration
 from trimig.migration import MigrationCapabilities, MigrationParameters, MigrationStatus
-from trimig.ram import RamBlock, RamBlockSpec
+from trimig.ram_blocks import RamBlock, RamBlockSpec
 from trimig.savevm.outgoing import OutgoingMigration
 from trimig.transports import ByteStream, Listener, listen
 from trimig.transports.base import Buffer, RegionRegistry

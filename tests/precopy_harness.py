@@ -24,7 +24,7 @@ from trimig.demo import running_guest, transport_uris
 from trimig.guest.host import GuestProcess, Verdict, workload_command
 from trimig.loadvm.incoming import IncomingMigration
 from trimig.migration import MigrationCapabilities, MigrationParameters, MigrationStatus
-from trimig.ram import RamBlock, RamBlockSpec, default_block_specs
+from trimig.ram_blocks import RamBlock, RamBlockSpec, default_block_specs
 from trimig.savevm.outgoing import OutgoingMigration
 
 MiB = 1 << 20

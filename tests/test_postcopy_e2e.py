@@ -29,7 +29,7 @@ from trimig.guest.host import workload_command
 from trimig.guest.workload import workload_arguments
 from trimig.kernel import HUGE_PAGE_SIZE
 from trimig.migration import MigrationStatus
-from trimig.ram import RamBlockSpec, default_block_specs
+from trimig.ram_blocks import RamBlockSpec, default_block_specs
 from trimig.savevm.outgoing import OutgoingMigration
 
 RAM = 8 << 20

@@ -33,7 +33,7 @@ from trimig.errors import GuestError, MigrationFailed, MigrationPaused
 from trimig.guest.host import workload_command
 from trimig.loadvm.reader import ReturnPathWriter
 from trimig.migration import MigrationStatus
-from trimig.ram import RamBlockSpec, default_block_specs
+from trimig.ram_blocks import RamBlockSpec, default_block_specs
 from trimig.savevm.outgoing import OutgoingMigration
 from trimig.transports.socket import SocketStream
 

@@ -13,10 +13,10 @@ import trio
 from trimig import codec
 from trimig.channel import MigrationChannel
 from trimig.kernel.memory import MADV_POPULATE_WRITE
-from trimig.loadvm.ram import RamLoader
+from trimig.loadvm.ram_loader import RamLoader
 from trimig.migration import SourceStats
-from trimig.ram import RamBlock, RamBlockSpec, create_blocks
-from trimig.savevm.ram import WINDOW_PAGES, RamSaver, zero_pages
+from trimig.ram_blocks import RamBlock, RamBlockSpec, create_blocks
+from trimig.savevm.ram_saver import WINDOW_PAGES, RamSaver, zero_pages
 from trimig.transports import MemoryFabric, SocketStream, connect, listen
 
 PAGE = 4096

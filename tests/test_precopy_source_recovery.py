@@ -27,7 +27,7 @@ from precopy_harness import (
 
 from trimig.errors import ConfigError, MigrationFailed, RemoteProtocolError, TransportError
 from trimig.migration import MigrationCapabilities, MigrationParameters, MigrationStatus
-from trimig.ram import default_block_specs
+from trimig.ram_blocks import default_block_specs
 from trimig.savevm.outgoing import OutgoingMigration
 
 MiB = 1 << 20

@@ -22,7 +22,7 @@ from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
 from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParameters, MigrationStatus
 from .progress import progress_shown
-from .ram import RamBlock, RamBlockSpec, create_blocks
+from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import MemoryFabric
 

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .guest.host import GuestProcess
 from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
-from .ram import RamBlock, RamBlockSpec, create_blocks
+from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import TcpAddress, UnixAddress, parse_uri
 

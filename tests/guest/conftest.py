@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from trimig.guest.host import GuestProcess
-from trimig.ram import RamBlock, RamBlockSpec, create_blocks
+from trimig.ram_blocks import RamBlock, RamBlockSpec, create_blocks
 
 
 @pytest.fixture

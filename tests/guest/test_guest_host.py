@@ -13,7 +13,7 @@ import trio
 
 from trimig.errors import GuestError
 from trimig.guest.host import GuestProcess, workload_command
-from trimig.ram import RamBlockSpec
+from trimig.ram_blocks import RamBlockSpec
 
 FAKE_GUEST = Path(__file__).with_name("fake_guest.py")
 

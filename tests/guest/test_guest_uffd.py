@@ -12,7 +12,7 @@ from trimig.errors import GuestError
 from trimig.guest.host import GuestProcess, workload_command
 from trimig.kernel.pagemap import PagemapScanner
 from trimig.kernel.uffd import Userfaultfd
-from trimig.ram import RamBlock, RamBlockSpec
+from trimig.ram_blocks import RamBlock, RamBlockSpec
 
 MiB = 1 << 20
 PAGE = 4096

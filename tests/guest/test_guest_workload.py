@@ -12,7 +12,7 @@ import trio
 from trimig.errors import GuestError
 from trimig.guest.host import GuestProcess, workload_command
 from trimig.guest.workload import WORDS_PER_PAGE, fill_chunk
-from trimig.ram import RamBlock, RamBlockSpec
+from trimig.ram_blocks import RamBlock, RamBlockSpec
 
 MiB = 1 << 20
 SPECS = [RamBlockSpec("ram.a", 4 * MiB), RamBlockSpec("ram.b", 2 * MiB)]

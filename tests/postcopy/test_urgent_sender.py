@@ -11,9 +11,9 @@ from trimig import codec
 from trimig.channel import MigrationChannel
 from trimig.migration import SourceStats
 from trimig.postcopy import PageRequest
-from trimig.ram import RamBlockSpec, create_blocks
+from trimig.ram_blocks import RamBlockSpec, create_blocks
 from trimig.savevm.postcopy import UrgentSender
-from trimig.savevm.ram import RamSaver
+from trimig.savevm.ram_saver import RamSaver
 
 PAGE = 4096
 

@@ -81,7 +81,7 @@ from trimig.codec.events import (
     SwitchoverStart,
     VmDescription,
 )
-from trimig.codec.ram import RamRecordEncoder, encode_end_of_section, encode_mem_size
+from trimig.codec.ram_records import RamRecordEncoder, encode_end_of_section, encode_mem_size
 from trimig.codec.return_path import (
     ReturnPathDecoder,
     encode_rp_message,

@@ -60,7 +60,7 @@ from trimig.codec.events import (
     SwitchoverStart,
     VmDescription,
 )
-from trimig.codec.ram import RamRecordDecoder
+from trimig.codec.ram_records import RamRecordDecoder
 from trimig.errors import LocalProtocolError
 
 

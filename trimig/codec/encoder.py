@@ -1,6 +1,6 @@
 """Encoders of the main migration stream: pure functions returning ``bytes``.
 
-RAM records are encoded by :class:`trimig.codec.ram.RamRecordEncoder` (it keeps
+RAM records are encoded by :class:`trimig.codec.ram_records.RamRecordEncoder` (it keeps
 per-channel state); everything else is here. Bad arguments raise
 :class:`~trimig.errors.LocalProtocolError`. ``docs/wire-format.md`` shows the
 bytes of each function's output.
@@ -27,7 +27,7 @@ from trimig.codec.constants import (
     SectionType,
 )
 from trimig.codec.events import RamBlockInfo
-from trimig.codec.ram import encode_end_of_section, encode_mem_size
+from trimig.codec.ram_records import encode_end_of_section, encode_mem_size
 from trimig.errors import LocalProtocolError
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import trio
 
 from ..errors import GuestError
 from ..kernel.uffd import Userfaultfd
-from ..ram import RamBlockSpec
+from ..ram_blocks import RamBlockSpec
 from . import protocol
 from .protocol import Command, Event, Role
 from .workload import workload_arguments

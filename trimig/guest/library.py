@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import ConfigError, GuestError, TrimigError
 from ..kernel.memory import punch_hole
 from ..kernel.uffd import Feature, Mode, Userfaultfd
-from ..ram import MappedBlock, RamBlockSpec
+from ..ram_blocks import MappedBlock, RamBlockSpec
 from . import protocol
 from .protocol import Command, Event, Role
 

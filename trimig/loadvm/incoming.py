@@ -24,11 +24,11 @@ from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError, Tran
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationStatus
 from ..postcopy import PostcopyState
-from ..ram import RamBlock, RamBlockSpec, create_blocks
+from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from ..trace import trace
 from ..transports import ByteStream, Listener, listen
 from .postcopy import PostcopyIncoming
-from .ram import RamLoader
+from .ram_loader import RamLoader
 from .reader import ReturnPathWriter, next_event
 
 log = logging.getLogger("trimig.loadvm")

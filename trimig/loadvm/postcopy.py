@@ -45,11 +45,11 @@ from ..postcopy import (
     PostcopyStateMachine,
     check_postcopy_support,
 )
-from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
 from ..threads import StopSignal, read_into, run_in_thread, stream_fd, wait_readable
 from ..trace import trace
 from ..transports import ByteStream, Listener
-from .ram import RamLoader
+from .ram_loader import RamLoader
 from .reader import ReturnPathWriter, next_event
 from .scatter import PageScatter, feed_decoder
 

@@ -1,6 +1,6 @@
 """What the postcopy pieces need to know about a RAM block.
 
-The postcopy pieces take any ``BlockLayout`` (``trimig.ram``: ``RamBlockSpec`` and
+The postcopy pieces take any ``BlockLayout`` (``trimig.ram_blocks``: ``RamBlockSpec`` and
 ``RamBlock`` satisfy it) and check it with ``check_layout``, the validation every block
 type shares; both are re-exported here. ``GuestRamBlock`` adds what placement and fault
 handling need: where the *guest* mapped the block and the engine's memfd of it (for hole
@@ -13,8 +13,8 @@ import attrs
 
 from ..codec.constants import TARGET_PAGE_SIZE as TARGET_PAGE_SIZE
 from ..errors import ConfigError
-from ..ram import BlockLayout as BlockLayout
-from ..ram import check_layout
+from ..ram_blocks import BlockLayout as BlockLayout
+from ..ram_blocks import check_layout
 
 
 @attrs.frozen

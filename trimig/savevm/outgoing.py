@@ -33,7 +33,7 @@ from ..errors import (
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
 from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
-from ..ram import RamBlock
+from ..ram_blocks import RamBlock
 from ..threads import run_in_thread, stream_fd
 from ..trace import trace
 from ..transports import connect
@@ -48,7 +48,7 @@ from .postcopy import (
     read_return_path,
     send_background,
 )
-from .ram import DirtyLog, RamSaver, send_part
+from .ram_saver import DirtyLog, RamSaver, send_part
 
 log = logging.getLogger("trimig.savevm")
 

@@ -36,10 +36,10 @@ from .._trio import open_nursery
 from ..channel import MigrationChannel, RateLimiter
 from ..errors import RemoteProtocolError, TransportError
 from ..postcopy import PageRequest, PageRequestQueue, canonicalize, dirty_ranges
-from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
 from ..threads import StopSignal, read_into, stream_fd, write_all
 from ..transports.base import Buffer
-from .ram import RamSaver
+from .ram_saver import RamSaver
 
 log = logging.getLogger("trimig.savevm.postcopy")
 

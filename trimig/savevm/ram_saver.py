@@ -22,12 +22,13 @@ import numpy as np
 from .. import codec
 from ..channel import MigrationChannel, RateLimiter
 from ..codec import RamRecordEncoder
+from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import TransportError
 from ..kernel.iov import IoVector
 from ..kernel.pagemap import PagemapScanner
 from ..kernel.uffd import Userfaultfd
 from ..migration import SourceStats
-from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..ram_blocks import RamBlock
 from ..transports.base import RegionRegistry
 
 #: Target pages per send window: one 2 MiB host page, so a hugetlb host page is never

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import codec
+from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import RemoteProtocolError
 from ..kernel.iov import write_rows_at
 from ..kernel.memory import punch_hole
 from ..postcopy.bitmaps import ReceivedBitmap
-from ..ram import TARGET_PAGE_SIZE, RamBlock
+from ..ram_blocks import RamBlock
 
 
 class RamLoader:
