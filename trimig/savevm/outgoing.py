@@ -23,6 +23,7 @@ from trio_util import AsyncValue
 from .. import codec
 from .._trio import open_nursery, sole_error
 from ..channel import MigrationChannel, RateLimiter
+from ..codec.constants import PING_AFTER_DISCARD, PING_AFTER_PACKAGE, QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import (
     ConfigError,
     MigrationFailed,
@@ -38,9 +39,6 @@ from ..threads import run_in_thread, stream_fd
 from ..trace import trace
 from ..transports import connect
 from .postcopy import (
-    PING_AFTER_DISCARD,
-    PING_AFTER_PACKAGE,
-    PING_PACKAGE_LOADED,
     RequestServed,
     UrgentSender,
     discard_commands,
@@ -535,7 +533,7 @@ class OutgoingMigration:
             self._shut.set()
             return True
         if isinstance(event, codec.Pong):
-            if event.value == PING_PACKAGE_LOADED and self._package_sent:
+            if event.value == QEMU_VM_PING_PACKAGED_LOADED and self._package_sent:
                 # The point of no return: the destination runs the guest now.
                 self._postcopy_running = True
                 self._set_status(MigrationStatus.POSTCOPY_ACTIVE)

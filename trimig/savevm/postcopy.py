@@ -34,6 +34,7 @@ import trio
 from .. import codec
 from .._trio import open_nursery
 from ..channel import MigrationChannel, RateLimiter
+from ..codec.constants import PING_DEVICES_LOADED, QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import RemoteProtocolError, TransportError
 from ..postcopy import PageRequest, PageRequestQueue, canonicalize, dirty_ranges
 from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
@@ -43,10 +44,6 @@ from .ram_saver import RamSaver
 
 log = logging.getLogger("trimig.savevm.postcopy")
 
-PING_AFTER_DISCARD = 2
-PING_IN_PACKAGE = 3
-PING_PACKAGE_LOADED = 0x42
-PING_AFTER_PACKAGE = 4
 #: An urgent page the destination does not take within this long breaks the channel.
 URGENT_SEND_TIMEOUT = 10.0
 
@@ -69,8 +66,8 @@ def package(device_section: bytes) -> bytes:
         (
             codec.encode_postcopy_listen(),
             device_section,
-            codec.encode_ping(PING_IN_PACKAGE),
-            codec.encode_ping(PING_PACKAGE_LOADED),
+            codec.encode_ping(PING_DEVICES_LOADED),
+            codec.encode_ping(QEMU_VM_PING_PACKAGED_LOADED),
             codec.encode_postcopy_run(),
         )
     )
