@@ -22,14 +22,14 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import attrs
 import trio
 
 from ..errors import GuestError
 from ..kernel.uffd import Userfaultfd
-from ..ram_blocks import RamBlockSpec
+from ..ram_blocks import MappedBlock
 from . import protocol
 from .protocol import Command, Event, Role
 from .workload import workload_arguments
@@ -40,16 +40,6 @@ DEFAULT_START_TIMEOUT = 30.0
 SECONDS_PER_RAM_BYTE = 1 / (64 << 20)
 #: How long aclose() waits for each of quit, SIGTERM and SIGKILL to end the process.
 CLOSE_STEP_TIMEOUT = 2.0
-
-
-class RamBlockLike(Protocol):
-    """What ``attach`` needs of a RAM block: its spec and its memfd."""
-
-    @property
-    def spec(self) -> RamBlockSpec: ...
-
-    @property
-    def fd(self) -> int: ...
 
 
 @attrs.frozen
@@ -236,7 +226,7 @@ class GuestProcess:
     # -- requests ------------------------------------------------------------------
 
     async def attach(
-        self, blocks: Sequence[RamBlockLike], role: Role | str, *, timeout: float | None = None
+        self, blocks: Sequence[MappedBlock], role: Role | str, *, timeout: float | None = None
     ) -> list[int]:
         """Hand the guest its RAM (the memfds go over SCM_RIGHTS; the guest maps them).
 
