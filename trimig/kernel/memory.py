@@ -89,8 +89,10 @@ class Mapping(ClosesOnExit):
         if length <= 0:
             raise ConfigError(f"Mapping: length must be positive, got {length}")
         if offset < 0 or offset % PAGE_SIZE:
-            raise ConfigError(f"Mapping: offset {offset} is not a non-negative multiple of "
-                              f"the page size {PAGE_SIZE}")
+            raise ConfigError(
+                f"Mapping: offset {offset} is not a non-negative multiple of "
+                f"the page size {PAGE_SIZE}"
+            )
         flags = mmap.MAP_SHARED
         if populate:
             flags |= mmap.MAP_POPULATE
@@ -127,8 +129,10 @@ class Mapping(ClosesOnExit):
         if length is None:
             length = self.length - offset
         if offset < 0 or offset % PAGE_SIZE:
-            raise ConfigError(f"madvise: offset {offset} is not a non-negative multiple of "
-                              f"the page size {PAGE_SIZE}")
+            raise ConfigError(
+                f"madvise: offset {offset} is not a non-negative multiple of "
+                f"the page size {PAGE_SIZE}"
+            )
         if length <= 0 or offset + length > self.length:
             raise ConfigError(
                 f"madvise: range offset={offset} length={length} is outside the mapping "

@@ -57,8 +57,9 @@ class KernelFeatures:
         if feature.startswith("UFFD_FEATURE_") or feature in Feature.__members__:
             name = feature_name(_feature_bit(feature))
             if not self.userfaultfd:
-                needed_for = f"{needed_for}; userfaultfd itself is unavailable: " \
-                    f"{self.userfaultfd_error}"
+                needed_for = (
+                    f"{needed_for}; userfaultfd itself is unavailable: {self.userfaultfd_error}"
+                )
             raise MissingKernelFeature(name, needed_for)
         if feature == "userfaultfd" and self.userfaultfd_error:
             needed_for = f"{needed_for} ({self.userfaultfd_error})"

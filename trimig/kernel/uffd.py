@@ -169,7 +169,8 @@ def _create_fd(flags: int) -> int:
         else:
             try:
                 fd = libc.ioctl(
-                    device, ffi.cast("unsigned long", _ffi.USERFAULTFD_IOC_NEW),
+                    device,
+                    ffi.cast("unsigned long", _ffi.USERFAULTFD_IOC_NEW),
                     ffi.cast("int", flags),
                 )
                 device_errno = errno()
@@ -323,9 +324,7 @@ class Userfaultfd(OwnedFd):
 
     # ---------------------------------------------------------------- placement
 
-    def writeprotect(
-        self, address: int, length: int, *, protect: bool, wake: bool = True
-    ) -> None:
+    def writeprotect(self, address: int, length: int, *, protect: bool, wake: bool = True) -> None:
         """UFFDIO_WRITEPROTECT: write-protect the range (``protect=True``) or lift the
         protection (waking the threads blocked on it unless ``wake=False``).
         The range must be registered in WP mode."""
@@ -342,7 +341,8 @@ class Userfaultfd(OwnedFd):
         result = self._retry(_ffi.UFFDIO_WRITEPROTECT, arg)
         if result < 0:
             raise KernelError(
-                "UFFDIO_WRITEPROTECT", -result,
+                "UFFDIO_WRITEPROTECT",
+                -result,
                 f"range {address:#x}+{length:#x}, protect={protect}",
             )
 
@@ -394,9 +394,7 @@ class Userfaultfd(OwnedFd):
             arg.zeropage = 0
             return _ioctl(self._fd, _ffi.UFFDIO_ZEROPAGE, arg), arg.zeropage
 
-        return self._fill(
-            "UFFDIO_ZEROPAGE", issue, address, length, page_size, skip_existing=True
-        )
+        return self._fill("UFFDIO_ZEROPAGE", issue, address, length, page_size, skip_existing=True)
 
     def continue_(
         self,
@@ -421,9 +419,7 @@ class Userfaultfd(OwnedFd):
             arg.mapped = 0
             return _ioctl(self._fd, _ffi.UFFDIO_CONTINUE, arg), arg.mapped
 
-        return self._fill(
-            "UFFDIO_CONTINUE", issue, address, length, page_size, skip_existing=True
-        )
+        return self._fill("UFFDIO_CONTINUE", issue, address, length, page_size, skip_existing=True)
 
     def move(
         self,
@@ -547,7 +543,8 @@ class Userfaultfd(OwnedFd):
                 time.sleep(0)
                 continue
             raise KernelError(
-                operation, error,
+                operation,
+                error,
                 f"range {address + offset:#x}+{length - offset:#x} "
                 f"({placed} of {length} bytes placed)",
             )
