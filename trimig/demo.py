@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 import attrs
@@ -21,12 +21,15 @@ from .errors import ConfigError, MigrationFailed, MigrationPaused, TrimigError
 from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
 from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParameters, MigrationStatus
-from .progress import progress_shown
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import MemoryFabric
 
 log = logging.getLogger("trimig.demo")
+
+#: What shows a migration's progress for as long as it runs, given the source's
+#: ``query()`` (the CLI's ``progress_shown``).
+ProgressDisplay = Callable[[Callable[[], dict[str, Any]]], AbstractAsyncContextManager[object]]
 
 
 @attrs.define
@@ -111,14 +114,15 @@ async def migrate_locally(
     parameters: MigrationParameters | None = None,
     warmup: float = 0.5,
     run_after: float = 0.3,
-    progress: bool = False,
+    progress: ProgressDisplay | None = None,
     postcopy_after_first_pass: bool = False,
     keep_failure: bool = False,
 ) -> LocalMigrationResult:
     """Start a guest, let it run ``warmup`` s, migrate it over ``transport``, verify it.
 
     A failed migration raises what ``OutgoingMigration.run`` raised, or, with
-    ``keep_failure``, is returned: ``error`` holds it and ``source`` says ``failed``."""
+    ``keep_failure``, is returned: ``error`` holds it and ``source`` says ``failed``.
+    ``progress``, if given, shows the migration's progress while it runs."""
     command = list(guest_command or workload_command())
     capabilities = capabilities or MigrationCapabilities()
     parameters = parameters or MigrationParameters()
@@ -143,7 +147,7 @@ async def migrate_locally(
                     parameters=parameters,
                     connect_options=options,
                 )
-                shown = progress_shown(outgoing.query) if progress else nullcontext()
+                shown = progress(outgoing.query) if progress else nullcontext()
                 error: TrimigError | None = None
                 async with shown:
                     try:

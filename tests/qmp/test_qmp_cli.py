@@ -12,13 +12,9 @@ import time
 import pytest
 from qmp_helpers import FakeEngine, ThreadedServer
 
+from trimig.cli.control import parse_command_arguments, run_control_command
+from trimig.cli.output import format_migrate_info, progress_line
 from trimig.errors import ConfigError
-from trimig.qmp.cli import (
-    format_migrate_info,
-    parse_command_arguments,
-    progress_line,
-    run_control_command,
-)
 
 
 def engine_of(server: ThreadedServer) -> FakeEngine:
@@ -164,7 +160,15 @@ def test_watch_json_lines(
 
 def test_module_entry_point_in_a_separate_process(threaded_server: ThreadedServer) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "trimig.qmp.cli", "info", "status", threaded_server.path, "--json"],
+        [
+            sys.executable,
+            "-m",
+            "trimig.cli.control",
+            "info",
+            "status",
+            threaded_server.path,
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -31,7 +31,7 @@ def add_inspect_command(sub: Any) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from trimig.cli import report_error
+    from trimig.cli.output import report_error
     from trimig.inspect.walker import BadStreamFile, inspect_file
     from trimig.units import parse_size
 

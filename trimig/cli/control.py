@@ -1,13 +1,12 @@
-"""Command-line control of a running trimig engine over its QMP socket.
-
-``add_control_commands(subparsers)`` registers, on an argparse sub-parser set:
+"""The control commands: ``trimig ctl``, ``info``, ``start-postcopy``, ``cancel``,
+``watch`` and ``migrate --qmp`` drive a running engine over its QMP socket.
 
 * ``ctl PATH COMMAND [ARG ...]``: any QMP command; ARGs are ``key=value`` pairs or one JSON
   object. A value is kept as text where the command's schema wants a string, else read as
   JSON when it parses (``state=true``, ``downtime-limit=300``) and as text otherwise.
 * ``info {migrate,status,capabilities,parameters} PATH``: readable tables.
-* ``start-postcopy PATH``, ``cancel PATH``, and ``migrate PATH URI`` (standalone only; in
-  trimig's main CLI that is ``trimig migrate --qmp PATH URI``, which forwards here).
+* ``start-postcopy PATH``, ``cancel PATH``, and ``trimig migrate --qmp PATH URI`` (standalone,
+  ``python -m trimig.cli.control migrate PATH URI``).
 * ``--wait SECONDS`` on every command: retry connecting while the engine is still starting.
 * ``watch PATH``: live progress from MIGRATION/MIGRATION_PASS events plus periodic
   query-migrate, on stderr; exits 0 when the migration completes, 1 if it fails or is
@@ -15,7 +14,7 @@
 
 Every command takes ``--json``: machine-readable output on stdout. Each sub-parser sets
 ``handler`` to a callable ``(argparse.Namespace) -> int`` (the exit status), so the main CLI runs
-``args.handler(args)``. :func:`run_control_command` does the same without ``trimig/cli.py``.
+``args.handler(args)``; :func:`run_control_command` parses and runs one on its own.
 Errors (a QMP error reply, no server at PATH) print ``trimig: error: ...`` (one line) on
 stderr and return 1; with ``--json`` stdout carries them too, as a QMP error reply.
 """
@@ -32,12 +31,21 @@ import trio
 
 from .._trio import open_nursery
 from ..errors import ConfigError, TransportError, TrimigError
-from ..progress import pass_count, progress_line
-from ..units import format_size
-from . import commands
-from .client import QmpClient, connect_unix
-from .protocol import Event, QmpError
-from .schema import String
+from ..qmp import commands
+from ..qmp.client import QmpClient, connect_unix
+from ..qmp.protocol import Event, QmpError
+from ..qmp.schema import String
+from .options import add_json_option
+from .output import (
+    ProgressLine,
+    describe,
+    format_capabilities,
+    format_migrate_info,
+    format_parameters,
+    format_status,
+    print_json,
+    report_error,
+)
 
 #: Seconds ``watch`` waits, after a query reported the end, for the final MIGRATION event.
 FINAL_EVENT_GRACE = 1.0
@@ -86,7 +94,7 @@ def parse_command_arguments(command: str, words: Sequence[str]) -> dict[str, Any
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     """``--json`` and ``--wait``, which every control command takes."""
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_json_option(parser, "print machine-readable JSON")
     parser.add_argument(
         "--wait",
         type=float,
@@ -101,7 +109,7 @@ def add_control_commands(subparsers: Any, *, include_migrate: bool = False) -> N
     """Register ctl, info, start-postcopy, cancel and watch on ``subparsers`` (the object
     ``ArgumentParser.add_subparsers()`` returns), and ``migrate PATH URI`` if
     ``include_migrate``: trimig's main CLI owns ``migrate`` (``trimig migrate --qmp PATH URI``
-    forwards here through :func:`run_control_command`)."""
+    comes here through :func:`migrate_over_qmp`)."""
     ctl = subparsers.add_parser("ctl", help="run any QMP command on a running engine")
     ctl.add_argument("path", help="QMP socket of the engine")
     ctl.add_argument("qmp_command", metavar="COMMAND", help="QMP command name, e.g. query-migrate")
@@ -152,6 +160,12 @@ def run_control_command(argv: Sequence[str] | None = None) -> int:
     return result
 
 
+def migrate_over_qmp(path: str, uri: str, *, as_json: bool = False) -> int:
+    """``trimig migrate --qmp PATH URI``: have the engine at ``path`` migrate to ``uri``."""
+    args = argparse.Namespace(path=path, uri=uri, json=as_json, wait=0.0)
+    return _client_command(_migrate)(args)
+
+
 def main() -> None:
     sys.exit(run_control_command())
 
@@ -170,47 +184,34 @@ def _client_command(action: ClientAction) -> Callable[[argparse.Namespace], int]
         try:
             return trio.run(connect_and_run)
         except KeyboardInterrupt:
-            _error("interrupted")
+            report_error("interrupted")
         except QmpError as exc:
             _fail(
                 args, exc.desc if exc.error_class == "GenericError" else str(exc), exc.error_class
             )
         except Exception as exc:  # every failure is named in one line (and in --json)
-            from ..cli import one_line
-
-            message = one_line(exc)
-            if not isinstance(exc, TrimigError):
-                message = f"{type(exc).__name__}: {message}"
-            _fail(args, message, type(exc).__name__)
+            _fail(args, describe(exc), type(exc).__name__)
         return 1
 
     return run
-
-
-def _error(message: str) -> None:
-    print(f"trimig: error: {message}", file=sys.stderr, flush=True)
 
 
 def _fail(args: argparse.Namespace, message: str, error_class: str) -> None:
     """Name a failed command on stderr, and with --json on stdout too, shaped as a QMP
     error reply: ``{"error": {"class": ..., "desc": ...}}`` (the class of a QMP error, or
     of trimig's own, such as TransportError when there is no engine at PATH)."""
-    _error(message)
+    report_error(message)
     if getattr(args, "json", False):
-        _print_json({"error": {"class": error_class, "desc": message}})
-
-
-def _print_json(value: Any, out: TextIO | None = None) -> None:
-    print(json.dumps(value), file=out or sys.stdout, flush=True)
+        print_json({"error": {"class": error_class, "desc": message}})
 
 
 async def _ctl(client: QmpClient, args: argparse.Namespace) -> int:
     arguments = parse_command_arguments(args.qmp_command, args.arguments)
     result = await client.execute(args.qmp_command, arguments)
     if args.json:
-        _print_json(result)
+        print_json(result)
     elif result != {}:
-        print(json.dumps(result, indent=2))
+        print_json(result, indent=2)
     return 0
 
 
@@ -218,7 +219,7 @@ def _simple(command: str) -> ClientAction:
     async def action(client: QmpClient, args: argparse.Namespace) -> int:
         result = await client.execute(command)
         if args.json:
-            _print_json(result)
+            print_json(result)
         return 0
 
     return action
@@ -227,109 +228,20 @@ def _simple(command: str) -> ClientAction:
 async def _migrate(client: QmpClient, args: argparse.Namespace) -> int:
     result = await client.execute("migrate", {"uri": args.uri})
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(f"migration to {args.uri} started")
     return 0
 
 
-# --- info tables ------------------------------------------------------------------------------
-
-
-def _ms(value: Any) -> str:
-    return f"{value} ms"
-
-
-def _bytes(value: Any) -> str:
-    return f"{format_size(value)} ({value} bytes)" if isinstance(value, int) else str(value)
-
-
-def _pages(value: Any) -> str:
-    return f"{value} pages"
-
-
-#: Known MigrationInfo fields: label and formatter, in display order.
-_MIGRATE_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
-    "status": ("status", str),
-    "total-time": ("total time", _ms),
-    "setup-time": ("setup time", _ms),
-    "downtime": ("downtime", _ms),
-    "expected-downtime": ("expected downtime", _ms),
-    "cpu-throttle-percentage": ("cpu throttle", lambda v: f"{v} %"),
-    "socket-address": ("socket address", json.dumps),
-    "error-desc": ("error", str),
-    "postcopy-blocktime": ("postcopy blocktime", _ms),
-}
-_RAM_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
-    "transferred": ("transferred", _bytes),
-    "remaining": ("remaining", _bytes),
-    "total": ("total", _bytes),
-    "duplicate": ("zero pages", _pages),
-    "normal": ("normal pages", _pages),
-    "normal-bytes": ("normal bytes", _bytes),
-    "dirty-pages-rate": ("dirty rate", lambda v: f"{v} pages/s"),
-    "mbps": ("throughput", lambda v: f"{v:.1f} Mbit/s" if isinstance(v, int | float) else str(v)),
-    "dirty-sync-count": ("dirty syncs (passes)", str),
-    "postcopy-requests": ("postcopy requests", str),
-    "page-size": ("page size", _bytes),
-    "pages-per-second": ("pages per second", str),
-    "precopy-bytes": ("precopy bytes", _bytes),
-    "downtime-bytes": ("downtime bytes", _bytes),
-    "postcopy-bytes": ("postcopy bytes", _bytes),
-    "multifd-bytes": ("multifd bytes", _bytes),
-}
-
-
-def _table(
-    values: dict[str, Any], fields: dict[str, tuple[str, Callable[[Any], str]]], indent: str = ""
-) -> list[tuple[str, str]]:
-    rows = [
-        (indent + label, fmt(values[key])) for key, (label, fmt) in fields.items() if key in values
-    ]
-    rows += [
-        (indent + key, json.dumps(value))
-        for key, value in values.items()
-        if key not in fields and not isinstance(value, dict)
-    ]
-    return rows
-
-
-def format_migrate_info(info: dict[str, Any]) -> str:
-    """A readable table of a query-migrate reply."""
-    if not info:
-        return "no migration has run"
-    rows = _table(info, _MIGRATE_FIELDS)
-    for key, value in info.items():
-        if isinstance(value, dict):
-            rows.append((f"{key}:", ""))
-            rows += _table(value, _RAM_FIELDS if key == "ram" else {}, indent="  ")
-    return _render(rows)
-
-
-def _render(rows: list[tuple[str, str]]) -> str:
-    width = max((len(label) for label, _ in rows), default=0)
-    return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
-
-
-def _format_status(result: Any) -> str:
-    return _render(
-        [("running", json.dumps(result.get("running"))), ("status", result.get("status", "?"))]
-    )
-
-
-def _format_capabilities(result: Any) -> str:
-    return _render([(entry["capability"], "on" if entry["state"] else "off") for entry in result])
-
-
-def _format_parameters(result: Any) -> str:
-    return _render([(name, json.dumps(value)) for name, value in result.items()])
+# --- info ------------------------------------------------------------------------------------
 
 
 _INFO_COMMANDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "migrate": ("query-migrate", format_migrate_info),
-    "status": ("query-status", _format_status),
-    "capabilities": ("query-migrate-capabilities", _format_capabilities),
-    "parameters": ("query-migrate-parameters", _format_parameters),
+    "status": ("query-status", format_status),
+    "capabilities": ("query-migrate-capabilities", format_capabilities),
+    "parameters": ("query-migrate-parameters", format_parameters),
 }
 
 
@@ -337,41 +249,13 @@ async def _info(client: QmpClient, args: argparse.Namespace) -> int:
     command, formatter = _INFO_COMMANDS[args.what]
     result = await client.execute(command)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(formatter(result))
     return 0
 
 
 # --- watch ------------------------------------------------------------------------------------
-
-
-class _Progress:
-    """The watch display: a rewritten line on a terminal; elsewhere one line each time the
-    status or the pass changes."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._tty = stream.isatty()
-        self._last_key: tuple[Any, ...] | None = None
-
-    def show(self, info: dict[str, Any], passes: int | None) -> None:
-        line = progress_line(info, passes)
-        if self._tty:
-            self._stream.write(f"\r\x1b[K{line}")
-        else:
-            key = (info.get("status"), pass_count(info, passes))
-            if key == self._last_key:
-                return
-            self._last_key = key
-            self._stream.write(line + "\n")
-        self._stream.flush()
-
-    def finish(self, info: dict[str, Any], passes: int | None) -> None:
-        self.show(info, passes)
-        if self._tty:
-            self._stream.write("\n")
-            self._stream.flush()
 
 
 async def _watch(client: QmpClient, args: argparse.Namespace) -> int:
@@ -393,7 +277,7 @@ async def watch_migration(
     "timestamp": ...}`` or ``{"query-migrate": {...}}``. Returns 0 for completed, else 1.
     """
     out = out or sys.stdout
-    progress = _Progress(err or sys.stderr)
+    progress = ProgressLine(err or sys.stderr)
     passes: int | None = None
     info: dict[str, Any] = {}
     finished = trio.Event()
@@ -403,7 +287,7 @@ async def watch_migration(
         nonlocal info
         info = await client.execute("query-migrate")
         if json_output:
-            _print_json({"query-migrate": info}, out)
+            print_json({"query-migrate": info}, out=out)
         else:
             progress.show(info, passes)
         if info.get("status") in FINISHED_STATUSES:
@@ -415,8 +299,9 @@ async def watch_migration(
         event: Event
         async for event in events:
             if json_output:
-                _print_json(
-                    {"event": event.name, "data": event.data, "timestamp": event.timestamp}, out
+                print_json(
+                    {"event": event.name, "data": event.data, "timestamp": event.timestamp},
+                    out=out,
                 )
             if event.name == "MIGRATION_PASS":
                 passes = event.data.get("pass", passes)
@@ -451,9 +336,9 @@ async def watch_migration(
         return 0
     # With --json the last line on stdout is the final query-migrate, error-desc included.
     if info.get("error-desc"):
-        _error(f"migration {status}: {info['error-desc']}")
+        report_error(f"migration {status}: {info['error-desc']}")
     else:
-        _error(f"migration {status}")
+        report_error(f"migration {status}")
     return 1
 
 

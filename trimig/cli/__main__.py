@@ -1,0 +1,7 @@
+"""``python -m trimig.cli``: the ``trimig`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

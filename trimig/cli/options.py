@@ -1,0 +1,88 @@
+"""The argparse pieces the ``trimig`` commands share, and what they mean: the guest
+options, the migration options and ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from ..migration import MigrationCapabilities, MigrationParameters
+from ..units import parse_rate, parse_size
+
+if TYPE_CHECKING:
+    from ..ram_blocks import RamBlockSpec
+
+
+def add_json_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--json", action="store_true", help=help)
+
+
+def add_guest_options(parser: argparse.ArgumentParser) -> None:
+    """The guest's RAM (``--ram``, ``--huge``) and the built-in guest's workload."""
+    parser.add_argument("--ram", default="1G", help="main RAM block size (default 1G)")
+    parser.add_argument(
+        "--huge",
+        default="0",
+        help="size of an extra hugetlb (2 MiB pages) RAM block (default none)",
+    )
+    parser.add_argument(
+        "--dirty-rate",
+        default="256M",
+        help="bytes/s the built-in guest dirties; 'max' for as fast as it can (default 256M)",
+    )
+    parser.add_argument(
+        "--fill", choices=("random", "zero"), default="random", help="initial RAM contents"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the random fill")
+
+
+def add_warmup_option(parser: argparse.ArgumentParser) -> None:
+    """``--warmup``: how long the source guest runs before the migration starts."""
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds the guest runs first")
+
+
+def add_migration_options(parser: argparse.ArgumentParser) -> None:
+    """Bandwidth, downtime, postcopy, and ``--json`` for the final statistics."""
+    parser.add_argument("--max-bandwidth", default="0", help="bytes/s, 0 = unlimited (default)")
+    parser.add_argument("--downtime-limit", type=int, default=300, help="ms (default 300)")
+    parser.add_argument(
+        "--postcopy", action="store_true", help="switch to postcopy after the first pass"
+    )
+    parser.add_argument(
+        "--no-preempt",
+        action="store_true",
+        help="with --postcopy: urgent pages share the main channel (no postcopy-preempt)",
+    )
+    add_json_option(parser, "print the result as one JSON object")
+
+
+def migration_settings(
+    args: argparse.Namespace,
+) -> tuple[MigrationCapabilities, MigrationParameters]:
+    """The capabilities and parameters the migration options ask for."""
+    capabilities = MigrationCapabilities()
+    parameters = MigrationParameters()
+    parameters.set("max-bandwidth", parse_rate(args.max_bandwidth, what="--max-bandwidth"))
+    parameters.set("downtime-limit", args.downtime_limit)
+    if args.postcopy:
+        capabilities.set("postcopy-ram", True)
+        capabilities.set("postcopy-preempt", not args.no_preempt)
+        parameters.set("x-postcopy-after-passes", 1)
+    return capabilities, parameters
+
+
+def guest_setup(args: argparse.Namespace) -> tuple[list[RamBlockSpec], list[str]]:
+    """The RAM layout (``--ram``, ``--huge``) and the guest command: the words after ``--``,
+    or the built-in workload with ``--dirty-rate``, ``--fill`` and ``--seed``."""
+    # Imported here: the guest handle and the blocks are the engine's, which control
+    # commands such as `trimig ctl` do not load.
+    from ..guest.host import workload_command
+    from ..ram_blocks import default_block_specs
+
+    specs = default_block_specs(
+        parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
+    )
+    command = list(getattr(args, "guest_command", None) or []) or workload_command(
+        dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
+    )
+    return specs, command
