@@ -231,13 +231,18 @@ class _Engine:
 
 
 async def _connect(engine: _Engine, deadline: float) -> QMPClient:
-    while not os.path.exists(engine.path):
+    """Connect once the engine listens (its socket file exists between bind and listen)."""
+    while True:
         if engine.process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"engine did not start: {engine.stderr()[-2000:]}")
+        if os.path.exists(engine.path):
+            client = QMPClient()
+            try:
+                await client.connect(engine.path)
+                return client
+            except Exception:  # refused: bound, not yet listening
+                pass
         await asyncio.sleep(0.05)
-    client = QMPClient()
-    await client.connect(engine.path)
-    return client
 
 
 async def _until_done(client: QMPClient, deadline: float) -> dict[str, Any]:
