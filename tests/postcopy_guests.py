@@ -6,11 +6,15 @@
                      counter of every 64th page), as a device reading its rings would:
                      on a postcopy destination that load faults before the guest runs,
                      which is why QEMU packages the device state.
+  reads-at-random    the built-in workload, and each step also reads pages at random over
+                     all of RAM: on a postcopy destination it faults all along, up to the
+                     last pages still in flight when the source has sent everything.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -33,12 +37,35 @@ class DeviceReadsRam(Workload):
             raise RuntimeError("device load read a page that never arrived (a zero hole)")
 
 
+class ReadsAtRandom(Workload):
+    """The workload that also reads RANDOM_READS pages at random in each step."""
+
+    RANDOM_READS = 16
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._random = np.random.default_rng(0)
+
+    def step(self) -> float | None:
+        pause = super().step()
+        if self.state is not None:
+            for counters in self._counters:
+                int(counters[self._random.integers(0, len(counters), self.RANDOM_READS)].sum())
+        return pause
+
+
+KINDS: dict[str, type[Workload]] = {
+    "device-reads-ram": DeviceReadsRam,
+    "reads-at-random": ReadsAtRandom,
+}
+
+
 def main() -> int:
     kind, *options = sys.argv[1:]
-    if kind != "device-reads-ram":
+    if kind not in KINDS:
         raise SystemExit(f"unknown guest kind {kind!r}")
     arguments = parse_arguments(options)
-    program = DeviceReadsRam(
+    program = KINDS[kind](
         dirty_rate=parse_rate(arguments.dirty_rate, what="dirty rate"),
         fill=arguments.fill,
         seed=arguments.seed,

@@ -5,13 +5,22 @@ errors, the destination guest's verdict), the destination's accepted stream can 
 wrapped (``TappedStream`` cuts it like a pulled cable, or calls back, at a chosen point), and
 callbacks see each side's events as they happen, so a test can cancel or cut at a
 precise point of the postcopy sequence.
+
+Nothing here hides a socket's file descriptor from the engines: over tcp and unix both
+sides run the OS-thread variants of their postcopy loops (the source's return-path
+reader and urgent sender; the destination's fault handler, main listener and urgent
+reader), as real runs do. The in-process rdma transport has no descriptor, so it runs
+their trio variants.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -66,6 +75,10 @@ class TappedStream:
     * ``call_before(marker, callback)`` calls ``callback()`` once the reader has consumed
       every byte before the next ``marker`` (a reader only reads again when its decoder
       holds no whole event, so everything before the marker has been acted on).
+
+    It has the socket's ``fileno``, so the destination's threads (fault handler, main
+    listener after LISTEN) run as over a plain socket: the taps act on what trio reads
+    before LISTEN (precopy, the switch, the package); ``cut`` acts on the socket itself.
     """
 
     def __init__(self, inner: ByteStream) -> None:
@@ -82,6 +95,9 @@ class TappedStream:
         self._held_callback: Callable[[], None] | None = None
 
     # ByteStream -----------------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._fd
+
     @property
     def transport(self) -> str:
         return str(getattr(self._inner, "transport", "socket"))
@@ -181,8 +197,8 @@ class Pair:
     verdict: Verdict | None = None
     #: The destination's RAM (through its memfds) after precopy, before the switch.
     dest_snapshot_before_switch: list[bytes] | None = None
-    #: Bytes the destination received on connections after the main one (the urgent
-    #: channel of postcopy-preempt).
+    #: Bytes the destination read on the urgent channel of postcopy-preempt (its
+    #: ``x-postcopy-preempt-bytes``), once it ended.
     urgent_bytes_received: int = 0
     urgent_connections: int = 0
     #: Whatever a test's hooks want to keep.
@@ -195,6 +211,50 @@ class Pair:
     @property
     def dest_statuses(self) -> list[str]:
         return [info["status"] for name, info in self.dest_events if name == "MIGRATION"]
+
+
+def assert_completed_and_verified(pair: Pair) -> None:
+    """Both sides completed through the designed states; the moved guest verified."""
+    assert pair.source_error is None, repr(pair.source_error)
+    assert pair.dest_error is None, repr(pair.dest_error)
+    assert pair.outgoing.status.value is MigrationStatus.COMPLETED
+    assert pair.incoming.status.value is MigrationStatus.COMPLETED
+    assert pair.verdict is not None and pair.verdict.verified, pair.verdict
+    # The designed sequence of states on each side.
+    assert pair.source_statuses == [
+        "setup",
+        "active",
+        "device",
+        "postcopy-device",
+        "postcopy-active",
+        "completed",
+    ]
+    assert pair.dest_statuses == [
+        "setup",
+        "active",
+        "postcopy-device",
+        "postcopy-active",
+        "completed",
+    ]
+    source = pair.outgoing.query()
+    assert source["ram"]["postcopy-bytes"] > 0  # pages really went after the switch
+    assert source["ram"]["remaining"] == 0
+
+
+@contextlib.contextmanager
+def busy_cores(count: int | None = None) -> Iterator[None]:
+    """CPU contention: a process spinning on each core (``count`` of them) while the block
+    runs; each is killed and reaped at the end."""
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(count or os.cpu_count() or 2)
+    ]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 def read_block(block: RamBlock) -> bytes:
@@ -295,11 +355,13 @@ async def run_pair(
                                 pair.source_error = exc
                         pair.source_cancelled = pair.source_scope.cancelled_caught
                         await incoming.status.wait_value(
-                            lambda s: s
-                            in (
-                                MigrationStatus.COMPLETED,
-                                MigrationStatus.FAILED,
-                                MigrationStatus.POSTCOPY_PAUSED,
+                            lambda s: (
+                                s
+                                in (
+                                    MigrationStatus.COMPLETED,
+                                    MigrationStatus.FAILED,
+                                    MigrationStatus.POSTCOPY_PAUSED,
+                                )
                             )
                         )
                         control_scope.cancel()
@@ -339,13 +401,16 @@ async def _receive(
             await pair.incoming.run(stream, listener=listener)
         except Exception as exc:  # kept as a value
             pair.dest_error = exc
+        pair.urgent_bytes_received = int(pair.incoming.query().get("x-postcopy-preempt-bytes", 0))
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
 
 
 class CountingListener:
-    """A Listener proxy: connections after the first (the urgent channel) are counted."""
+    """A Listener proxy: connections after the first (the urgent channel) are counted. The
+    streams themselves are handed over as accepted (the urgent reader's thread reads the
+    socket itself)."""
 
     def __init__(self, inner: Listener, pair: Pair) -> None:
         self._inner = inner
@@ -362,7 +427,7 @@ class CountingListener:
         if self._accepted == 1:
             return stream
         self._pair.urgent_connections += 1
-        return _CountingStream(stream, self._pair)
+        return stream
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -372,22 +437,6 @@ class CountingListener:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-class _CountingStream:
-    """Counts the bytes received into ``pair.urgent_bytes_received``."""
-
-    def __init__(self, inner: ByteStream, pair: Pair) -> None:
-        self._inner = inner
-        self._pair = pair
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def receive_into(self, buffer: memoryview) -> int:
-        count = await self._inner.receive_into(buffer)
-        self._pair.urgent_bytes_received += count
-        return count
 
 
 def pages_differing(before: bytes, after: bytes) -> np.ndarray:

@@ -17,6 +17,7 @@ import trio
 from postcopy_harness import (
     DEADLINE,
     Pair,
+    assert_completed_and_verified,
     pages_differing,
     postcopy_settings,
     read_block,
@@ -41,24 +42,6 @@ SLOW_STREAM = {"max_postcopy_bandwidth": "4M"}
 #: A destination guest that never writes (one byte of pages per second): its memory after
 #: postcopy is exactly what arrived, so it can be compared with the source byte for byte.
 IDLE_GUEST = workload_command(dirty_rate=1)
-
-def assert_completed_and_verified(pair: Pair) -> None:
-    assert pair.source_error is None, repr(pair.source_error)
-    assert pair.dest_error is None, repr(pair.dest_error)
-    assert pair.outgoing.status.value is MigrationStatus.COMPLETED
-    assert pair.incoming.status.value is MigrationStatus.COMPLETED
-    assert pair.verdict is not None and pair.verdict.verified, pair.verdict
-    # The designed sequence of states on each side.
-    assert pair.source_statuses == [
-        "setup", "active", "device", "postcopy-device", "postcopy-active", "completed",
-    ]
-    assert pair.dest_statuses == [
-        "setup", "active", "postcopy-device", "postcopy-active", "completed",
-    ]
-    source = pair.outgoing.query()
-    assert source["ram"]["postcopy-bytes"] > 0  # pages really went after the switch
-    assert source["ram"]["remaining"] == 0
-
 
 # -- transports, with and without the urgent channel ----------------------------------
 

@@ -346,10 +346,12 @@ async def check_paused_then_close(pair: Pair) -> None:
     assert guest.returncode is not None
 
 
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-only", "preempt"])
 @pytest.mark.parametrize("action", ["cancel", "cut"])
-async def test_failure_after_run_pauses_both_sides(action: str) -> None:
+async def test_failure_after_run_pauses_both_sides(action: str, preempt: bool) -> None:
     # A slow background stream: many pages are still missing when the guest starts there.
-    capabilities, parameters = postcopy_settings(max_postcopy_bandwidth="4M")
+    # With preempt the urgent reader's thread is running too, and must stop with the rest.
+    capabilities, parameters = postcopy_settings(preempt=preempt, max_postcopy_bandwidth="4M")
     hooks: dict[str, Any] = {}
     if action == "cancel":
         hooks["control"] = cancel_once_both_run

@@ -59,6 +59,10 @@ log = logging.getLogger("trimig.loadvm.postcopy")
 #: main and preempt channels, so a local placement never splits a host page being gathered.
 LOCAL_CHANNEL = 2
 
+#: After the main stream's end, how long the source may take to end the urgent channel
+#: (a trimig source ends it just before the main one: this only bounds a broken source).
+URGENT_END_TIMEOUT = 10.0
+
 #: Events of the main stream after LISTEN that carry nothing to do.
 _STRUCTURAL = (
     codec.SectionPart,
@@ -100,6 +104,12 @@ class PostcopyIncoming:
         self._helpers: trio.Nursery | None = None
         self._helpers_scope = trio.CancelScope()
         self._helpers_done = trio.Event()
+        #: The source's urgent (preempt) connection was accepted: finish() reads it to its end.
+        self._urgent_accepted = False
+        #: Set once the urgent reader reached that end (every urgent page placed).
+        self._urgent_ended = trio.Event()
+        #: Bytes read on the urgent channel.
+        self.urgent_bytes = 0
 
     # -- commands before LISTEN ---------------------------------------------------------
 
@@ -186,11 +196,34 @@ class PostcopyIncoming:
         self._running.set()
 
     async def finish(self) -> None:
-        """After the main stream's end: stop the helpers, unregister, tell the guest."""
+        """After the main stream's end (docs/postcopy.md, "The end"): read the urgent
+        channel to its end, stop asking for pages, check that every requested page came,
+        unregister, tell the guest. The caller then sends SHUT: after every request.
+
+        The source ends the urgent channel before the main one and answers a request read
+        after that with nothing (its page is on the main channel), so once both ends are
+        read every page is placed, and no urgent page can still be on its way when the
+        urgent connection closes."""
+        if self._urgent_accepted:
+            with trio.move_on_after(URGENT_END_TIMEOUT) as bound:
+                await self._urgent_ended.wait()
+            if bound.cancelled_caught:
+                raise TransportError(
+                    "the source did not end the urgent page channel within "
+                    f"{URGENT_END_TIMEOUT:g} s of the main stream's end"
+                )
         self.state.on_end()
         trace("postcopy_end", **self.statistics())
-        self._helpers_scope.cancel()
+        self._helpers_scope.cancel()  # the fault handler: no request goes out from here on
         await self._helpers_done.wait()
+        assert self.faults is not None
+        missing = self.faults.outstanding()
+        if missing:
+            # Closing the uffd now would let the guest read holes where its pages belong.
+            raise RemoteProtocolError(
+                f"the source ended postcopy without {len(missing)} requested page(s), the "
+                f"first {missing[0].block}+{missing[0].start:#x}"
+            )
         self.close()  # closing our uffd ends the registration (the guest closed its copy)
         await self.guest.unregister_missing()
         await self.guest.notify("postcopy-end")
@@ -204,10 +237,11 @@ class PostcopyIncoming:
             self._uffd = None
 
     def statistics(self) -> dict[str, object]:
-        """postcopy-requests, latency, latency distribution and blocktime (query-migrate names)."""
+        """postcopy-requests, latency, latency distribution and blocktime (query-migrate
+        names), and the bytes read on the urgent channel."""
         if self.faults is None:
             return {}
-        return self.faults.stats().as_qmp()
+        return {**self.faults.stats().as_qmp(), "x-postcopy-preempt-bytes": self.urgent_bytes}
 
     # -- tasks --------------------------------------------------------------------------
 
@@ -348,41 +382,52 @@ class PostcopyIncoming:
             log.warning("PONG(%d) not sent: %s", value, exc)
 
     async def _accept_urgent_channel(self, listener: Listener) -> None:
-        """Take the source's second connection as the urgent (preempt) page channel."""
+        """Take the source's second connection as the urgent (preempt) page channel and
+        place its pages up to its end; the connection closes only then (or on failure)."""
         stream = await listener.accept()
+        self._urgent_accepted = True
         try:
             await self._listening.wait()
             fd = stream_fd(stream)
             if fd is None:
                 await self._read_urgent(stream)
+                ended = True
             else:
-                await run_in_thread(
+                ended = await run_in_thread(
                     functools.partial(self._read_urgent_in_thread, fd), urgent=True
                 )
+            if ended:
+                self._urgent_ended.set()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await stream.aclose()
 
     async def _read_urgent(self, stream: ByteStream) -> None:
+        """The urgent reader in trio (streams without a file descriptor): to the end."""
         channel = MigrationChannel(stream)
         decoder = self._urgent_decoder()
-        while self._place_urgent(await next_event(decoder, channel)):
-            pass
+        try:
+            while self._place_urgent(await next_event(decoder, channel)):
+                pass
+        finally:
+            self.urgent_bytes = channel.bytes_received
 
-    def _read_urgent_in_thread(self, fd: int, stop: StopSignal) -> None:
-        """The urgent reader's thread: read and place urgent pages until EOF or ``stop``."""
+    def _read_urgent_in_thread(self, fd: int, stop: StopSignal) -> bool:
+        """The urgent reader's thread: read and place urgent pages until the channel's end
+        (True) or ``stop`` (False)."""
         decoder = self._urgent_decoder()
         while True:
             event = decoder.next_event()
             if event is not codec.NEED_DATA:
                 if not self._place_urgent(event):
-                    return
+                    return True
                 continue
             count = read_into(
                 fd, decoder.get_buffer(READ_CHUNK), stop, what="the urgent page channel"
             )
             if count is None:
-                return
+                return False
+            self.urgent_bytes += count
             if count:
                 decoder.commit(count)
             else:

@@ -407,7 +407,7 @@ class OutgoingMigration:
         assert self._requests is not None
         if self.capabilities.postcopy_preempt:
             self._urgent = MigrationChannel(await connect(uri, **self._connect_options))
-        self._urgent_sender = UrgentSender(ram, self._urgent)
+        urgent_sender = self._urgent_sender = UrgentSender(ram, self._urgent)
         ram.detach_regions()  # postcopy pages are placed atomically by the destination
         self.stats.precopy_bytes = self._bytes_moved()
         self.stats.downtime_start_ns = time.monotonic_ns()
@@ -453,7 +453,7 @@ class OutgoingMigration:
             channel,
             ram,
             self._requests,
-            self._urgent_sender,
+            urgent_sender,
             self._limiter,
             section_id=RAM_SECTION_ID,
             flush_bytes=FLUSH_BYTES,
@@ -461,6 +461,11 @@ class OutgoingMigration:
             hold=self._pong(PING_AFTER_PACKAGE),
         )
         await self._pong(PING_AFTER_PACKAGE).wait()  # complete only once the guest runs there
+        # The end (docs/postcopy.md, "The end"): no page is dirty, so every page is on a
+        # channel. End the urgent one first (a request read from now on sends nothing: its
+        # page is on the main channel), then the main one; the destination reads both to
+        # their ends before it sends SHUT.
+        await urgent_sender.end()
         channel.put(codec.encode_section_end(RAM_SECTION_ID))
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))

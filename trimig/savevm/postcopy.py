@@ -19,13 +19,23 @@ When both connections have file descriptors the return path is read by an OS thr
 request itself (``UrgentSender.send_from_thread``) the moment it arrives, without
 waiting for the trio loop to come back from the background sender's bulk work; the
 other messages go on to trio.
+
+The end (QEMU's END of the RAM stream, and the destination's SHUT): once no page is
+dirty the source ends the urgent channel (``UrgentSender.end``: EOF after its last
+page; requests read later are counted and answered with nothing, their pages being on
+the main channel), then sends the RAM END section and EOF on the main channel, and
+waits for SHUT. The destination reads both channels to their ends before it stops
+asking for pages and sends SHUT, so neither side ever writes to a channel the other
+has closed, and no request in flight can race the closing of the urgent channel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import attrs
 import numpy as np
@@ -35,7 +45,7 @@ from .. import codec
 from .._trio import open_nursery
 from ..channel import MigrationChannel, RateLimiter
 from ..codec.constants import PING_DEVICES_LOADED, QEMU_VM_PING_PACKAGED_LOADED
-from ..errors import RemoteProtocolError, TransportError
+from ..errors import LocalProtocolError, RemoteProtocolError, TransportError
 from ..postcopy import PageRequest, PageRequestQueue, canonicalize, dirty_ranges
 from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
 from ..threads import StopSignal, read_into, stream_fd, write_all
@@ -46,6 +56,8 @@ log = logging.getLogger("trimig.savevm.postcopy")
 
 #: An urgent page the destination does not take within this long breaks the channel.
 URGENT_SEND_TIMEOUT = 10.0
+#: How often trio retries the urgent writers' lock while the thread writes a page.
+_LOCK_POLL = 0.0002
 
 
 def discard_commands(ram: RamSaver) -> list[bytes]:
@@ -87,6 +99,12 @@ class UrgentSender:
 
     With an urgent channel over a file descriptor (``threaded``) the return-path thread
     sends them with ``send_from_thread``; trio then never writes to that channel.
+
+    ``end`` ends the urgent channel once the background stream has sent every page:
+    after the last urgent page it half-closes the connection (the destination reads up
+    to that EOF before it finishes), and a request answered later sends nothing (its
+    page is on the main channel, ahead of that channel's end). So the urgent channel
+    is never written once its end is sent, however late a request comes.
     """
 
     def __init__(self, ram: RamSaver, urgent: MigrationChannel | None) -> None:
@@ -95,6 +113,10 @@ class UrgentSender:
         self.encoder = codec.RamRecordEncoder()
         self._fd = stream_fd(urgent.stream) if urgent is not None else None
         self._thread_bytes = 0
+        #: Held by whoever writes the urgent channel (the return-path thread, or trio's
+        #: send_now) and by ``end``: an urgent page goes out whole, before the channel's end.
+        self._lock = threading.Lock()
+        self._ended = False
 
     @property
     def threaded(self) -> bool:
@@ -126,11 +148,14 @@ class UrgentSender:
         Raises TransportError if the destination takes nothing for URGENT_SEND_TIMEOUT."""
         if self._fd is None:
             raise RuntimeError("send_from_thread needs an urgent channel with a file descriptor")
-        records, data_pages, zero_pages = self._records(request, self.encoder, resend=True)
-        if records:
-            self._thread_bytes += write_all(
-                self._fd, records, timeout=URGENT_SEND_TIMEOUT, what="the urgent page channel"
-            )
+        with self._lock:
+            if self._ended:
+                return RequestServed(request, 0, 0)  # its page went on the main channel
+            records, data_pages, zero_pages = self._records(request, self.encoder, resend=True)
+            if records:
+                self._thread_bytes += write_all(
+                    self._fd, records, timeout=URGENT_SEND_TIMEOUT, what="the urgent page channel"
+                )
         return RequestServed(request, data_pages, zero_pages)
 
     def _records(
@@ -182,10 +207,35 @@ class UrgentSender:
         return records, 0, 1
 
     async def send_now(self, request: PageRequest) -> None:
-        """With an urgent channel: send the requested page at once and flush."""
+        """With an urgent channel: send the requested page at once and flush (nothing once
+        the channel has ended)."""
         assert self.urgent is not None
-        if self.queue_request(self.urgent, request, resend=True):
-            await self.urgent.flush()
+        async with self._locked():
+            if not self._ended and self.queue_request(self.urgent, request, resend=True):
+                await self.urgent.flush()
+
+    async def end(self) -> None:
+        """After the background stream sent every page: end the urgent channel (EOF after
+        its last page); later requests are answered with nothing. Waits for an urgent
+        page being written to go out first (at most URGENT_SEND_TIMEOUT)."""
+        if self.urgent is None or self._ended:
+            return
+        if self.ram.dirty_pages:
+            raise LocalProtocolError("the urgent channel would end while pages are still dirty")
+        async with self._locked():
+            self._ended = True
+        await self.urgent.send_eof()
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """Hold the writers' lock from trio. The thread holds it for one write (a few
+        microseconds; at most URGENT_SEND_TIMEOUT), so trio polls instead of blocking."""
+        while not self._lock.acquire(blocking=False):
+            await trio.sleep(_LOCK_POLL)
+        try:
+            yield
+        finally:
+            self._lock.release()
 
 
 async def send_background(
