@@ -6,6 +6,10 @@
                      counter of every 64th page), as a device reading its rings would:
                      on a postcopy destination that load faults before the guest runs,
                      which is why QEMU packages the device state.
+  load-reads-all     the built-in workload, but loading its device state reads every page
+                     (a guest that checks its whole memory at load-state, as the guest
+                     protocol allows): on a postcopy destination the load waits for all
+                     of RAM.
   reads-at-random    the built-in workload, and each step also reads pages at random over
                      all of RAM: on a postcopy destination it faults all along, up to the
                      last pages still in flight when the source has sent everything.
@@ -37,6 +41,18 @@ class DeviceReadsRam(Workload):
             raise RuntimeError("device load read a page that never arrived (a zero hole)")
 
 
+class LoadReadsAll(Workload):
+    """The workload whose ``load_state`` reads every page (and checks none is a hole)."""
+
+    def load_state(self, state: bytes) -> None:
+        super().load_state(state)
+        assert self.state is not None
+        for counters in self._counters:
+            low = int(np.asarray(counters).min())  # one read of every page
+            if self.state.passes > 0 and low == 0:
+                raise RuntimeError("device load read a page that never arrived (a zero hole)")
+
+
 class ReadsAtRandom(Workload):
     """The workload that also reads RANDOM_READS pages at random in each step."""
 
@@ -56,6 +72,7 @@ class ReadsAtRandom(Workload):
 
 KINDS: dict[str, type[Workload]] = {
     "device-reads-ram": DeviceReadsRam,
+    "load-reads-all": LoadReadsAll,
     "reads-at-random": ReadsAtRandom,
 }
 

@@ -83,6 +83,26 @@ async def test_late_reply_to_an_abandoned_request_is_skipped(start_guest):
     assert (await guest.query(timeout=2))["running"] is True
 
 
+async def test_load_state_deadline_follows_progress(start_guest):
+    """A load-state given ``progress`` (a postcopy destination's pages placed) may take
+    longer than its deadline while the count grows: it waits for the memory it reads,
+    it is not wedged. Without growth the deadline holds, counted from the last growth."""
+    guest = await start_guest(fake("slow"))  # answers after 0.4 s (load-state: "not supported")
+    placed = 0
+
+    def growing() -> int:
+        nonlocal placed
+        placed += 1
+        return placed
+
+    with pytest.raises(GuestError, match="failed load-state: load-state: not supported"):
+        await guest.load_state(b"state", timeout=0.25, progress=growing)
+    with pytest.raises(
+        GuestError, match=r"did not answer load-state within 0\.25 s of the last progress"
+    ):
+        await guest.load_state(b"state", timeout=0.25, progress=lambda: 7)
+
+
 async def test_aclose_terminates_a_wedged_guest(start_guest):
     guest = await start_guest(fake("wedged"))
     started = time.monotonic()

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import IO, Any
@@ -27,6 +27,7 @@ from typing import IO, Any
 import attrs
 import trio
 
+from .._trio import open_nursery
 from ..errors import GuestError
 from ..kernel.uffd import Userfaultfd
 from ..ram_blocks import MappedBlock
@@ -36,10 +37,13 @@ from .workload import workload_arguments
 
 DEFAULT_REPLY_TIMEOUT = 10.0
 DEFAULT_START_TIMEOUT = 30.0
-#: Extra reply time for attach and verify per byte of guest RAM (64 MiB/s).
+#: Extra reply time for attach, load-state and verify per byte of guest RAM (64 MiB/s):
+#: a guest may check its whole memory in each.
 SECONDS_PER_RAM_BYTE = 1 / (64 << 20)
 #: How long aclose() waits for each of quit, SIGTERM and SIGKILL to end the process.
 CLOSE_STEP_TIMEOUT = 2.0
+#: How often a reply deadline that follows progress (load_state's ``progress``) looks at it.
+PROGRESS_POLL = 0.1
 
 
 @attrs.frozen
@@ -288,9 +292,26 @@ class GuestProcess:
         except GuestError as error:
             raise GuestError(f"guest {self.pid} answered save-state badly: {error}") from None
 
-    async def load_state(self, state: bytes, *, timeout: float | None = None) -> None:
-        """Give the stopped guest device state from a ``save_state``."""
-        await self._request(Command.LOAD_STATE, timeout=timeout, state=protocol.encode_state(state))
+    async def load_state(
+        self,
+        state: bytes,
+        *,
+        timeout: float | None = None,
+        progress: Callable[[], int] | None = None,
+    ) -> None:
+        """Give the stopped guest device state from a ``save_state``.
+
+        A guest may check its memory while it loads (docs/guest-protocol.md), so the
+        default deadline grows with its RAM, as attach's and verify's do. ``progress``
+        (a postcopy destination's count of pages placed) makes the deadline count from
+        the last time that count grew: a load that reads memory still arriving is
+        waiting for it, not wedged, however long the stream takes to bring it."""
+        await self._request(
+            Command.LOAD_STATE,
+            timeout=self._ram_timeout(timeout, self._ram_bytes),
+            progress=progress,
+            state=protocol.encode_state(state),
+        )
 
     async def verify(self, *, timeout: float | None = None) -> Verdict:
         """Have the stopped guest check its memory against its invariant."""
@@ -375,10 +396,12 @@ class GuestProcess:
         fds: Sequence[int] = (),
         timeout: float | None = None,
         fds_expected: int = 0,
+        progress: Callable[[], int] | None = None,
         **fields: Any,
     ) -> tuple[dict[str, Any], list[int]]:
         """Send one request and wait for its reply; returns (reply, fds) with exactly
-        ``fds_expected`` fds, which the caller then owns."""
+        ``fds_expected`` fds, which the caller then owns. With ``progress`` the deadline
+        is ``timeout`` after the last change of ``progress()`` (polled)."""
         async with self._lock:
             if self._socket_closed:
                 raise GuestError(f"guest {self.pid}: {command} after the guest was closed")
@@ -389,27 +412,32 @@ class GuestProcess:
                 await self._sock.sendmsg([data], protocol.ancillary_for(fds))
             except OSError as error:
                 raise await self._dead(command, f"sending failed: {error}") from None
-            with trio.move_on_after(self._timeout(timeout)) as scope:
-                while True:
-                    received = await self._receive(command)
-                    if received is None:
-                        raise await self._dead(command, "it closed its control socket")
-                    reply, reply_fds = received
-                    if reply.get("reply") == request_id:
-                        self._unresponsive = False
-                        break
-                    protocol.close_fds(reply_fds)
-                    if reply.get("reply") is None:  # the guest could not parse a packet
-                        raise GuestError(
-                            f"guest {self.pid} rejected a message during {command}: "
-                            f"{reply.get('error')}"
-                        )
-                    # else: the late reply of an earlier, timed-out or cancelled request
+            limit = self._timeout(timeout)
+            with trio.move_on_after(limit) as scope:
+                async with open_nursery() as watcher:
+                    if progress is not None:
+                        watcher.start_soon(_defer_while_progressing, scope, progress, limit)
+                    while True:
+                        received = await self._receive(command)
+                        if received is None:
+                            raise await self._dead(command, "it closed its control socket")
+                        reply, reply_fds = received
+                        if reply.get("reply") == request_id:
+                            self._unresponsive = False
+                            break
+                        protocol.close_fds(reply_fds)
+                        if reply.get("reply") is None:  # the guest could not parse a packet
+                            raise GuestError(
+                                f"guest {self.pid} rejected a message during {command}: "
+                                f"{reply.get('error')}"
+                            )
+                        # else: the late reply of an earlier, timed-out or cancelled request
+                    watcher.cancel_scope.cancel()
             if scope.cancelled_caught:
                 self._unresponsive = True
+                since = " of the last progress of its memory" if progress is not None else ""
                 raise GuestError(
-                    f"guest {self.pid} did not answer {command} within "
-                    f"{self._timeout(timeout):g} s"
+                    f"guest {self.pid} did not answer {command} within {limit:g} s{since}"
                 )
         if reply.get("ok") is not True:
             protocol.close_fds(reply_fds)
@@ -483,6 +511,19 @@ class GuestProcess:
         if not self._socket_closed:
             self._socket_closed = True
             self._sock.close()
+
+
+async def _defer_while_progressing(
+    scope: trio.CancelScope, progress: Callable[[], int], limit: float
+) -> None:
+    """Keep ``scope``'s deadline ``limit`` seconds after the last change of ``progress()``."""
+    last = progress()
+    while True:
+        await trio.sleep(PROGRESS_POLL)
+        now = progress()
+        if now != last:
+            last = now
+            scope.deadline = trio.current_time() + limit
 
 
 def _signal_name(number: int) -> str:

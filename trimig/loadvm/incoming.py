@@ -396,7 +396,9 @@ class IncomingMigration:
                     raise RemoteProtocolError("device state in the package before POSTCOPY_LISTEN")
                 self._device_state = event.data
                 assert self.guest is not None
-                await self.guest.load_state(event.data)
+                # The load may read memory that is still arriving: its deadline counts
+                # from the last page placed, not from the request.
+                await self.guest.load_state(event.data, progress=postcopy.pages_placed)
             elif isinstance(event, codec.PostcopyRun):
                 if self._device_state is None:
                     raise RemoteProtocolError("POSTCOPY_RUN before the guest's device state")

@@ -236,6 +236,10 @@ class PostcopyIncoming:
             self._uffd.close()
             self._uffd = None
 
+    def pages_placed(self) -> int:
+        """Host pages placed so far (grows while the guest's missing memory arrives)."""
+        return self.placer.stats.host_pages_placed if self.placer is not None else 0
+
     def statistics(self) -> dict[str, object]:
         """postcopy-requests, latency, latency distribution and blocktime (query-migrate
         names), and the bytes read on the urgent channel."""

@@ -110,6 +110,9 @@ class OutgoingMigration:
         #: The work of run(); the return-path reader cancels it when the path fails.
         self._work = trio.CancelScope()
         self._pongs: dict[int, trio.Event] = {}
+        #: Set by PONG(4), or by a page request while the destination loads the device
+        #: state: the background stream may go.
+        self._background_released = trio.Event()
 
     # -- control -----------------------------------------------------------------------
 
@@ -446,7 +449,9 @@ class OutgoingMigration:
         # Serve requests at once (loading the device state on the destination may fault
         # before the guest runs), but hold the background pages until PONG(4), sent once
         # the guest runs there, which ends the downtime (see _read_return_path): placing
-        # them would compete with the destination's switch-over for its CPU.
+        # them would compete with the destination's switch-over for its CPU. A request
+        # before PONG(0x42) ends the hold at once (_request_taken): it comes from a device
+        # load that reads guest memory, which only the background stream brings fast.
         self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
         postcopy_start = self._bytes_moved()
         await send_background(
@@ -458,7 +463,7 @@ class OutgoingMigration:
             section_id=RAM_SECTION_ID,
             flush_bytes=FLUSH_BYTES,
             slice_seconds=ITERATION_SLICE,
-            hold=self._pong(PING_AFTER_PACKAGE),
+            hold=self._background_released,
         )
         await self._pong(PING_AFTER_PACKAGE).wait()  # complete only once the guest runs there
         # The end (docs/postcopy.md, "The end"): no page is dirty, so every page is on a
@@ -545,6 +550,7 @@ class OutgoingMigration:
             elif event.value == PING_AFTER_PACKAGE and self._package_sent:
                 self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
                 trace("postcopy_running_on_destination", downtime_us=self.stats.downtime_ns // 1000)
+                self._background_released.set()
             self._pong(event.value).set()
             return False
         if isinstance(event, codec.ChannelClosed):
@@ -626,6 +632,12 @@ class OutgoingMigration:
         assert self._requests is not None
         trace("page_request", block=request.block, start=hex(request.start), length=request.length)
         self.stats.postcopy_requests = self._requests.requests
+        if not self._postcopy_running and not self._background_released.is_set():
+            # Before PONG(0x42) the guest there has not run: the request comes from its
+            # device load, which reads guest memory and would otherwise get it one page
+            # at a time. Stream the rest now.
+            trace("postcopy_background_released", reason="request during the device load")
+            self._background_released.set()
 
     def _check_return_path(self) -> None:
         if self._return_path_error is not None:
