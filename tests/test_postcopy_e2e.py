@@ -195,9 +195,7 @@ async def test_device_state_load_that_faults(preempt: bool) -> None:
     """Loading the device state reads RAM that has not arrived (QEMU's reason to package
     the device state): the load faults before the guest runs, in postcopy-device, and the
     source serves those requests although it has no PONG(0x42) yet."""
-    command = [
-        sys.executable, GUESTS, "device-reads-ram", *workload_arguments(dirty_rate="max")
-    ]
+    command = [sys.executable, GUESTS, "device-reads-ram", *workload_arguments(dirty_rate="max")]
     capabilities, parameters = postcopy_settings(preempt=preempt, **SLOW_STREAM)
     pair = await run_pair(
         default_block_specs(FAULTING_RAM),
@@ -223,7 +221,9 @@ async def test_start_postcopy_switches_a_running_precopy() -> None:
         pair.outgoing.start_postcopy()
 
     pair = await run_pair(
-        default_block_specs(RAM), capabilities=capabilities, parameters=parameters,
+        default_block_specs(RAM),
+        capabilities=capabilities,
+        parameters=parameters,
         control=trigger,
     )
     assert_completed_and_verified(pair)

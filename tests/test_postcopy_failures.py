@@ -174,9 +174,10 @@ async def test_bad_return_path_is_an_error_on_the_source(
                         await fake.send(frame)
 
                     nursery.start_soon(misbehave)
-                    with trio.fail_after(REACTION_DEADLINE), pytest.raises(
-                        error, match=message
-                    ) as raised:
+                    with (
+                        trio.fail_after(REACTION_DEADLINE),
+                        pytest.raises(error, match=message) as raised,
+                    ):
                         await outgoing.run(f"unix:{fake.path}")
                     nursery.cancel_scope.cancel()
                 info = outgoing.query()
@@ -283,8 +284,13 @@ async def check_source_runs_again(pair: Pair) -> None:
         ("cancel", "listen"),
         ("cut", "listen"),
     ],
-    ids=["cancel-at-switch", "cut-at-switch", "cut-inside-package", "cancel-after-listen",
-         "cut-after-listen"],
+    ids=[
+        "cancel-at-switch",
+        "cut-at-switch",
+        "cut-inside-package",
+        "cancel-after-listen",
+        "cut-after-listen",
+    ],
 )
 async def test_failure_before_the_guest_runs_there_resumes_the_source(
     action: str, where: str
