@@ -8,7 +8,11 @@ APIs: ``blocking`` is plain blocking sockets (sendall / recv_into), the floor an
 pays; ``trimig`` is trimig's ByteStream (``send_buffers([1 MiB view])`` / ``receive_into``);
 ``trimig-pages`` is the same write as a gather of 4 KiB page views (what precopy sends).
 The receiver times first byte to last byte; the figure is the receiver's throughput.
-It then checks every byte arrived.
+It then checks every byte arrived. ``--memory`` picks the receiver's memory: ``faulted``
+(default: anonymous, every page faulted in first, the socket-and-copy limit), ``memfd`` (a
+fresh shared memfd mapping, as trimig's destination blocks are: each 4 KiB shmem page is
+allocated as it is first written) or ``anon`` (fresh anonymous memory with MADV_HUGEPAGE, as
+QEMU allocates guest RAM). bench/vs_qemu.py uses ``run_receiver``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import mmap
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -37,6 +42,32 @@ def faulted_region(size: int) -> mmap.mmap:
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
     np.frombuffer(region, dtype=np.uint8)[::PAGE] = 1  # make sure, whatever the flags did
     return region
+
+
+MEMORY_KINDS = ("faulted", "memfd", "anon")
+
+
+def receiver_region(size: int, memory: str = "faulted") -> mmap.mmap:
+    """The receiver's memory: ``faulted``, or fresh (``memfd``, ``anon``: see the docstring)."""
+    if memory == "faulted":
+        return faulted_region(size)
+    if memory == "memfd":
+        fd = os.memfd_create("raw-socket-bench")
+        try:
+            os.ftruncate(fd, size)
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+    if memory == "anon":
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+        return region
+    raise SystemExit(f"unknown --memory {memory!r}; choose one of {', '.join(MEMORY_KINDS)}")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def distinct_words(size: int) -> np.ndarray:
@@ -64,12 +95,15 @@ def tune(sock: socket.socket) -> None:
 # -- receiver (child process) ---------------------------------------------------------------
 
 
-def receive_blocking(transport: str, size: int, write: int, tmp: str) -> dict[str, float]:
-    region = faulted_region(size)
+def receive_blocking(
+    transport: str, size: int, write: int, tmp: str, memory: str = "faulted"
+) -> dict[str, float]:
+    region = receiver_region(size, memory)
     view = memoryview(region)
     server, uri = blocking_address(transport, tmp)
     print(uri, flush=True)
     connection, _ = server.accept()
+    cpu_start = cpu_seconds()
     tune(connection)
     have = 0
     start = 0.0
@@ -81,11 +115,12 @@ def receive_blocking(transport: str, size: int, write: int, tmp: str) -> dict[st
             start = time.perf_counter()
         have += count
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_start
     ok = np.array_equal(np.frombuffer(region, dtype=np.uint64), distinct_words(size))
     connection.close()
     server.close()
     view.release()
-    return {"seconds": elapsed, "ok": float(ok)}
+    return {"seconds": elapsed, "ok": float(ok), "cpu_s": cpu}
 
 
 async def receive_trimig(transport: str, size: int, write: int, tmp: str) -> dict[str, float]:
@@ -142,8 +177,17 @@ async def send_trimig(uri: str, region: memoryview, write: int, pages: bool) -> 
 
 
 def run_once(api: str, transport: str, region: memoryview, write: int) -> float:
+    return len(region) / run_receiver(api, transport, region, write)["seconds"]
+
+
+def run_receiver(
+    api: str, transport: str, region: memoryview, write: int, memory: str = "faulted"
+) -> dict[str, float]:
+    """Send ``region`` from this process to a receiver process; the receiver's figures
+    (``seconds`` first byte to last, ``cpu_s`` from accept to last byte with ``blocking``)."""
     size = len(region)
     command = [sys.executable, __file__, "--receive", api, transport, str(size), str(write)]
+    command += ["--memory", memory]
     receiver = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert receiver.stdout is not None
@@ -157,7 +201,8 @@ def run_once(api: str, transport: str, region: memoryview, write: int) -> float:
         receiver.wait(timeout=60)
     if not result["ok"]:
         raise SystemExit(f"{api}/{transport}: the received bytes differ")
-    return size / result["seconds"]
+    result_figures: dict[str, float] = result
+    return result_figures
 
 
 def main() -> None:
@@ -168,13 +213,19 @@ def main() -> None:
     parser.add_argument("--api", default="blocking,trimig,trimig-pages")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--receive", nargs=4, metavar=("API", "TRANSPORT", "SIZE", "WRITE"))
+    parser.add_argument(
+        "--memory",
+        choices=MEMORY_KINDS,
+        default="faulted",
+        help="the receiver's memory (blocking API): faulted, memfd or anon",
+    )
     parser.add_argument("--json", action="store_true", help="print results as one JSON object")
     args = parser.parse_args()
     if args.receive:  # pragma: no cover - the child side
         api, transport, size, write = args.receive
         with tempfile.TemporaryDirectory(prefix="tmbench") as tmp:
             if api == "blocking":
-                result = receive_blocking(transport, int(size), int(write), tmp)
+                result = receive_blocking(transport, int(size), int(write), tmp, args.memory)
             else:
                 result = trio.run(receive_trimig, transport, int(size), int(write), tmp)
         print(json.dumps(result), flush=True)
@@ -186,7 +237,10 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     for transport in args.transport.split(","):
         for api in args.api.split(","):
-            rates = [run_once(api, transport, region, write) for _ in range(args.repeat)]
+            rates = [
+                size / run_receiver(api, transport, region, write, args.memory)["seconds"]
+                for _ in range(args.repeat)
+            ]
             results[f"{transport}/{api}"] = rates
             best, median = max(rates), sorted(rates)[len(rates) // 2]
             if not args.json:

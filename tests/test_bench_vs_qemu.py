@@ -1,0 +1,108 @@
+"""bench/vs_qemu.py without running it: options, the skip without QEMU, the QEMU guest's
+firmware, the table. No migration and no timing here (benchmarks are never tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def vs_qemu() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("vs_qemu", BENCH / "vs_qemu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults(vs_qemu: ModuleType) -> None:
+    args = vs_qemu.parse_args([])
+    assert (args.ram, args.rounds, args.dirty_rate) == ("1G", 3, "256M")
+    assert args.cases.split(",") == ["precopy-unix", "precopy-tcp", "postcopy-unix"]
+    assert args.preempt and args.extra and args.warmup and args.verify
+    assert args.json is None
+
+
+def test_options(vs_qemu: ModuleType) -> None:
+    args = vs_qemu.parse_args(
+        ["--ram", "256M", "--rounds", "5", "--json", "out.json", "--no-preempt", "--no-qemu"]
+    )
+    assert (args.ram, args.rounds, args.json) == ("256M", 5, "out.json")
+    assert not args.preempt and args.no_qemu
+    with pytest.raises(SystemExit):
+        vs_qemu.parse_args(["--rounds", "0"])
+
+
+def test_missing_qemu_is_skipped_with_a_message(
+    vs_qemu: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = vs_qemu.parse_args(["--qemu", str(tmp_path / "no-such-qemu")])
+    setup = vs_qemu.Setup(args, str(tmp_path))
+    assert setup.qemu is None
+    assert "QEMU rows are skipped" in capsys.readouterr().err
+    assert vs_qemu.rows_for("precopy-unix", setup) == [
+        "trimig", "raw-memfd", "raw-anon", "trimig-cli", "trimig-demo"
+    ]  # fmt: skip
+    assert vs_qemu.rows_for("postcopy-unix", setup) == ["trimig"]
+
+
+def test_rows_with_qemu(vs_qemu: ModuleType, tmp_path: Path) -> None:
+    args = vs_qemu.parse_args(["--qemu", "/bin/true", "--no-extra"])
+    setup = vs_qemu.Setup(args, str(tmp_path))
+    assert vs_qemu.rows_for("precopy-tcp", setup) == ["qemu", "trimig", "raw-memfd", "raw-anon"]
+    assert vs_qemu.rows_for("postcopy-unix", setup) == ["qemu", "trimig"]
+
+
+def test_firmware_image(vs_qemu: ModuleType) -> None:
+    image, rate = vs_qemu.firmware(0x100000, 0x3C100000, 256 << 20)
+    assert len(image) == 0x10000
+    assert image[0xFFF0:0xFFF5] == b"\xea\x00\x00\x00\xf0"  # ljmp $0xf000, $0
+    first, last, per_tick, divisor = struct.unpack_from("<IIII", image, 0x200)
+    assert (first, last) == (0x100000, 0x3C100000)
+    assert per_tick > 0 and 0 < divisor < 0x10000
+    assert abs(rate / (256 << 20) - 1) < 0.02
+    idle, idle_rate = vs_qemu.firmware(0x100000, 0x3C100000, 0)
+    assert struct.unpack_from("<I", idle, 0x208)[0] == 0 and idle_rate == 0
+
+
+@pytest.mark.skipif(
+    not (shutil.which("as") and shutil.which("objcopy")), reason="binutils not installed"
+)
+def test_firmware_matches_its_source(vs_qemu: ModuleType, tmp_path: Path) -> None:
+    obj, binary = tmp_path / "guest.o", tmp_path / "guest.bin"
+    subprocess.run(["as", "--32", "-o", obj, BENCH / "qemu_guest.S"], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", obj, binary], check=True)
+    assert binary.read_bytes() == vs_qemu.FIRMWARE_CODE
+
+
+def test_table(vs_qemu: ModuleType) -> None:
+    def sample(row: str, case: str, rate: float, total: float) -> dict[str, object]:
+        return {
+            "row": row, "case": case, "round": 0, "loadavg": (1.0, 1.0, 1.0),
+            "throughput_MBps": rate, "total_ms": total, "source_all_s_per_gib": 0.5,
+        }  # fmt: skip
+
+    results = {
+        "warmup": [],
+        "samples": [
+            sample("qemu", "precopy-unix", 2000, 500),
+            sample("trimig", "precopy-unix", 1000, 1000),
+            sample("raw-memfd", "precopy-unix", 4000, 250),
+            sample("qemu", "postcopy-unix", 1000, 1000),
+            sample("trimig", "postcopy-unix", 500, 2000),
+        ],
+    }
+    text, summary = vs_qemu.summarise(results)
+    trimig_precopy = next(line for line in text.splitlines() if line.startswith("trimig (QMP)"))
+    assert trimig_precopy.split()[-2:] == ["0.50", "0.25"]  # of QEMU, of raw
+    assert summary["postcopy-unix"]["trimig"]["total_ms"] == 2000
+    assert "load average" in text
