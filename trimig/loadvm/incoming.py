@@ -25,7 +25,7 @@ from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationStatus
 from ..postcopy import PostcopyState
 from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
-from ..trace import trace
+from ..status import DESTINATION, StatusMachine
 from ..transports import ByteStream, Listener, listen
 from .postcopy import PostcopyIncoming
 from .ram_loader import RamLoader
@@ -66,7 +66,8 @@ class IncomingMigration:
         self.specs = list(specs)
         self.guest_command = guest_command
         self.capabilities = capabilities or MigrationCapabilities()
-        self.status: AsyncValue[MigrationStatus] = AsyncValue(MigrationStatus.NONE)
+        #: QEMU's status, moved only along status.DESTINATION (an illegal move is our bug).
+        self._status = StatusMachine(DESTINATION, "destination", self._status_changed)
         self.blocks: list[RamBlock] = []
         self.guest: GuestProcess | None = None
         self.error_desc = ""
@@ -83,14 +84,17 @@ class IncomingMigration:
         #: postcopy-* statistics, once postcopy ended.
         self.postcopy_stats: dict[str, object] = {}
 
+    @property
+    def status(self) -> AsyncValue[MigrationStatus]:
+        """The migration's status (wait on it with ``wait_value``)."""
+        return self._status.value
+
     def _set_status(self, status: MigrationStatus) -> None:
-        if self.status.value is status:
-            return
-        log.info("incoming status %s -> %s", self.status.value.value, status.value)
-        trace("destination_status", old=self.status.value.value, new=status.value)
-        self.status.value = status
+        self._status.move(status)
+
+    def _status_changed(self, old: MigrationStatus, new: MigrationStatus) -> None:
         if self._on_event:
-            self._on_event("MIGRATION", {"status": status.value})
+            self._on_event("MIGRATION", {"status": new.value})
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}

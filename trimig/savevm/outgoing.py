@@ -35,6 +35,7 @@ from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
 from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
+from ..status import SOURCE, StatusMachine
 from ..threads import run_in_thread, stream_fd
 from ..trace import trace
 from ..transports import connect
@@ -57,6 +58,8 @@ ITERATION_SLICE = 0.05
 #: Flush the channel when this much is queued.
 FLUSH_BYTES = 4 << 20
 SHUT_TIMEOUT = 30.0
+#: PING values of the barriers between precopy passes with one-sided writes (+ pass).
+PASS_BARRIER_PING = 0x10000
 #: After a send fails, how long to wait for the destination's SHUT that may explain it.
 VERDICT_TIMEOUT = 2.0
 CLEANUP_TIMEOUT = 10.0
@@ -81,7 +84,8 @@ class OutgoingMigration:
         self.blocks = list(blocks)
         self.capabilities = capabilities or MigrationCapabilities()
         self.parameters = parameters or MigrationParameters()
-        self.status: AsyncValue[MigrationStatus] = AsyncValue(MigrationStatus.NONE)
+        #: QEMU's status, moved only along status.SOURCE (an illegal move is our bug).
+        self._status = StatusMachine(SOURCE, "source", self._status_changed)
         total = sum(block.size for block in self.blocks)
         self.stats = SourceStats(total=total, remaining=total)
         self._connect_options = connect_options or {}
@@ -110,6 +114,7 @@ class OutgoingMigration:
         #: The work of run(); the return-path reader cancels it when the path fails.
         self._work = trio.CancelScope()
         self._pongs: dict[int, trio.Event] = {}
+        self._barriers = 0
         #: Set by PONG(4), or by a page request while the destination loads the device
         #: state: the background stream may go.
         self._background_released = trio.Event()
@@ -164,14 +169,17 @@ class OutgoingMigration:
             parts.append(f"{block.name} sent:\n{dump_bitmap(self._ram.sent[block.name])}")
         return "".join(parts)
 
+    @property
+    def status(self) -> AsyncValue[MigrationStatus]:
+        """The migration's status (wait on it with ``wait_value``)."""
+        return self._status.value
+
     def _set_status(self, status: MigrationStatus) -> None:
-        if self.status.value is status:
-            return
-        log.info("migration status %s -> %s", self.status.value.value, status.value)
-        trace("source_status", old=self.status.value.value, new=status.value)
-        self.status.value = status
+        self._status.move(status)
+
+    def _status_changed(self, old: MigrationStatus, new: MigrationStatus) -> None:
         if self._on_event:
-            self._on_event("MIGRATION", {"status": status.value})
+            self._on_event("MIGRATION", {"status": new.value})
 
     # -- the migration -------------------------------------------------------------------
 
@@ -295,8 +303,11 @@ class OutgoingMigration:
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))
         await channel.flush()
-        if channel.stream.regions is not None:
+        if channel.stream.regions is not None and self._uses_return_path:
             # RDMA-shaped transport: the destination registers its blocks on MEM_SIZE.
+            # One-sided writes land at once, records when the destination reads them, so
+            # each pass ends with a barrier on the return path (_pass_barrier); without a
+            # return path the pages go in-band.
             await ram.attach_regions(channel.stream.regions)
         self.stats.setup_ns = time.monotonic_ns() - self.stats.start_ns
         self._set_status(MigrationStatus.ACTIVE)
@@ -319,6 +330,8 @@ class OutgoingMigration:
             )
             if not finished_pass:
                 continue
+            if ram.writes_one_sided:
+                await self._pass_barrier(channel)
             # A whole pass is out: sync the dirty log and decide.
             elapsed = max(time.monotonic() - pass_started, 1e-6)
             sent = self._bytes_moved() - pass_bytes_start
@@ -598,6 +611,25 @@ class OutgoingMigration:
         except (RemoteProtocolError, TransportError) as exc:
             self._return_path_failed(exc)
             return True
+
+    async def _pass_barrier(self, channel: MigrationChannel) -> None:
+        """Wait until the destination has applied every record sent so far (PING, PONG).
+
+        With one-sided writes a page's data lands in the destination's memory at once,
+        but a ZERO record of the same page from an earlier pass lands only when the
+        destination reads it: it would punch out the newer data. No page is sent twice
+        in one pass, so a barrier between passes orders every page's versions."""
+        self._barriers += 1
+        value = PASS_BARRIER_PING + self._barriers
+        channel.put(codec.encode_ping(value))
+        await channel.flush()
+        with trio.move_on_after(SHUT_TIMEOUT) as scope:
+            await self._pong(value).wait()
+        if scope.cancelled_caught:
+            raise TransportError(
+                f"the destination did not answer PING {value:#x} within {SHUT_TIMEOUT:.0f} s"
+            )
+        self._check_return_path()
 
     def _pong(self, value: int) -> trio.Event:
         return self._pongs.setdefault(value, trio.Event())
