@@ -133,6 +133,11 @@ class RamSaver:
             remote[block.name] = rows
         self._remote = remote
 
+    @property
+    def writes_one_sided(self) -> bool:
+        """Whether data pages go one-sided into the destination's regions."""
+        return bool(self._remote)
+
     def detach_regions(self) -> None:
         """Send data pages as PAGE records again (e.g. from the switch to postcopy on)."""
         self._remote = {}
