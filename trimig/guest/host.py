@@ -413,26 +413,19 @@ class GuestProcess:
             except OSError as error:
                 raise await self._dead(command, f"sending failed: {error}") from None
             limit = self._timeout(timeout)
-            with trio.move_on_after(limit) as scope:
-                async with open_nursery() as watcher:
-                    if progress is not None:
-                        watcher.start_soon(_defer_while_progressing, scope, progress, limit)
-                    while True:
-                        received = await self._receive(command)
-                        if received is None:
-                            raise await self._dead(command, "it closed its control socket")
-                        reply, reply_fds = received
-                        if reply.get("reply") == request_id:
-                            self._unresponsive = False
-                            break
-                        protocol.close_fds(reply_fds)
-                        if reply.get("reply") is None:  # the guest could not parse a packet
-                            raise GuestError(
-                                f"guest {self.pid} rejected a message during {command}: "
-                                f"{reply.get('error')}"
-                            )
-                        # else: the late reply of an earlier, timed-out or cancelled request
-                    watcher.cancel_scope.cancel()
+            reply_fds: list[int] = []
+            try:
+                with trio.move_on_after(limit) as scope:
+                    async with open_nursery() as watcher:
+                        if progress is not None:
+                            watcher.start_soon(_defer_while_progressing, scope, progress, limit)
+                        reply, reply_fds = await self._reply_to(command, request_id)
+                        watcher.cancel_scope.cancel()
+            except BaseException:
+                # Cancelled (or failed) after the reply came, e.g. at the nursery's exit:
+                # the fds it carried are ours to close.
+                protocol.close_fds(reply_fds)
+                raise
             if scope.cancelled_caught:
                 self._unresponsive = True
                 since = " of the last progress of its memory" if progress is not None else ""
@@ -449,6 +442,26 @@ class GuestProcess:
                 f"expected {fds_expected}"
             )
         return reply, reply_fds
+
+    async def _reply_to(
+        self, command: Command, request_id: int
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Receive until the reply to ``request_id``; late replies are dropped (their fds
+        closed)."""
+        while True:
+            received = await self._receive(command)
+            if received is None:
+                raise await self._dead(command, "it closed its control socket")
+            reply, reply_fds = received
+            if reply.get("reply") == request_id:
+                self._unresponsive = False
+                return reply, reply_fds
+            protocol.close_fds(reply_fds)
+            if reply.get("reply") is None:  # the guest could not parse a packet
+                raise GuestError(
+                    f"guest {self.pid} rejected a message during {command}: {reply.get('error')}"
+                )
+            # else: the late reply of an earlier, timed-out or cancelled request
 
     async def _receive(self, command: Command | str) -> tuple[dict[str, Any], list[int]] | None:
         try:
