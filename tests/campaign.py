@@ -3,6 +3,7 @@ its own random seed, RAM size, hugetlb block, write rate, transport, mode, postc
 point and (in precopy) cancel point; every one verified page by page.
 
     python3 tests/campaign.py --runs 1000 --json campaign.json [--contention] [--seed N]
+        [--log runs.jsonl]
 
 A run is *ok* when the destination guest verifies after writing on there (or, for a
 cancelled run, the source guest verifies and runs on). Anything else is printed with the
@@ -178,6 +179,9 @@ async def campaign(args: argparse.Namespace) -> list[dict[str, Any]]:
         outcome["seconds"] = round(time.monotonic() - started, 2)
         result = {"plan": attrs.asdict(plan), **outcome}
         results.append(result)
+        if args.log:
+            with open(args.log, "a") as log:
+                log.write(json.dumps(result) + "\n")
         if not outcome["ok"] or args.verbose:
             print(json.dumps(result), flush=True)
     return results
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, help="repeat just this run number")
     parser.add_argument("--contention", action="store_true", help="a busy process per core")
     parser.add_argument("--json", help="write every run's plan and outcome here")
+    parser.add_argument("--log", help="append each run as one JSON line here, as it ends")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.contention:
