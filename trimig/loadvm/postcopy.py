@@ -217,7 +217,15 @@ class PostcopyIncoming:
         self._helpers_scope.cancel()  # the fault handler: no request goes out from here on
         await self._helpers_done.wait()
         assert self.faults is not None
-        missing = self.faults.outstanding()
+        # Every requested page must be here by now. (The requests' own record may lag: a
+        # placement that raced the fault's note may leave its request open; the received
+        # bitmap is what says whether the page is there.)
+        received = self.ram.received
+        missing = [
+            request
+            for request in self.faults.outstanding()
+            if not received.is_received(request.block, request.start, request.length)
+        ]
         if missing:
             # Closing the uffd now would let the guest read holes where its pages belong.
             raise RemoteProtocolError(
