@@ -1,6 +1,6 @@
 """Header, configuration and device sections of a saved stream, and the VM description.
 
-:class:`SectionWalker` adds to :class:`~trimig.inspect.ram.RamWalker` the parts of a
+:class:`SectionWalker` adds to :class:`~trimig.inspect.ram_section.RamWalker` the parts of a
 stream around RAM: the file header, the configuration section with QEMU's configuration
 subsections, the target page size (which must agree between them and the VM
 description), a START/FULL/PART/END section with its footer (RAM's body is read by the
@@ -20,7 +20,7 @@ from trimig.codec.constants import (
     RAM_VERSION_ID,
     SectionType,
 )
-from trimig.inspect.ram import BadAt, RamWalker
+from trimig.inspect.ram_section import BadAt, RamWalker
 from trimig.inspect.report import Configuration, Record, Section, VmDescriptionInfo
 from trimig.inspect.vmdesc import VmDescription, find_vm_description, skip_described
 

@@ -27,7 +27,7 @@ from trimig.codec._wire import Cursor, Incomplete, Malformed, decode_name
 from trimig.codec.constants import MIG_CMD_MAX, MigCmd, SectionType
 from trimig.errors import ConfigError, RemoteProtocolError
 from trimig.inspect.extract import RamExtractor
-from trimig.inspect.ram import BadAt
+from trimig.inspect.ram_section import BadAt
 from trimig.inspect.report import Command, Problem, StreamReport
 from trimig.inspect.sections import SectionWalker, StopWalk
 from trimig.inspect.vmdesc import Mismatch
