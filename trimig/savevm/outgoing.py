@@ -8,10 +8,7 @@ switch to the destination: running if it ran, with dirty tracking undone.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -36,18 +33,12 @@ from ..migration import MigrationCapabilities, MigrationParameters, MigrationSta
 from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
 from ..status import SOURCE, StatusMachine
-from ..threads import run_in_thread, stream_fd
 from ..trace import trace
 from ..transports import connect
-from .postcopy import (
-    RequestServed,
-    UrgentSender,
-    discard_commands,
-    package,
-    read_return_path,
-    send_background,
-)
+from . import convergence
+from .postcopy import RequestServed, UrgentSender, discard_commands, package, send_background
 from .ram_saver import DirtyLog, RamSaver, send_part
+from .return_path import SHUT_TIMEOUT, SourceReturnPath
 
 log = logging.getLogger("trimig.savevm")
 
@@ -57,11 +48,8 @@ GUEST_SECTION_ID = 1
 ITERATION_SLICE = 0.05
 #: Flush the channel when this much is queued.
 FLUSH_BYTES = 4 << 20
-SHUT_TIMEOUT = 30.0
 #: PING values of the barriers between precopy passes with one-sided writes (+ pass).
 PASS_BARRIER_PING = 0x10000
-#: After a send fails, how long to wait for the destination's SHUT that may explain it.
-VERDICT_TIMEOUT = 2.0
 CLEANUP_TIMEOUT = 10.0
 
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -92,14 +80,10 @@ class OutgoingMigration:
         self._on_event = on_event
         self._postcopy_requested = False
         self._channel: MigrationChannel | None = None
-        self._shut: trio.Event = trio.Event()
-        self._shut_status: int | None = None
-        self._return_path_error: BaseException | None = None
+        #: The destination's messages: PONGs, SHUT, page requests (read in run()'s nursery).
+        self._return_path = SourceReturnPath(self)
         #: Whether this migration uses a return path (decided once connected).
         self._uses_return_path = False
-        #: run() is failing and waits for the destination's verdict: a return-path error
-        #: then only ends that wait.
-        self._failing = False
         self._guest_stopped_by_us = False
         self._limiter = RateLimiter(self.parameters.max_bandwidth)
         self._ram: RamSaver | None = None
@@ -113,7 +97,6 @@ class OutgoingMigration:
         self._postcopy_running = False
         #: The work of run(); the return-path reader cancels it when the path fails.
         self._work = trio.CancelScope()
-        self._pongs: dict[int, trio.Event] = {}
         self._barriers = 0
         #: Set by PONG(4), or by a page request while the destination loads the device
         #: state: the background stream may go.
@@ -139,16 +122,6 @@ class OutgoingMigration:
         if self._ram is not None and self.status.value.is_running:
             self.stats.remaining = self._ram.remaining_bytes
         return self.stats.query(self.status.value)
-
-    def _failure_reason(self, exc: BaseException) -> str:
-        """Why the migration failed: the destination's own verdict (a SHUT with an error
-        status) first when it sent one."""
-        reason = str(exc) or type(exc).__name__
-        if self._shut_status:
-            verdict = _refusal(self._shut_status)
-            if verdict not in reason:
-                return f"{verdict}; here: {reason}"
-        return reason
 
     def _bytes_moved(self) -> int:
         """Bytes moved so far: every channel, and pages written one-sided (QEMU's transferred)."""
@@ -210,16 +183,18 @@ class OutgoingMigration:
                 dirty_log = DirtyLog(self.guest.pid, self.blocks, addresses, uffd)
                 async with open_nursery() as nursery:
                     if self._uses_return_path:
-                        await nursery.start(self._read_return_path, channel)
+                        await nursery.start(self._return_path.read, channel)
                     with self._work:
                         try:
                             await self._migrate(channel, dirty_log, nursery, uri)
                         except BaseException as exc:  # also the Cancelled this scope catches
                             _forget_locals(exc)
-                            await self._await_verdict(exc)
+                            await self._return_path.await_verdict(
+                                exc, expected=self._uses_return_path and not self._postcopy_running
+                            )
                             raise
-                    if self._work.cancelled_caught and self._return_path_error is not None:
-                        raise self._return_path_error
+                    if self._work.cancelled_caught and self._return_path.error is not None:
+                        raise self._return_path.error
                     nursery.cancel_scope.cancel()
             finally:
                 if self._ram is not None:
@@ -248,7 +223,7 @@ class OutgoingMigration:
             if isinstance(sole_error(exc), trio.Cancelled):
                 self._set_status(MigrationStatus.CANCELLED)
                 raise
-            self.stats.error_desc = self._failure_reason(exc)
+            self.stats.error_desc = self._return_path.failure_reason(exc)
             self._set_status(MigrationStatus.FAILED)
             if isinstance(exc, Exception):
                 reason = self.stats.error_desc
@@ -315,7 +290,7 @@ class OutgoingMigration:
         pass_started = time.monotonic()
         pass_bytes_start = self._bytes_moved()
         while True:
-            self._check_return_path()
+            self._return_path.check()
             if self._postcopy_requested:
                 # migrate-start-postcopy takes effect before the next slice, as in QEMU.
                 await self._run_postcopy(channel, ram, dirty_log, uri)
@@ -351,31 +326,38 @@ class OutgoingMigration:
             self.stats.mbps = self.stats.bandwidth * 8 / 1e6
             if self._on_event:
                 self._on_event("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
-            bandwidth = self.parameters.avail_switchover_bandwidth or self.stats.bandwidth
-            threshold = bandwidth * self.parameters.downtime_limit / 1000
-            self.stats.expected_downtime_ms = int(ram.remaining_bytes / max(bandwidth, 1) * 1000)
-            after = self.parameters.x_postcopy_after_passes
-            if self.capabilities.postcopy_ram and after and self.stats.dirty_sync_count >= after:
-                self._postcopy_requested = True
-            if self._postcopy_requested:
-                # Asked for postcopy: switch now, even if precopy could finish.
-                await self._run_postcopy(channel, ram, dirty_log, uri)
-                return
-            if ram.remaining_bytes <= threshold:
-                self.stats.converging = True
+            decision = convergence.decide(
+                remaining=ram.remaining_bytes,
+                bandwidth=self.parameters.avail_switchover_bandwidth or self.stats.bandwidth,
+                downtime_limit_ms=self.parameters.downtime_limit,
+                passes=self.stats.dirty_sync_count,
+                non_converging_passes=self.stats.non_converging_passes,
+                postcopy=convergence.PostcopySettings(
+                    enabled=self.capabilities.postcopy_ram,
+                    requested=self._postcopy_requested,
+                    after_passes=self.parameters.x_postcopy_after_passes,
+                    auto_passes=self.parameters.x_postcopy_auto_passes,
+                ),
+            )
+            self.stats.expected_downtime_ms = decision.expected_downtime_ms
+            if decision.converging is not None:
+                self.stats.converging = decision.converging
+                self.stats.non_converging_passes = decision.non_converging_passes
+            if decision.action is convergence.Action.COMPLETE:
                 break
-            self.stats.converging = False
-            self.stats.non_converging_passes += 1
-            auto = self.parameters.x_postcopy_auto_passes
-            if self.capabilities.postcopy_ram and auto and self.stats.non_converging_passes >= auto:
-                trace("postcopy_auto_switch", passes=self.stats.non_converging_passes)
+            if decision.action is convergence.Action.POSTCOPY:
+                if decision.reason is convergence.Reason.NOT_CONVERGING_AUTO_POSTCOPY:
+                    trace("postcopy_auto_switch", passes=self.stats.non_converging_passes)
+                else:
+                    # Asked for postcopy: switch now, even if precopy could finish.
+                    self._postcopy_requested = True
                 await self._run_postcopy(channel, ram, dirty_log, uri)
                 return
             log.info(
                 "pass %d: %d bytes remain, threshold %d: not converging yet",
                 self.stats.dirty_sync_count,
                 ram.remaining_bytes,
-                threshold,
+                decision.threshold,
             )
             pass_started = time.monotonic()
             pass_bytes_start = self._bytes_moved()
@@ -409,7 +391,7 @@ class OutgoingMigration:
         self.stats.transferred = self._bytes_moved()
         self.stats.remaining = 0
         if self._uses_return_path:
-            await self._wait_for_shut()
+            await self._return_path.wait_for_shut()
         else:
             await channel.send_eof()
         self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
@@ -449,7 +431,7 @@ class OutgoingMigration:
             channel.put(codec.encode_ping(PING_AFTER_DISCARD))
         state = saved[0]
         device = codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state)
-        self._check_return_path()
+        self._return_path.check()
         # postcopy-device: until PONG(0x42) says the destination loaded the package (and is
         # about to run the guest), a failure still resumes the guest here, as in QEMU 10.2.
         self._package_sent = True
@@ -461,7 +443,7 @@ class OutgoingMigration:
         self.stats.downtime_bytes = self._bytes_moved() - bytes_before
         # Serve requests at once (loading the device state on the destination may fault
         # before the guest runs), but hold the background pages until PONG(4), sent once
-        # the guest runs there, which ends the downtime (see _read_return_path): placing
+        # the guest runs there, which ends the downtime (see pong_received): placing
         # them would compete with the destination's switch-over for its CPU. A request
         # before PONG(0x42) ends the hold at once (_request_taken): it comes from a device
         # load that reads guest memory, which only the background stream brings fast.
@@ -478,7 +460,8 @@ class OutgoingMigration:
             slice_seconds=ITERATION_SLICE,
             hold=self._background_released,
         )
-        await self._pong(PING_AFTER_PACKAGE).wait()  # complete only once the guest runs there
+        # Complete only once the guest runs there.
+        await self._return_path.pong(PING_AFTER_PACKAGE).wait()
         # The end (docs/postcopy.md, "The end"): no page is dirty, so every page is on a
         # channel. End the urgent one first (a request read from now on sends nothing: its
         # page is on the main channel), then the main one; the destination reads both to
@@ -490,127 +473,12 @@ class OutgoingMigration:
         channel.put(codec.encode_eof())
         await channel.flush()
         self.stats.remaining = 0
-        await self._wait_for_shut()
+        await self._return_path.wait_for_shut()
         self.stats.postcopy_bytes = self._bytes_moved() - postcopy_start
         self.stats.transferred = self._bytes_moved()
 
     async def _save_state_into(self, saved: list[bytes]) -> None:
         saved.append(await self.guest.save_state())
-
-    # -- return path ---------------------------------------------------------------------
-
-    async def _read_return_path(
-        self,
-        channel: MigrationChannel,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Read return-path messages until SHUT or the stream ends. Lives in run()'s nursery.
-
-        Over a file descriptor an OS thread reads them (``read_return_path``): it answers
-        page requests on a threaded urgent channel itself and posts the rest to this task,
-        which acts on them as the trio reader would (so not once it is cancelled).
-        """
-        fd = stream_fd(channel.stream)
-        if fd is not None:
-            posted, items = trio.open_memory_channel[object](math.inf)
-            deliver = functools.partial(
-                trio.lowlevel.current_trio_token().run_sync_soon, _post, posted
-            )
-            thread = functools.partial(
-                read_return_path, fd, serve=self._serve_request_in_thread, deliver=deliver
-            )
-            async with open_nursery() as nursery:
-                nursery.start_soon(functools.partial(run_in_thread, thread, urgent=True))
-                task_status.started()
-                async for item in items:
-                    if self._return_path_item(item):
-                        break
-                nursery.cancel_scope.cancel()
-            return
-        decoder = codec.ReturnPathDecoder()
-        return_path = channel.return_path()
-        task_status.started()
-        try:
-            while True:
-                event = decoder.next_event()
-                if event is codec.NEED_DATA:
-                    if not await return_path.receive_into_decoder(decoder):
-                        decoder.receive_eof()
-                elif isinstance(event, codec.ReqPages):
-                    await self._page_requested(event)
-                elif self._return_path_message(event):
-                    return
-        except (RemoteProtocolError, TransportError) as exc:
-            self._return_path_failed(exc)
-
-    def _return_path_message(self, event: object) -> bool:
-        """Act on a return-path message other than a page request; True after SHUT.
-        Raises RemoteProtocolError or TransportError for one that ends the path."""
-        if isinstance(event, codec.Shut):
-            self._shut_status = event.status
-            if event.status:
-                # The destination failed to load the stream: fail now, as QEMU's source
-                # does ("Sibling indicated error"), not once the rest is sent.
-                raise RemoteProtocolError(_refusal(event.status))
-            self._shut.set()
-            return True
-        if isinstance(event, codec.Pong):
-            if event.value == QEMU_VM_PING_PACKAGED_LOADED and self._package_sent:
-                # The point of no return: the destination runs the guest now.
-                self._postcopy_running = True
-                self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
-            elif event.value == PING_AFTER_PACKAGE and self._package_sent:
-                self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
-                trace("postcopy_running_on_destination", downtime_us=self.stats.downtime_ns // 1000)
-                self._background_released.set()
-            self._pong(event.value).set()
-            return False
-        if isinstance(event, codec.ChannelClosed):
-            raise TransportError("the destination closed the return path without SHUT")
-        raise RemoteProtocolError(f"unexpected return-path message {event!r}")
-
-    def _return_path_failed(self, exc: RemoteProtocolError | TransportError) -> None:
-        # Fail (or, once the guest runs on the destination, pause) now: cancel the work,
-        # unless it is failing already (it only waited for this).
-        self._return_path_error = exc
-        self._shut.set()
-        if not self._failing:
-            self._work.cancel()
-
-    async def _await_verdict(self, exc: BaseException) -> None:
-        """The work failed on the link (a send refused, reset): a destination that refused
-        the stream says so with SHUT(1) just before it closes, so give the return path a
-        moment to deliver it; the failure then names the destination's verdict."""
-        self._failing = True
-        if (
-            self._uses_return_path
-            and not self._postcopy_running
-            and not self._shut.is_set()
-            and isinstance(sole_error(exc), TransportError)
-        ):
-            with trio.move_on_after(VERDICT_TIMEOUT):
-                await self._shut.wait()
-
-    def _return_path_item(self, item: object) -> bool:
-        """Act on what the return-path thread posted: a message, a request it answered,
-        or the error that ended the path. True once the path has ended (SHUT, an error)."""
-        try:
-            if isinstance(item, (RemoteProtocolError, TransportError)):
-                raise item
-            if isinstance(item, RequestServed):
-                self.stats.normal += item.data_pages
-                self.stats.duplicate += item.zero_pages
-                self._request_taken(item.request)
-                return False
-            if isinstance(item, codec.ReqPages):
-                assert self._requests is not None
-                self._requests.push(self._accept_request(item))
-                return False
-            return self._return_path_message(item)
-        except (RemoteProtocolError, TransportError) as exc:
-            self._return_path_failed(exc)
-            return True
 
     async def _pass_barrier(self, channel: MigrationChannel) -> None:
         """Wait until the destination has applied every record sent so far (PING, PONG).
@@ -624,25 +492,46 @@ class OutgoingMigration:
         channel.put(codec.encode_ping(value))
         await channel.flush()
         with trio.move_on_after(SHUT_TIMEOUT) as scope:
-            await self._pong(value).wait()
+            await self._return_path.pong(value).wait()
         if scope.cancelled_caught:
             raise TransportError(
                 f"the destination did not answer PING {value:#x} within {SHUT_TIMEOUT:.0f} s"
             )
-        self._check_return_path()
+        self._return_path.check()
 
-    def _pong(self, value: int) -> trio.Event:
-        return self._pongs.setdefault(value, trio.Event())
+    # -- what the return path tells us (return_path.ReturnPathOwner) ---------------------
 
-    async def _page_requested(self, event: codec.ReqPages) -> None:
+    def pong_received(self, value: int) -> None:
+        if value == QEMU_VM_PING_PACKAGED_LOADED and self._package_sent:
+            # The point of no return: the destination runs the guest now.
+            self._postcopy_running = True
+            self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+        elif value == PING_AFTER_PACKAGE and self._package_sent:
+            self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
+            trace("postcopy_running_on_destination", downtime_us=self.stats.downtime_ns // 1000)
+            self._background_released.set()
+
+    def request_served(self, served: RequestServed) -> None:
+        self.stats.normal += served.data_pages
+        self.stats.duplicate += served.zero_pages
+        self._request_taken(served.request)
+
+    def cancel_work(self) -> None:
+        self._work.cancel()
+
+    def page_requested(self, event: codec.ReqPages, *, send_now: bool) -> PageRequest | None:
         request = self._accept_request(event)
-        if self._urgent_sender is not None and self._urgent_sender.urgent is not None:
-            await self._urgent_sender.send_now(request)  # answered here, not queued
-        else:
-            assert self._requests is not None
-            self._requests.push(request)  # for the background sender
+        if send_now and self._urgent_sender is not None and self._urgent_sender.urgent is not None:
+            return request  # answered by the reader, not queued
+        assert self._requests is not None
+        self._requests.push(request)  # for the background sender
+        return None
 
-    def _serve_request_in_thread(self, event: codec.ReqPages) -> RequestServed | None:
+    async def send_request(self, request: PageRequest) -> None:
+        assert self._urgent_sender is not None
+        await self._urgent_sender.send_now(request)
+
+    def serve_in_thread(self, event: codec.ReqPages) -> RequestServed | None:
         """In the return-path thread: answer a page request on the threaded urgent
         channel, or return None to leave it to trio."""
         sender = self._urgent_sender
@@ -670,33 +559,6 @@ class OutgoingMigration:
             # at a time. Stream the rest now.
             trace("postcopy_background_released", reason="request during the device load")
             self._background_released.set()
-
-    def _check_return_path(self) -> None:
-        if self._return_path_error is not None:
-            raise self._return_path_error
-        if self._shut.is_set():
-            raise RemoteProtocolError(
-                f"the destination shut the migration early (SHUT status {self._shut_status})"
-            )
-
-    async def _wait_for_shut(self) -> None:
-        with trio.move_on_after(SHUT_TIMEOUT) as scope:
-            await self._shut.wait()
-        if scope.cancelled_caught:
-            raise TransportError(f"destination did not confirm within {SHUT_TIMEOUT:.0f} s")
-        if self._return_path_error is not None:
-            raise self._return_path_error
-
-
-def _refusal(status: int) -> str:
-    """The source's words for a SHUT with error ``status`` from the destination."""
-    return f"the destination failed to load the stream (SHUT status {status})"
-
-
-def _post(channel: trio.MemorySendChannel[object], item: object) -> None:
-    """Hand a return-path item to its task (run by trio; dropped once that task is gone)."""
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        channel.send_nowait(item)
 
 
 def _forget_locals(exc: BaseException) -> None:
