@@ -177,7 +177,12 @@ class Memory:
 
 
 def expected_memory(layout: Layout, seed: int, steps: int, words_per_step: int) -> list[np.ndarray]:
-    """The exact memory after the layout and ``steps`` steps, one array per block."""
+    """The exact memory after the layout and ``steps`` steps, one array per block.
+
+    Computed a chunk at a time, not step by step as the running guest does (a second,
+    independent implementation of the same model): each chunk's page operations are
+    applied in order, then of its word writes the last one to each word, unless a page
+    operation of a later step (or of the same step: it comes after the words) covers it."""
     views = [np.zeros(b["size"] // 8, dtype=np.uint64) for b in layout.blocks]
     memory = Memory(layout, views)
     for first, end, kind in initial_runs(layout, seed):
@@ -185,9 +190,38 @@ def expected_memory(layout: Layout, seed: int, steps: int, words_per_step: int) 
             memory.set_range(first, end, fill_words(seed, first, end - first))
     for index in range(-(-steps // CHUNK)):
         chunk = Chunk(layout, seed, index, words_per_step)
-        for i in range(min(CHUNK, steps - index * CHUNK)):
-            memory.apply_step(chunk, i)
+        _apply_chunk(memory, layout, chunk, min(CHUNK, steps - index * CHUNK))
     return views
+
+
+def _apply_chunk(memory: Memory, layout: Layout, chunk: Chunk, count: int) -> None:
+    """Steps [0, count) of ``chunk``, vectorised (see expected_memory)."""
+    covered_at = np.full(layout.total_pages, -1, dtype=np.int64)  # last op step per page
+    for i in np.flatnonzero(chunk.op[:count] <= 2).tolist():
+        op = int(chunk.op[i])
+        first = int(chunk.page[i]) * WORDS_PER_PAGE
+        if op == 0:
+            pattern = chunk.pattern[i] ^ np.arange(WORDS_PER_PAGE, dtype=np.uint64)
+            memory.set_range(first, first + WORDS_PER_PAGE, pattern)
+        else:
+            if op == 2:
+                first, end = layout.host_page_words(first)
+            else:
+                end = first + WORDS_PER_PAGE
+            memory.set_range(first, end, 0)
+        covered_at[
+            first // WORDS_PER_PAGE : -(-end // WORDS_PER_PAGE)
+            if op
+            else first // WORDS_PER_PAGE + 1
+        ] = i
+    words = chunk.words[:count].reshape(-1)
+    values = chunk.values[:count].reshape(-1)
+    step = np.repeat(np.arange(count), chunk.words.shape[1])
+    # The last write to each word (np.unique on the reversed order finds it).
+    _, first_of_reversed = np.unique(words[::-1], return_index=True)
+    last = len(words) - 1 - first_of_reversed
+    keep = last[step[last] > covered_at[words[last] // WORDS_PER_PAGE]]
+    memory.write_words(words[keep], values[keep])
 
 
 # -- the guest ---------------------------------------------------------------------------
