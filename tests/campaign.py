@@ -153,6 +153,8 @@ async def execute(plan: Plan) -> dict[str, Any]:
                     return outcome
                 await incoming.status.wait_value(lambda status: not status.is_running)
             outcome["destination"] = incoming.status.value.value
+            if incoming.error_desc:
+                outcome["destination_error"] = incoming.error_desc
             verdict = await verify_destination(incoming, 0.2)
             outcome["verdict"] = verdict.detail if verdict else None
             outcome["ok"] = bool(verdict and verdict.verified)
