@@ -8,6 +8,7 @@ Modes:
   silent             says hello, then reads requests and never answers (exits at EOF)
   wedged             says hello, then never reads again (a guest stuck in its work)
   slow               like minimal, but answers each request only after 0.4 s
+  slower             the same after 2 s
   no-hello           never says anything
   exit-before-hello  writes to stderr and exits 7
   bad-hello          says {"hello": 99}
@@ -51,6 +52,8 @@ def main() -> int:
             continue
         if mode == "slow":
             time.sleep(0.4)
+        elif mode == "slower":
+            time.sleep(2.0)
         command = request["cmd"]
         reply: dict[str, object] = {"reply": request["id"], "ok": True}
         if command in ("ping", "quit"):

@@ -87,7 +87,9 @@ async def test_load_state_deadline_follows_progress(start_guest):
     """A load-state given ``progress`` (a postcopy destination's pages placed) may take
     longer than its deadline while the count grows: it waits for the memory it reads,
     it is not wedged. Without growth the deadline holds, counted from the last growth."""
-    guest = await start_guest(fake("slow"))  # answers after 0.4 s (load-state: "not supported")
+    # Answers after 2 s (load-state: "not supported"): four times the deadline, so the
+    # margins hold on a loaded machine (the progress poll may run late).
+    guest = await start_guest(fake("slower"))
     placed = 0
 
     def growing() -> int:
@@ -96,11 +98,11 @@ async def test_load_state_deadline_follows_progress(start_guest):
         return placed
 
     with pytest.raises(GuestError, match="failed load-state: load-state: not supported"):
-        await guest.load_state(b"state", timeout=0.25, progress=growing)
+        await guest.load_state(b"state", timeout=0.5, progress=growing)
     with pytest.raises(
-        GuestError, match=r"did not answer load-state within 0\.25 s of the last progress"
+        GuestError, match=r"did not answer load-state within 0\.5 s of the last progress"
     ):
-        await guest.load_state(b"state", timeout=0.25, progress=lambda: 7)
+        await guest.load_state(b"state", timeout=0.5, progress=lambda: 7)
 
 
 async def test_aclose_terminates_a_wedged_guest(start_guest):
