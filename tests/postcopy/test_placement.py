@@ -5,7 +5,9 @@ its faults in trio by placing pages through its uffd."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
@@ -17,7 +19,7 @@ import trio
 from trimig._trio import open_nursery
 from trimig.errors import GuestError, RemoteProtocolError
 from trimig.postcopy.bitmaps import ReceivedBitmap
-from trimig.postcopy.blocks import TARGET_PAGE_SIZE, PageRequest
+from trimig.postcopy.blocks import TARGET_PAGE_SIZE, GuestRamBlock, PageRequest
 from trimig.postcopy.faults import LATENCY_BUCKETS, FaultHandler
 from trimig.postcopy.placer import PREEMPT_CHANNEL, PagePlacer
 
@@ -381,3 +383,117 @@ async def test_hugetlb_discard_then_fault_again(
         data["huge"] = second = random_pages(2 * HUGE // PAGE, 15)
         assert await guest.digest("huge", [HUGE], HUGE) == [sha(second[512:])]
     assert served.requests == [PageRequest("huge", HUGE, HUGE)] * 2
+
+
+# ------------------------------------------------ a placement racing a fault
+
+
+class _PlacedDuringTheCheck(ReceivedBitmap):
+    """A received bitmap whose next ``is_received`` (the fault handler's check of a
+    fault) runs ``during`` in another thread before it answers: the placement lands
+    between the handler's check and its recording of the request, as it can when the
+    main listener's thread takes the GIL there. The thread runs until it ends or it
+    waits for the handler (at most PLACEMENT_WAIT once the page is placed)."""
+
+    PLACEMENT_WAIT = 0.5
+
+    def __init__(self, blocks: Sequence[GuestRamBlock]) -> None:
+        super().__init__(blocks)
+        #: (place, block, start, size): placing [start, start+size) of block, once.
+        self.during: tuple[Callable[[], None], str, int, int] | None = None
+        self.threads: list[threading.Thread] = []
+
+    def is_received(self, name: str, offset: int, length: int = PAGE) -> bool:
+        answer = super().is_received(name, offset, length)
+        if self.during is not None:
+            (place, block, start, size), self.during = self.during, None
+            thread = threading.Thread(target=place)
+            self.threads.append(thread)
+            thread.start()
+            deadline = time.monotonic() + TIMEOUT
+            while not self.block(block).all_set(start // PAGE, size // PAGE):
+                assert thread.is_alive() and time.monotonic() < deadline, "nothing was placed"
+                time.sleep(0.001)
+            thread.join(self.PLACEMENT_WAIT)
+        return answer
+
+
+@pytest.mark.parametrize("hugetlb", [False, True], ids=["4k", "hugetlb"])
+async def test_page_placed_while_its_fault_is_noted_completes_the_request(
+    request: pytest.FixtureRequest, spawn_guest: Callable[..., Guest], hugetlb: bool
+) -> None:
+    """The campaign's "the source ended postcopy without 1 requested page(s)": the guest
+    faults on a page the background stream is placing; the fault handler finds it not
+    received yet, the placer then marks it received and reports it before the handler
+    has recorded the request. The request must still complete: the source sends the
+    page only once (it is clean there), so nothing else would ever complete it."""
+    if hugetlb:
+        request.getfixturevalue("hugepages")
+    size = HUGE if hugetlb else PAGE
+    guest = spawn_guest([("b", 3 * size, hugetlb)])
+    received = _PlacedDuringTheCheck(guest.blocks)
+    pages = random_pages(3 * size // PAGE, 21)
+    handler = FaultHandler(guest.uffd, guest.blocks, received, _no_request)
+    placer = PagePlacer(guest.uffd, guest.blocks, received, on_placed=handler.pages_placed)
+    start = size  # host page 1; the guest reads a target page inside it
+    read_at = start + (5 * PAGE if hugetlb else 0)
+    received.during = (
+        lambda: send_range(placer, {"b": pages}, "b", start, size, 512),
+        "b",
+        start,
+        size,
+    )
+    digests: list[str] = []
+
+    async def read() -> None:
+        digests.extend(await guest.digest("b", [read_at], PAGE))
+
+    with trio.fail_after(TIMEOUT):
+        async with open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.lowlevel.wait_readable(guest.uffd.fileno())
+            faults = guest.uffd.read_faults()
+            assert [fault.address // size for fault in faults] == [
+                (guest.blocks[0].address + read_at) // size
+            ]
+            handler.note_fault(faults[0])  # the placement lands inside it
+            for thread in received.threads:
+                await trio.to_thread.run_sync(thread.join, TIMEOUT)
+            assert not any(thread.is_alive() for thread in received.threads)
+            assert handler.outstanding() == []
+            while not digests:
+                await trio.sleep(0.001)
+    assert digests == [sha(pages[read_at // PAGE])]
+    stats = handler.stats()
+    assert stats.outstanding == 0 and placer.stats.host_pages_placed == 1
+
+
+async def _no_request(block: str, start: int, length: int) -> None:
+    raise AssertionError("note_fault is called directly here")
+
+
+async def test_pages_found_present_are_reported_too(spawn_guest: Callable[..., Guest]) -> None:
+    """Every page a call marks received goes to on_placed after its bit is set, also when
+    the kernel found it present (EEXIST, e.g. placed by another channel's thread that has
+    not set its bits yet): a request recorded in between completes either way."""
+    guest = spawn_guest([("ram", 8 * PAGE, False)])
+    reported: list[list[int]] = []
+    placer = PagePlacer(
+        guest.uffd,
+        guest.blocks,
+        guest.received,
+        on_placed=lambda block, offsets: reported.append(offsets.tolist()),
+    )
+    pages = random_pages(8, 31)
+    offsets = np.arange(0, 8 * PAGE, PAGE, dtype=np.uint64)
+    placer.place("ram", offsets[2:3], pages[2:3])  # one page (the urgent path)
+    placer.place("ram", offsets[4:7], as_records(pages[4:7]))  # a run
+    assert reported == [[2 * PAGE], [4 * PAGE, 5 * PAGE, 6 * PAGE]]
+    guest.received.clear("ram", 2 * PAGE)
+    guest.received.clear("ram", 4 * PAGE, 3 * PAGE)
+    reported.clear()
+    assert placer.place("ram", offsets[2:3], pages[2:3], channel=PREEMPT_CHANNEL) == 0
+    assert placer.place_zero("ram", offsets[4:7]) == 0
+    assert reported == [[2 * PAGE], [4 * PAGE, 5 * PAGE, 6 * PAGE]]
+    assert placer.stats.already_present == 4
+    assert guest.received.block("ram").runs() == [(2, 1), (4, 3)]

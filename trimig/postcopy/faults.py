@@ -171,8 +171,9 @@ class FaultHandler:
         offset = (fault.address - block.address) // block.page_size * block.page_size
         with self._lock:
             self._faults += 1
-            # Under the lock, and placers set received bits before calling pages_placed:
-            # either the placement is seen here or this request is seen there.
+            # Check and record in one critical section, which pages_placed also enters to
+            # look for requests, and placers set received bits before calling it: either
+            # the placement is seen here or this request is seen there.
             if self._received.is_received(block.name, offset, block.page_size):
                 return None
             key = (block.name, offset)
@@ -194,13 +195,19 @@ class FaultHandler:
                 self._complete(requested_at)
 
     def pages_placed(self, block: str, host_offsets: npt.NDArray[np.int64]) -> None:
-        """``PagePlacer`` callback: these host pages of ``block`` became present.
+        """``PagePlacer`` callback: these host pages of ``block`` became present (their
+        received bits are set).
 
-        Costs O(outstanding requests x pages), and nothing when none is outstanding
-        (the common case while the background stream is placed)."""
-        if not self._requested or len(host_offsets) == 0:
+        Costs O(outstanding requests x pages), and one lock when none is outstanding (the
+        common case while the background stream is placed). The requests are read under
+        the lock, never before it: ``note_fault`` records a request after finding its page
+        not received, and a placement whose bits were set after that check but whose
+        callback looked before the request was recorded would never complete it."""
+        if len(host_offsets) == 0:
             return
         with self._lock:
+            if not self._requested:
+                return
             wanted = [key for key in self._requested if key[0] == block]
             if len(wanted) > _FEW_REQUESTS:
                 offsets = np.array([offset for _, offset in wanted], dtype=np.int64)

@@ -68,9 +68,11 @@ class PagePlacer:
 
     ``blocks`` are the guest's RAM blocks (guest addresses, engine memfds);
     ``received`` is updated for every page placed (and cleared by ``discard``);
-    ``on_placed`` (e.g. ``FaultHandler.pages_placed``) is told which host pages
-    became present, after their received bits are set. ``channels`` is the number of
-    postcopy channels (main = 0, preempt = 1), each with its own gathering buffer.
+    ``on_placed`` (e.g. ``FaultHandler.pages_placed``) is told of every host page
+    whose received bits a call set (placed by it, or found present), after setting
+    them, so a request recorded before the bits were set is completed there.
+    ``channels`` is the number of postcopy channels (main = 0, preempt = 1), each with
+    its own gathering buffer.
 
     Threads: each channel may be served by its own thread, concurrently with the others
     (the kernel places each page atomically, a page placed twice is skipped, received
@@ -202,7 +204,7 @@ class PagePlacer:
         else:
             done = self._uffd.copy(address, row.ctypes.data, TARGET_PAGE_SIZE)
         self._account(bitmap, page, 1, done, zero=row is None)
-        if done and self._on_placed is not None:
+        if self._on_placed is not None:  # received now, placed here or already present
             self._on_placed(block.name, np.array([page * TARGET_PAGE_SIZE], dtype=np.int64))
         return done // TARGET_PAGE_SIZE
 
@@ -234,7 +236,7 @@ class PagePlacer:
                         block, bitmap, int(index[first]), pages, first, end, state
                     )
         finally:
-            if placed and self._on_placed is not None:
+            if self._on_placed is not None:  # the pages of todo marked received so far
                 done = index[todo]
                 present = bitmap.test_pages(done)
                 self._on_placed(block.name, done[present] * TARGET_PAGE_SIZE)
