@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trimig.errors import RemoteProtocolError
@@ -65,6 +65,7 @@ def test_le_bytes_match_qemu_layout_and_round_trip(bits: list[bool]) -> None:
     assert PageBitmap.from_le_bytes(data, len(bits)) == bitmap
 
 
+@settings(deadline=None)  # a loaded machine can take 400 ms for one example
 @given(st.integers(0, 300), st.data())
 def test_set_and_clear_ranges_match_naive(npages: int, data: st.DataObject) -> None:
     bitmap = PageBitmap(npages)
