@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from trio_util import AsyncValue
 
@@ -22,6 +23,8 @@ from .trace import trace
 log = logging.getLogger("trimig.status")
 
 Table = Mapping[S, frozenset[S]]
+#: ``on_event(name, data)``: a migration object's QMP events (MIGRATION, STOP, RESUME, ...).
+EventCallback = Callable[[str, dict[str, Any]], None]
 
 #: Where a finished migration stays.
 FINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
@@ -103,3 +106,24 @@ class StatusMachine:
         self.value.value = new
         if self._on_change is not None:
             self._on_change(old, new)
+
+
+class StatusHolder:
+    """What a migration object (OutgoingMigration, IncomingMigration) shares about its
+    status: it sets ``_status`` (a StatusMachine whose callback is ``_status_changed``) and
+    ``_on_event``; every move is a MIGRATION event."""
+
+    _status: StatusMachine
+    _on_event: EventCallback | None
+
+    @property
+    def status(self) -> AsyncValue[S]:
+        """The migration's status (wait on it with ``wait_value``)."""
+        return self._status.value
+
+    def _set_status(self, status: S) -> None:
+        self._status.move(status)
+
+    def _status_changed(self, old: S, new: S) -> None:
+        if self._on_event:
+            self._on_event("MIGRATION", {"status": new.value})

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
-from trio_util import AsyncValue
 
 from .. import codec
 from .._trio import open_nursery
@@ -25,7 +24,7 @@ from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationStatus
 from ..postcopy import PostcopyState
 from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
-from ..status import DESTINATION, StatusMachine
+from ..status import DESTINATION, EventCallback, StatusHolder, StatusMachine
 from ..transports import ByteStream, Listener, listen
 from .postcopy import PostcopyIncoming
 from .ram_loader import RamLoader
@@ -48,10 +47,8 @@ _IGNORED_EVENTS = (
     codec.VmDescription,
 )
 
-EventCallback = Callable[[str, dict[str, Any]], None]
 
-
-class IncomingMigration:
+class IncomingMigration(StatusHolder):
     """Receives one migration into fresh RAM blocks and starts the guest on them."""
 
     def __init__(
@@ -83,18 +80,6 @@ class IncomingMigration:
         self.socket_address: str | None = None
         #: postcopy-* statistics, once postcopy ended.
         self.postcopy_stats: dict[str, object] = {}
-
-    @property
-    def status(self) -> AsyncValue[MigrationStatus]:
-        """The migration's status (wait on it with ``wait_value``)."""
-        return self._status.value
-
-    def _set_status(self, status: MigrationStatus) -> None:
-        self._status.move(status)
-
-    def _status_changed(self, old: MigrationStatus, new: MigrationStatus) -> None:
-        if self._on_event:
-            self._on_event("MIGRATION", {"status": new.value})
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}

@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
-from trio_util import AsyncValue
 
 from .. import codec
 from .._trio import open_nursery, sole_error
@@ -32,7 +31,7 @@ from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
 from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
-from ..status import SOURCE, StatusMachine
+from ..status import SOURCE, EventCallback, StatusHolder, StatusMachine
 from ..trace import trace
 from ..transports import connect
 from . import convergence
@@ -52,10 +51,8 @@ FLUSH_BYTES = 4 << 20
 PASS_BARRIER_PING = 0x10000
 CLEANUP_TIMEOUT = 10.0
 
-EventCallback = Callable[[str, dict[str, Any]], None]
 
-
-class OutgoingMigration:
+class OutgoingMigration(StatusHolder):
     """Moves one running guest to a destination. Create one per migration."""
 
     def __init__(
@@ -141,18 +138,6 @@ class OutgoingMigration:
             parts.append(f"{block.name} dirty:\n{dump_bitmap(self._ram.dirty[block.name])}")
             parts.append(f"{block.name} sent:\n{dump_bitmap(self._ram.sent[block.name])}")
         return "".join(parts)
-
-    @property
-    def status(self) -> AsyncValue[MigrationStatus]:
-        """The migration's status (wait on it with ``wait_value``)."""
-        return self._status.value
-
-    def _set_status(self, status: MigrationStatus) -> None:
-        self._status.move(status)
-
-    def _status_changed(self, old: MigrationStatus, new: MigrationStatus) -> None:
-        if self._on_event:
-            self._on_event("MIGRATION", {"status": new.value})
 
     # -- the migration -------------------------------------------------------------------
 
