@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pytest
+import trio
 
 from trimig import codec
 from trimig.channel import MigrationChannel
+from trimig.errors import LocalProtocolError
 from trimig.migration import SourceStats
 from trimig.postcopy import PageRequest
 from trimig.ram_blocks import RamBlockSpec, create_blocks
 from trimig.savevm.postcopy import UrgentSender
 from trimig.savevm.ram_saver import RamSaver
+from trimig.transports.socket import SocketStream
 
 PAGE = 4096
 
@@ -83,6 +88,58 @@ async def test_urgent_requests_are_sent_even_when_already_sent() -> None:
         assert sender.queue_request(channel, PageRequest("pc.ram", 4 * PAGE, PAGE)) > 0
         await channel.flush()
         assert decoded(bytes(main.data), 8 * PAGE) == [("page", 4 * PAGE, page4)]
+    finally:
+        for block in blocks:
+            block.close()
+
+
+async def test_thread_sends_without_touching_the_bitmaps_and_nothing_after_the_end() -> None:
+    """The return-path thread's send reads no bitmap and changes none (trio marks the page
+    sent when it hears of it: the background sender scans and clears the dirty bitmap in
+    trio, and a clear from the thread in the middle of numpy's nonzero gave it garbage
+    page numbers). After ``end`` the channel carries its EOF and a late request nothing."""
+    blocks = create_blocks([RamBlockSpec("pc.ram", 8 * PAGE)])
+    left, right = socket.socketpair()
+    try:
+        blocks[0].pages[:] = np.random.default_rng(5).integers(1, 256, (8, PAGE), dtype=np.uint8)
+        ram = RamSaver(blocks, SourceStats())
+        left.setblocking(False)
+        stream = SocketStream(trio.socket.from_stdlib_socket(left), transport="unix", peer="pair")
+        sender = UrgentSender(ram, MigrationChannel(stream, _owner=False))
+        assert sender.threaded
+        dirty_before = ram.dirty["pc.ram"].copy()
+        served = await trio.to_thread.run_sync(
+            sender.send_from_thread, PageRequest("pc.ram", 2 * PAGE, PAGE)
+        )
+        assert (served.data_pages, served.zero_pages) == (1, 0)
+        assert np.array_equal(ram.dirty["pc.ram"], dirty_before)  # untouched by the thread
+        sender.mark_sent(served.request)  # what trio does with the RequestServed
+        assert not ram.dirty["pc.ram"][2] and ram.dirty["pc.ram"].sum() == 7
+
+        ram.dirty["pc.ram"][:] = False  # the background stream sent the rest
+        await sender.end()
+        late = await trio.to_thread.run_sync(
+            sender.send_from_thread, PageRequest("pc.ram", 5 * PAGE, PAGE)
+        )
+        assert (late.data_pages, late.zero_pages) == (0, 0)
+        await sender.send_now(PageRequest("pc.ram", 6 * PAGE, PAGE))
+        received = b""
+        while chunk := right.recv(1 << 16):  # up to the EOF that end() sent
+            received += chunk
+        assert decoded(received, 8 * PAGE) == [("page", 2 * PAGE, bytes(blocks[0].pages[2]))]
+    finally:
+        left.close()
+        right.close()
+        for block in blocks:
+            block.close()
+
+
+async def test_end_refuses_while_pages_are_dirty() -> None:
+    blocks = create_blocks([RamBlockSpec("pc.ram", 2 * PAGE)])
+    try:
+        sender = UrgentSender(RamSaver(blocks, SourceStats()), MigrationChannel(Recorder()))
+        with pytest.raises(LocalProtocolError, match="still dirty"):
+            await sender.end()
     finally:
         for block in blocks:
             block.close()

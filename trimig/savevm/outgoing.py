@@ -499,6 +499,9 @@ class OutgoingMigration(StatusHolder):
     def request_served(self, served: RequestServed) -> None:
         self.stats.normal += served.data_pages
         self.stats.duplicate += served.zero_pages
+        if served.data_pages or served.zero_pages:
+            assert self._urgent_sender is not None
+            self._urgent_sender.mark_sent(served.request)  # here, in trio: see mark_sent
         self._request_taken(served.request)
 
     def cancel_work(self) -> None:

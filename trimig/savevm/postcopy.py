@@ -98,7 +98,10 @@ class UrgentSender:
     """Sends requested host pages, on the urgent channel when there is one.
 
     With an urgent channel over a file descriptor (``threaded``) the return-path thread
-    sends them with ``send_from_thread``; trio then never writes to that channel.
+    sends them with ``send_from_thread``; trio then never writes to that channel. The
+    thread only reads the RAM bitmaps: trio clears the dirty bits of what it sent when
+    it hears of it (``mark_sent``), so the background sender, which scans and clears
+    them in trio, never sees them change under it.
 
     ``end`` ends the urgent channel once the background stream has sent every page:
     after the last urgent page it half-closes the connection (the destination reads up
@@ -136,16 +139,29 @@ class UrgentSender:
         be queued behind megabytes of the main channel, and a second copy is dropped."""
         encoder = self.encoder if channel is self.urgent else self.ram.encoder
         records, data_pages, zero_pages = self._records(request, encoder, resend=resend)
+        if records:
+            self.mark_sent(request)
         self.ram.stats.normal += data_pages
         self.ram.stats.duplicate += zero_pages
         channel.put_buffers(records)
         return sum(len(record) for record in records)
 
+    def mark_sent(self, request: PageRequest) -> None:
+        """In trio: the requested host page went out whole; clear its dirty bits (the
+        background sender then skips it) and set its sent bits."""
+        block = self.ram.by_name[request.block]
+        first = request.start // TARGET_PAGE_SIZE
+        count = request.length // TARGET_PAGE_SIZE
+        self.ram.dirty[block.name][first : first + count] = False
+        self.ram.sent[block.name][first : first + count] = True
+
     def send_from_thread(self, request: PageRequest) -> RequestServed:
         """From the return-path thread (``threaded`` only): send the still-dirty target
         pages of the requested host page on the urgent channel, blocking until written.
-        The pages are not counted in the statistics: the caller has trio do it.
-        Raises TransportError if the destination takes nothing for URGENT_SEND_TIMEOUT."""
+        Neither the statistics nor the bitmaps change here: the caller has trio count the
+        pages and ``mark_sent`` them (a bitmap cleared under the background sender's scan
+        would corrupt it: numpy's nonzero counts, then fills). Raises TransportError if
+        the destination takes nothing for URGENT_SEND_TIMEOUT."""
         if self._fd is None:
             raise RuntimeError("send_from_thread needs an urgent channel with a file descriptor")
         with self._lock:
@@ -162,22 +178,20 @@ class UrgentSender:
         self, request: PageRequest, encoder: codec.RamRecordEncoder, *, resend: bool = False
     ) -> tuple[list[Buffer], int, int]:
         """The records of the requested host page's still-dirty target pages (all of them
-        with ``resend``), whose dirty bits this clears, with the counts of data and zero
-        pages among them."""
+        with ``resend``, which reads no bitmap), with the counts of data and zero pages
+        among them. Changes no bitmap (see ``mark_sent``); moves the background scan's
+        cursor next to the page (locality; one assignment, safe from the thread)."""
         block = self.ram.by_name[request.block]
         first = request.start // TARGET_PAGE_SIZE
         count = request.length // TARGET_PAGE_SIZE
         if count == 1 and resend:
             return self._one_record(block, first, encoder)
-        dirty = self.ram.dirty[block.name][first : first + count]
         if resend:
             pages = np.arange(first, first + count)
         else:
-            pages = np.flatnonzero(dirty) + first
+            pages = np.flatnonzero(self.ram.dirty[block.name][first : first + count]) + first
             if len(pages) == 0:
                 return [], 0, 0  # already sent: it is in flight on the main channel
-        dirty[:] = False
-        self.ram.sent[block.name][pages] = True
         rows = block.pages[pages]
         is_zero = rows.view(np.uint64).max(axis=1) == 0
         offsets = pages.astype(np.uint64) * TARGET_PAGE_SIZE
@@ -195,8 +209,6 @@ class UrgentSender:
     ) -> tuple[list[Buffer], int, int]:
         """``_records`` of one 4 KiB page sent on the urgent channel, without the numpy
         calls on one-element arrays that cost most of the general path's time."""
-        self.ram.dirty[block.name][page] = False
-        self.ram.sent[block.name][page] = True
         offset = np.array([page * TARGET_PAGE_SIZE], dtype=np.uint64)
         self.ram.move_cursor(block.name, (page + 1) * TARGET_PAGE_SIZE)
         records: list[Buffer] = []
