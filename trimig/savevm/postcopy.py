@@ -156,8 +156,8 @@ class UrgentSender:
         self.ram.sent[block.name][first : first + count] = True
 
     def send_from_thread(self, request: PageRequest) -> RequestServed:
-        """From the return-path thread (``threaded`` only): send the still-dirty target
-        pages of the requested host page on the urgent channel, blocking until written.
+        """From the return-path thread (``threaded`` only): send every target page of the
+        requested host page on the urgent channel, blocking until written.
         Neither the statistics nor the bitmaps change here: the caller has trio count the
         pages and ``mark_sent`` them (a bitmap cleared under the background sender's scan
         would corrupt it: numpy's nonzero counts, then fills). Raises TransportError if
