@@ -15,6 +15,7 @@ tests/test_adversarial.py. Exit status 0 only if every run was ok.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -28,6 +29,7 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from adversarial_harness import cpu_contention, guest_command
+from hugepool import reserved_hugepages
 
 from trimig._trio import open_nursery
 from trimig.demo import receive, running_guest, transport_uris, verify_destination
@@ -42,6 +44,8 @@ MiB = 1 << 20
 RUN_DEADLINE = 120.0
 #: Seconds after which a precopy run that has not converged may stop for as long as needed.
 FORCE_CONVERGENCE_AFTER = 8.0
+#: 2 MiB huge pages reserved for the campaign: two 8 MiB blocks and room to spare.
+HUGEPAGES_NEEDED = 16
 
 
 @attrs.frozen
@@ -229,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", help="append each run as one JSON line here, as it ends")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    if args.contention:
-        with cpu_contention():
-            results = trio.run(campaign, args)
-    else:
+    with contextlib.ExitStack() as stack:
+        # Source and destination hugetlb blocks of the largest plan at once, with room.
+        stack.enter_context(reserved_hugepages(HUGEPAGES_NEEDED))
+        if args.contention:
+            stack.enter_context(cpu_contention())
         results = trio.run(campaign, args)
     report = summary(results)
     print(json.dumps(report))

@@ -11,25 +11,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 # Helper modules of the suite (leakcheck.py, the harnesses) live next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from hugepool import HugePagesUnavailable, free_hugepages, reserved_hugepages
 from leakcheck import ResourceSnapshot, assert_no_leaks
-
-from trimig.kernel.memory import HUGE_PAGE_SIZE
 
 #: How long the leak check waits for children being reaped and objects being collected.
 LEAK_SETTLE_SECONDS = 3.0
 
-HUGEPAGES_SYSFS = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE_SIZE // 1024}kB")
 #: Enough for the largest user: two 32 MiB hugetlb blocks (source and destination) at once.
 HUGEPAGES_NEEDED = 40
 
@@ -65,7 +61,7 @@ class HugePages:
 
     def free(self) -> int:
         """The number of free 2 MiB huge pages right now."""
-        return int((HUGEPAGES_SYSFS / "free_hugepages").read_text())
+        return free_hugepages()
 
     def __int__(self) -> int:
         return self.count
@@ -77,29 +73,10 @@ class HugePages:
 def hugepages() -> Iterator[HugePages]:
     """Ensure at least HUGEPAGES_NEEDED free 2 MiB huge pages for the session.
 
-    Raises the pool (the 2 MiB size's nr_hugepages, which for the default huge page size
-    is /proc/sys/vm/nr_hugepages) if needed and lowers it back afterwards; skips with
-    the kernel's reason only if it refuses."""
-    if not HUGEPAGES_SYSFS.exists():
-        pytest.skip(f"the kernel has no 2 MiB hugetlb pool ({HUGEPAGES_SYSFS} is missing)")
-    nr_path = HUGEPAGES_SYSFS / "nr_hugepages"
-    original = int(nr_path.read_text())
-    pages = HugePages(HUGEPAGES_NEEDED)
-    free = pages.free()
-    raised = False
-    if free < HUGEPAGES_NEEDED:
-        try:
-            nr_path.write_text(str(original + HUGEPAGES_NEEDED - free))
-        except OSError as error:
-            pytest.skip(f"the kernel refused to reserve huge pages: {error}")
-        raised = True
-        free = pages.free()
-        if free < HUGEPAGES_NEEDED:
-            nr_path.write_text(str(original))
-            pytest.skip(
-                f"the kernel gave only {free} free huge pages, {HUGEPAGES_NEEDED} are needed"
-            )
-    yield pages
-    if raised:
-        with contextlib.suppress(OSError):
-            nr_path.write_text(str(original))
+    Raises the pool if needed and lowers it back afterwards (``hugepool.py``); skips
+    with the kernel's reason only if it refuses."""
+    try:
+        with reserved_hugepages(HUGEPAGES_NEEDED):
+            yield HugePages(HUGEPAGES_NEEDED)
+    except HugePagesUnavailable as error:
+        pytest.skip(str(error))
