@@ -3,7 +3,7 @@ its own random seed, RAM size, hugetlb block, write rate, transport, mode, postc
 point and (in precopy) cancel point; every one verified page by page.
 
     python3 tests/campaign.py --runs 1000 --json campaign.json [--contention] [--seed N]
-        [--log runs.jsonl]
+        [--log runs.jsonl] [--postcopy-only]
 
 A run is *ok* when the destination guest verifies after writing on there (or, for a
 cancelled run, the source guest verifies and runs on). Anything else is printed with the
@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -177,11 +178,26 @@ async def execute(plan: Plan) -> dict[str, Any]:
             await incoming.aclose()
 
 
+def plans(args: argparse.Namespace) -> Iterator[Plan]:
+    """The plans to run: ``--only``'s, or ``--runs`` of them from ``--first`` on. With
+    ``--postcopy-only`` precopy plans are skipped (not redrawn), so run numbers and
+    ``--only`` stay the same as in a full campaign."""
+    if args.only is not None:
+        yield Plan.draw(args.seed, args.only)
+        return
+    run, taken = args.first, 0
+    while taken < args.runs:
+        plan = Plan.draw(args.seed, run)
+        run += 1
+        if args.postcopy_only and plan.mode == "precopy":
+            continue
+        taken += 1
+        yield plan
+
+
 async def campaign(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
-    runs = [args.only] if args.only is not None else range(args.first, args.first + args.runs)
-    for run in runs:
-        plan = Plan.draw(args.seed, run)
+    for plan in plans(args):
         started = time.monotonic()
         try:
             with trio.fail_after(RUN_DEADLINE):
@@ -229,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="master seed of the plans")
     parser.add_argument("--only", type=int, help="repeat just this run number")
     parser.add_argument("--contention", action="store_true", help="a busy process per core")
+    parser.add_argument(
+        "--postcopy-only", action="store_true", help="skip the plans that are precopy"
+    )
     parser.add_argument("--json", help="write every run's plan and outcome here")
     parser.add_argument("--log", help="append each run as one JSON line here, as it ends")
     parser.add_argument("-v", "--verbose", action="store_true")
