@@ -85,6 +85,10 @@ class MigrationChannel:
         self._eof = False
         self._reading = False
         self._bytes_received = 0
+        #: Dead-peer detection of the reader (x-channel-timeout): a read that gets no byte
+        #: for this many seconds raises TransportError. None: reads wait as long as it takes
+        #: (a return path, quiet while nothing is asked).
+        self.receive_timeout: float | None = None
 
     @property
     def stream(self) -> ByteStream:
@@ -192,7 +196,16 @@ class MigrationChannel:
         return self._end - self._start
 
     async def _receive(self, target: memoryview) -> int:
-        count = await self._stream.receive_into(target)
+        if self.receive_timeout is None:
+            count = await self._stream.receive_into(target)
+        else:
+            with trio.move_on_after(self.receive_timeout) as bound:
+                count = await self._stream.receive_into(target)
+            if bound.cancelled_caught:
+                raise TransportError(
+                    f"nothing received from the peer for {self.receive_timeout:g} s "
+                    "(x-channel-timeout)"
+                )
         if count == 0:
             self._eof = True
         self._bytes_received += count

@@ -184,6 +184,7 @@ class Engine:
             self.specs,
             guest_command=self.guest_command,
             capabilities=self.capabilities,
+            parameters=self.parameters,
             on_event=self._emit,
         )
         self.migration = incoming

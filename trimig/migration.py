@@ -114,6 +114,10 @@ class MigrationParameters:
     #: The automatic policy: switch to postcopy once this many consecutive passes did
     #: not converge (0 = off). trimig's own parameter.
     x_postcopy_auto_passes: int = 0
+    #: Dead-peer detection (ms, 0 = off): a channel that moves no byte for this long fails
+    #: (precopy: the migration fails; postcopy: both sides pause). Also TCP_USER_TIMEOUT and
+    #: the keepalive of tcp channels. trimig's own parameter.
+    x_channel_timeout: int = 30_000
 
     _LIMITS = {
         "max-bandwidth": (0, 1 << 50),
@@ -122,6 +126,7 @@ class MigrationParameters:
         "avail-switchover-bandwidth": (0, 1 << 50),
         "x-postcopy-after-passes": (0, 1 << 20),
         "x-postcopy-auto-passes": (0, 1 << 20),
+        "x-channel-timeout": (0, 86_400_000),
     }
 
     def set(self, name: str, value: Any) -> None:
@@ -140,6 +145,11 @@ class MigrationParameters:
 
     def query(self) -> dict[str, Any]:
         return {name: getattr(self, name.replace("-", "_")) for name in self._LIMITS}
+
+    @property
+    def channel_timeout(self) -> float | None:
+        """``x-channel-timeout`` in seconds, None when off."""
+        return self.x_channel_timeout / 1000 if self.x_channel_timeout else None
 
 
 def _parse_int(name: str, text: str) -> int:

@@ -166,28 +166,40 @@ def stream_fd(stream: object) -> int | None:
     return int(fileno(stream)) if callable(fileno) else None
 
 
-def wait_readable(fds: Sequence[int], stop: StopSignal) -> list[int] | None:
+def wait_readable(
+    fds: Sequence[int], stop: StopSignal, *, timeout: float | None = None
+) -> list[int] | None:
     """Block until some of ``fds`` are readable (or hung up); those fds, or None once
-    ``stop`` is set."""
+    ``stop`` is set; an empty list after ``timeout`` seconds with neither."""
     poller = select.poll()
     for fd in (*fds, stop.fileno()):
         poller.register(fd, select.POLLIN)
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        ready = [fd for fd, _ in poller.poll()]
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+        ready = [fd for fd, _ in poller.poll(wait)]
         if stop.fileno() in ready:
             return None
-        if ready:
+        if ready or (deadline is not None and time.monotonic() >= deadline):
             return ready
 
 
-def read_into(fd: int, buffer: memoryview, stop: StopSignal, *, what: str) -> int | None:
+def read_into(
+    fd: int, buffer: memoryview, stop: StopSignal, *, what: str, timeout: float | None = None
+) -> int | None:
     """Read at least one byte from the non-blocking ``fd`` into ``buffer``; the count, 0 at
-    EOF, or None once ``stop`` is set. Errors raise TransportError naming ``what``."""
-    return readv_into(fd, [buffer], stop, what=what)
+    EOF, or None once ``stop`` is set. Errors raise TransportError naming ``what``, and so
+    does a wait of ``timeout`` seconds with nothing to read (dead-peer detection)."""
+    return readv_into(fd, [buffer], stop, what=what, timeout=timeout)
 
 
 def readv_into(
-    fd: int, buffers: Sequence[memoryview], stop: StopSignal, *, what: str
+    fd: int,
+    buffers: Sequence[memoryview],
+    stop: StopSignal,
+    *,
+    what: str,
+    timeout: float | None = None,
 ) -> int | None:
     """Like :func:`read_into`, scattering what one readv takes over ``buffers`` in order."""
     while True:
@@ -198,8 +210,13 @@ def readv_into(
             raise TransportError(f"reading {what} failed: {reason}") from error
         if count is not None:
             return count
-        if wait_readable([fd], stop) is None:
+        ready = wait_readable([fd], stop, timeout=timeout)
+        if ready is None:
             return None
+        if not ready:
+            raise TransportError(
+                f"reading {what} failed: nothing received for {timeout:g} s (x-channel-timeout)"
+            )
 
 
 def write_all(fd: int, buffers: Sequence[GatherItem], *, timeout: float, what: str) -> int:

@@ -144,10 +144,12 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     from ..loadvm.incoming import IncomingMigration
 
     specs, command = guest_setup(args)
-    capabilities, _parameters = migration_settings(args)
+    capabilities, parameters = migration_settings(args)
 
     async def main() -> dict[str, Any]:
-        incoming = IncomingMigration(specs, guest_command=command, capabilities=capabilities)
+        incoming = IncomingMigration(
+            specs, guest_command=command, capabilities=capabilities, parameters=parameters
+        )
         try:
             async with open_nursery() as nursery:
                 address = await nursery.start(receive, incoming, args.uri)

@@ -53,6 +53,13 @@ def add_migration_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --postcopy: urgent pages share the main channel (no postcopy-preempt)",
     )
+    parser.add_argument(
+        "--channel-timeout",
+        type=int,
+        default=30_000,
+        help="ms a channel may move nothing before the peer counts as dead "
+        "(x-channel-timeout; 0 = off; default 30000)",
+    )
     add_json_option(parser, "print the result as one JSON object")
 
 
@@ -64,6 +71,7 @@ def migration_settings(
     parameters = MigrationParameters()
     parameters.set("max-bandwidth", parse_rate(args.max_bandwidth, what="--max-bandwidth"))
     parameters.set("downtime-limit", args.downtime_limit)
+    parameters.set("x-channel-timeout", args.channel_timeout)
     if args.postcopy:
         capabilities.set("postcopy-ram", True)
         capabilities.set("postcopy-preempt", not args.no_preempt)

@@ -21,11 +21,11 @@ from ..channel import MigrationChannel
 from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError, TransportError
 from ..guest.host import GuestProcess
-from ..migration import MigrationCapabilities, MigrationStatus
+from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from ..postcopy import PostcopyState
 from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from ..status import DESTINATION, EventCallback, StatusHolder, StatusMachine
-from ..transports import ByteStream, Listener, listen
+from ..transports import ByteStream, Listener, listen, set_channel_timeout
 from .postcopy import PostcopyIncoming
 from .ram_loader import RamLoader
 from .reader import ReturnPathWriter, next_event
@@ -57,12 +57,14 @@ class IncomingMigration(StatusHolder):
         *,
         guest_command: Sequence[str] | None = None,
         capabilities: MigrationCapabilities | None = None,
+        parameters: MigrationParameters | None = None,
         listen_options: dict[str, Any] | None = None,
         on_event: EventCallback | None = None,
     ) -> None:
         self.specs = list(specs)
         self.guest_command = guest_command
         self.capabilities = capabilities or MigrationCapabilities()
+        self.parameters = parameters or MigrationParameters()
         #: QEMU's status, moved only along status.DESTINATION (an illegal move is our bug).
         self._status = StatusMachine(DESTINATION, "destination", self._status_changed)
         self.blocks: list[RamBlock] = []
@@ -148,6 +150,10 @@ class IncomingMigration(StatusHolder):
             try:
                 await self._prepare()
                 channel = MigrationChannel(stream)
+                # Dead-peer detection: the source's main stream never pauses for long, so
+                # a silence of x-channel-timeout means the source or the link is gone.
+                channel.receive_timeout = self.parameters.channel_timeout
+                set_channel_timeout(stream, self.parameters.channel_timeout)
                 async with open_nursery() as nursery:
                     self._set_status(MigrationStatus.ACTIVE)
                     await self._load(channel, nursery, listener)
@@ -273,6 +279,7 @@ class IncomingMigration(StatusHolder):
                 self._postcopy = PostcopyIncoming(
                     nursery, self.guest, self.blocks, ram, self._return_path, listener
                 )
+                self._postcopy.channel_timeout = channel.receive_timeout
                 await self._postcopy.advise(event)
             elif isinstance(event, codec.PostcopyRamDiscard):
                 self._require_postcopy(event).discard(event)

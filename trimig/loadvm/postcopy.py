@@ -110,6 +110,8 @@ class PostcopyIncoming:
         self._urgent_ended = trio.Event()
         #: Bytes read on the urgent channel.
         self.urgent_bytes = 0
+        #: x-channel-timeout of the main stream's reader (seconds, None: no bound).
+        self.channel_timeout: float | None = None
 
     # -- commands before LISTEN ---------------------------------------------------------
 
@@ -361,7 +363,7 @@ class PostcopyIncoming:
         page records off it with a PageScatter so that they are placed without a copy."""
         placer = self.placer
         assert placer is not None
-        scatter = PageScatter()
+        scatter = PageScatter(timeout=self.channel_timeout)
         while True:
             event = decoder.next_event()
             if event is codec.NEED_DATA:

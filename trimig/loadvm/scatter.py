@@ -64,7 +64,13 @@ def feed_decoder(
         taken = decoder.take_ram_records()
     scatter.last_count = 1
     if taken is None:
-        count = read_into(fd, decoder.get_buffer(READ_CHUNK), stop, what="the main stream")
+        count = read_into(
+            fd,
+            decoder.get_buffer(READ_CHUNK),
+            stop,
+            what="the main stream",
+            timeout=scatter.timeout,
+        )
         if count is None:
             return False
         if count:
@@ -106,9 +112,12 @@ class PageScatter:
     the next one).
     """
 
-    def __init__(self, records: int = MAX_RECORDS) -> None:
+    def __init__(self, records: int = MAX_RECORDS, *, timeout: float | None = None) -> None:
         if not 1 <= records <= MAX_RECORDS:
             raise ValueError(f"a scatter holds 1 to {MAX_RECORDS} records, not {records}")
+        #: Seconds a read may wait for the stream's next byte (x-channel-timeout) before
+        #: it raises TransportError; None: no bound.
+        self.timeout = timeout
         self.words: npt.NDArray[np.uint64] = np.zeros(records, dtype=">u8")
         self.pages: npt.NDArray[np.uint8] = np.empty((records, TARGET_PAGE_SIZE), dtype=np.uint8)
         word_bytes = self.words.view(np.uint8).reshape(records, WORD_SIZE)
@@ -210,4 +219,10 @@ class PageScatter:
     def _readv(self, fd: int, stop: StopSignal, offset: int, end_piece: int) -> int | None:
         """One readv into the pieces from byte ``offset`` (up to piece ``end_piece``),
         waiting for data; the count (0 at EOF), or None once ``stop`` is set."""
-        return readv_into(fd, self._views_from(offset, end_piece), stop, what="the main stream")
+        return readv_into(
+            fd,
+            self._views_from(offset, end_piece),
+            stop,
+            what="the main stream",
+            timeout=self.timeout,
+        )

@@ -9,6 +9,7 @@ switch to the destination: running if it ran, with dirty tracking undone.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
 from ..status import SOURCE, EventCallback, StatusHolder, StatusMachine
 from ..trace import trace
-from ..transports import connect
+from ..transports import ByteStream, connect, set_channel_timeout
 from . import convergence
 from .postcopy import RequestServed, UrgentSender, discard_commands, package, send_background
 from .ram_saver import DirtyLog, RamSaver, send_part
@@ -152,7 +153,7 @@ class OutgoingMigration(StatusHolder):
         self.stats.start_ns = time.monotonic_ns()
         dirty_log: DirtyLog | None = None
         try:
-            stream = await connect(uri, **self._connect_options)
+            stream = await self._connect(uri)
             try:
                 if self.capabilities.postcopy_ram and not stream.has_return_path:
                     raise ConfigError(
@@ -223,6 +224,18 @@ class OutgoingMigration(StatusHolder):
             elapsed = max(self.stats.end_ns - self.stats.start_ns, 1) / 1e9
             self.stats.mbps = self.stats.transferred * 8 / elapsed / 1e6
             self._set_status(MigrationStatus.COMPLETED)
+
+    async def _connect(self, uri: str) -> ByteStream:
+        """Connect to ``uri`` within x-channel-timeout, the stream bounded by it too."""
+        timeout = self.parameters.channel_timeout
+        with trio.move_on_after(timeout if timeout is not None else math.inf) as bound:
+            stream = await connect(uri, **self._connect_options)
+        if bound.cancelled_caught:
+            raise TransportError(
+                f"connecting to {uri} failed: no answer within {timeout:g} s (x-channel-timeout)"
+            )
+        set_channel_timeout(stream, timeout)
+        return stream
 
     async def _recover_source(self, dirty_log: DirtyLog | None) -> None:
         """After a failure before the switch: the guest runs on, untracked, as before."""
@@ -389,7 +402,7 @@ class OutgoingMigration(StatusHolder):
         """Switch to postcopy, then stream the rest while serving page requests."""
         assert self._requests is not None
         if self.capabilities.postcopy_preempt:
-            self._urgent = MigrationChannel(await connect(uri, **self._connect_options))
+            self._urgent = MigrationChannel(await self._connect(uri))
         urgent_sender = self._urgent_sender = UrgentSender(ram, self._urgent)
         ram.detach_regions()  # postcopy pages are placed atomically by the destination
         self.stats.precopy_bytes = self._bytes_moved()

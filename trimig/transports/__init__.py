@@ -5,7 +5,13 @@ forms). A transport moves bytes only; it knows nothing of the migration stream f
 """
 
 from trimig.kernel.iov import IOV_MAX
-from trimig.transports.base import Buffer, ByteStream, Listener, RegionRegistry
+from trimig.transports.base import (
+    Buffer,
+    ByteStream,
+    Listener,
+    RegionRegistry,
+    set_channel_timeout,
+)
 from trimig.transports.endpoints import connect, listen
 from trimig.transports.exec_ import PipeStream
 from trimig.transports.rdma_memory import MemoryFabric, MemoryStream, memory_stream_pair
@@ -42,4 +48,5 @@ __all__ = [
     "listen",
     "memory_stream_pair",
     "parse_uri",
+    "set_channel_timeout",
 ]

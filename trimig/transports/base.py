@@ -147,18 +147,47 @@ class ListenerBase:
         await self.aclose()
 
 
-async def write_gather(fd: int, items: Sequence[GatherItem]) -> int:
+class StalledError(Exception):
+    """A write waited ``seconds`` without the peer taking a byte (see write_gather)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the peer took nothing for {seconds:g} s")
+        self.seconds = seconds
+
+
+async def write_gather(
+    fd: int, items: Sequence[GatherItem], *, stall_timeout: float | None = None
+) -> int:
     """Write every byte of ``items`` to the non-blocking ``fd``; return the count.
 
     The trio driver of :class:`~trimig.kernel.iov.GatherWrite`: waits for ``fd`` to become
     writable whenever the kernel buffer is full. Raises OSError (EPIPE, ECONNRESET, ...) as
-    os.writev would. Cancelled while waiting, an unknown prefix has been written. Not a
-    checkpoint by itself when nothing blocks.
+    os.writev would, and StalledError when one wait for room lasts ``stall_timeout``
+    seconds (the peer takes nothing: each byte it takes restarts the bound). Cancelled (or
+    stalled) while waiting, an unknown prefix has been written. Not a checkpoint by itself
+    when nothing blocks.
     """
     gather = GatherWrite(items)
     while not gather.write(fd):
-        await trio.lowlevel.wait_writable(fd)
+        if stall_timeout is None:
+            await trio.lowlevel.wait_writable(fd)
+            continue
+        with trio.move_on_after(stall_timeout) as bound:
+            await trio.lowlevel.wait_writable(fd)
+        if bound.cancelled_caught:
+            raise StalledError(stall_timeout)
     return gather.total
+
+
+def set_channel_timeout(stream: object, seconds: float | None) -> bool:
+    """Give ``stream`` dead-peer detection (x-channel-timeout) if its transport has it
+    (socket streams: a stalled send fails, tcp keepalive and TCP_USER_TIMEOUT); whether it
+    has. Reads are bounded by their reader (MigrationChannel.receive_timeout)."""
+    setter = getattr(stream, "set_channel_timeout", None)
+    if not callable(setter):
+        return False
+    setter(seconds)
+    return True
 
 
 def check_receive_buffer(buffer: memoryview) -> None:

@@ -17,6 +17,7 @@ from trimig.transports.base import (
     ByteStream,
     ListenerBase,
     RegionRegistry,
+    StalledError,
     check_receive_buffer,
     transport_error,
     write_gather,
@@ -52,6 +53,7 @@ class SocketStream:
         self._regions = regions
         self._eof_sent = False
         self._closed = False
+        self._stall_timeout: float | None = None
 
     @property
     def transport(self) -> str:
@@ -73,12 +75,33 @@ class SocketStream:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    @property
+    def stall_timeout(self) -> float | None:
+        """Seconds a send may wait with the peer taking no byte before it fails (None: no bound)."""
+        return self._stall_timeout
+
+    def set_channel_timeout(self, seconds: float | None) -> None:
+        """Dead-peer detection (x-channel-timeout): a send whose peer takes no byte for
+        ``seconds`` fails, and on tcp the kernel gives up on unacknowledged data after as
+        long (TCP_USER_TIMEOUT) and probes an idle connection (keepalive) within it."""
+        self._stall_timeout = seconds
+        if self._transport == "tcp" and self._sock.family in (
+            stdlib_socket.AF_INET,
+            stdlib_socket.AF_INET6,
+        ):
+            set_tcp_dead_peer_options(self._sock, seconds)
+
     async def send_buffers(self, buffers: Sequence[GatherItem]) -> None:
         if self._eof_sent:
             raise TransportError(f"sending on {self._peer} after send_eof()")
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            await write_gather(self._sock.fileno(), buffers)
+            await write_gather(self._sock.fileno(), buffers, stall_timeout=self._stall_timeout)
+        except StalledError as error:
+            raise TransportError(
+                f"sending on {self._peer} failed: the peer took nothing for {error.seconds:g} s "
+                "(x-channel-timeout)"
+            ) from error
         except (OSError, trio.ClosedResourceError) as error:
             raise transport_error(f"sending on {self._peer}", error) from error
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -116,6 +139,28 @@ def tune_socket(sock: trio.socket.SocketType) -> None:
             sock.setsockopt(stdlib_socket.SOL_SOCKET, option, SOCKET_BUFFER_SIZE)
     if sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
         sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+
+
+#: Keepalive probes sent before an idle connection is declared dead.
+KEEPALIVE_PROBES = 3
+
+
+def set_tcp_dead_peer_options(sock: trio.socket.SocketType, seconds: float | None) -> None:
+    """TCP_USER_TIMEOUT and keepalive so that the kernel declares a silent peer dead within
+    about ``seconds`` (keepalive off and the kernel's defaults with None)."""
+    if seconds is None:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 0)
+        sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_USER_TIMEOUT, 0)
+        return
+    idle = max(1, int(seconds / 3))
+    interval = max(1, int(seconds / (3 * KEEPALIVE_PROBES)))
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(
+        stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000))
+    )
 
 
 async def connect_tcp(address: TcpAddress) -> SocketStream:
