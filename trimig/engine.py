@@ -21,7 +21,7 @@ from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
-from .transports import TcpAddress, UnixAddress, parse_uri
+from .transports import FileAddress, TcpAddress, UnixAddress, parse_uri
 
 log = logging.getLogger("trimig.engine")
 
@@ -55,6 +55,9 @@ class Engine:
         #: The real address an incoming migration listens on (``tcp:HOST:PORT`` with the
         #: bound port when port 0 was asked for); None until migrate-incoming listens.
         self.incoming_address: str | None = None
+        #: The last migration saved the guest to a file: it still lives here (QEMU's
+        #: postmigrate after ``migrate file:...`` accepts ``cont`` and another migrate).
+        self._saved_to_file = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -133,9 +136,10 @@ class Engine:
         self._refuse_while_migrating("start another migration")
         if self.guest is None:
             raise ConfigError("there is no guest here to migrate (the engine is waiting for one)")
-        if self._run_state == "postmigrate":
+        if self._run_state == "postmigrate" and not self._saved_to_file:
             raise ConfigError("the guest has already been migrated away")
-        parse_uri(uri)  # a malformed URI is the command's error, not a failed migration
+        # A malformed URI is the command's error, not a failed migration.
+        self._saved_to_file = isinstance(parse_uri(uri), FileAddress)
         outgoing = OutgoingMigration(
             self.guest,
             self.blocks,
@@ -271,7 +275,7 @@ class Engine:
     async def cont(self) -> None:
         if self.guest is None:
             raise ConfigError("there is no guest")
-        if self._run_state == "postmigrate":
+        if self._run_state == "postmigrate" and not self._saved_to_file:
             raise ConfigError("the guest was migrated away; it runs on the destination")
         await self.guest.cont()
         self._run_state = "running"

@@ -57,6 +57,8 @@ CAPABILITY_NAMES = (
     "return-path",
     "postcopy-blocktime",
     "postcopy-preempt",
+    "mapped-ram",
+    "x-lazy-restore",
 )
 
 
@@ -73,6 +75,11 @@ class MigrationCapabilities:
     return_path: bool = True
     postcopy_blocktime: bool = False
     postcopy_preempt: bool = False
+    #: QEMU 9.0's fixed-offset file layout (file: URIs only; docs/snapshots.md).
+    mapped_ram: bool = False
+    #: trimig's: an incoming ``file:`` with mapped-ram runs the guest at once and faults its
+    #: pages in from the file (userfaultfd), a thread reading the rest (docs/snapshots.md).
+    x_lazy_restore: bool = False
 
     def set(self, name: str, state: bool) -> None:
         if name not in CAPABILITY_NAMES:
@@ -85,6 +92,12 @@ class MigrationCapabilities:
         if self.postcopy_preempt and not self.postcopy_ram:
             setattr(self, name.replace("-", "_"), not state)
             raise ConfigError("postcopy-preempt requires postcopy-ram")
+        if self.mapped_ram and self.postcopy_ram:
+            setattr(self, name.replace("-", "_"), not state)
+            raise ConfigError("Mapped-ram migration is incompatible with postcopy")
+        if self.x_lazy_restore and not self.mapped_ram:
+            setattr(self, name.replace("-", "_"), not state)
+            raise ConfigError("x-lazy-restore requires mapped-ram")
 
     def get(self, name: str) -> bool:
         return bool(getattr(self, name.replace("-", "_")))

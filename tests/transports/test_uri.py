@@ -47,7 +47,10 @@ def test_accepted_forms(uri: str, expected: object) -> None:
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
-        ("foo:bar", "unknown transport 'foo' in URI 'foo:bar'; expected tcp, unix, exec or rdma"),
+        (
+            "foo:bar",
+            "unknown transport 'foo' in URI 'foo:bar'; expected tcp, unix, exec, rdma or file",
+        ),
         ("fd:migfd", "unknown transport 'fd'"),
         ("tcp", "has no transport"),
         ("", "has no transport"),

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The command modules are imported here, not above, so that ``python -m
     # trimig.cli.control`` does not find its module already imported by this package.
     from ..inspect.cli import add_inspect_command
+    from ..snapshot.cli import add_snapshot_commands
     from .control import add_control_commands
     from .engines import add_engine_commands
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_commands(sub)
     add_control_commands(sub)
     add_inspect_command(sub)
+    add_snapshot_commands(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as ReadOnlyMapping
@@ -131,6 +132,10 @@ class Guest:
         self._close_after_reply: list[Userfaultfd] = []
         self._dirty_uffd: Userfaultfd | None = None
         self._quit = False
+        #: Monotonic ns of the last cont and of the start and end of the first step after
+        #: it (``query``'s ``x-first-step``: what a restore's time to first step is).
+        self._cont_ns = 0
+        self._first_step: tuple[int, int] | None = None
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
 
@@ -189,7 +194,11 @@ class Guest:
         while not self._quit:
             timeout: float | None = None
             if self.running:
+                first = self._first_step is None
+                started = time.monotonic_ns() if first else 0
                 timeout = program.step() or 0.0
+                if first:
+                    self._first_step = (started, time.monotonic_ns())
             if not self.serve(program, timeout):
                 break
         return 0
@@ -279,6 +288,13 @@ class Guest:
             "discard_inhibited": self._discard_inhibited,
             "missing_registered": self._missing_registered,
             "dirty_tracked": self._dirty_uffd is not None,
+            "x-first-step": None
+            if self._first_step is None
+            else {
+                "cont-ns": self._cont_ns,
+                "start-ns": self._first_step[0],
+                "end-ns": self._first_step[1],
+            },
         }
 
     def _attach(self, request: _Request) -> dict[str, Any]:
@@ -340,6 +356,8 @@ class Guest:
         if not self.running:
             request.program.on_cont()
             self.running = True
+            self._cont_ns = time.monotonic_ns()
+            self._first_step = None
         return {"running": True}
 
     def _stop(self, request: _Request) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import mmap
 import zlib
 
+import numpy as np
+
 from trimig.codec._wire import BE64, Cursor, Incomplete, Malformed, decode_name
 from trimig.codec.constants import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -315,15 +317,13 @@ class RamWalker:
         if pages_offset + block.size > self.end:
             self.record_start = pages_offset
             raise Incomplete(f"the mapped-ram pages of RAM block {block.name!r}")
-        bitmap = bytes(self.view[bitmap_offset : bitmap_offset + bitmap_size])
-        present = [
-            index for index in range(block.page_count) if bitmap[index >> 3] >> (index & 7) & 1
-        ]
+        bits = np.frombuffer(self.view[bitmap_offset : bitmap_offset + bitmap_size], np.uint8)
+        present = np.flatnonzero(np.unpackbits(bits, bitorder="little")[: block.page_count])
         block.normal = len(present)
         block.zero = block.page_count - block.normal
         block.sent[:] = b"\x01" * block.page_count
         if self.extractor is not None:
-            for index in present:
+            for index in present.tolist():
                 at = pages_offset + index * self.tps
                 self.extractor.page(block.name, index * self.tps, self.view[at : at + self.tps])
         self.pos = pages_offset + block.size

@@ -300,3 +300,40 @@ def readv(fd: int, buffers: Sequence[memoryview]) -> int | None:
         return os.readv(fd, buffers)
     except BlockingIOError:
         return None
+
+
+def read_at(fd: int, buffer: memoryview, offset: int) -> int:
+    """pread from the file ``fd`` at ``offset`` until ``buffer`` is full or the file ends;
+    return the bytes read (fewer than asked only at the end of the file). Raises KernelError.
+
+    The read side of a file snapshot: a page read for a lazy restore's fault, a run of
+    pages for an eager one, a header or bitmap."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < view.nbytes:
+        try:
+            count = os.preadv(fd, [view[done:]], offset + done)
+        except InterruptedError:
+            continue
+        except OSError as error:
+            raise KernelError(
+                "preadv",
+                error.errno or errno.EIO,
+                f"{view.nbytes - done} bytes at offset {offset + done:#x}",
+            ) from None
+        if count == 0:
+            break
+        done += count
+    return done
+
+
+def write_at(fd: int, data: Buffer, offset: int) -> None:
+    """pwrite every byte of ``data`` into the file ``fd`` at ``offset``. Raises KernelError."""
+    gather = GatherWrite([data])
+    try:
+        gather.write_at(fd, offset)
+    except OSError as error:
+        at = offset + gather.total - gather.remaining
+        raise KernelError(
+            "pwritev", error.errno or errno.EIO, f"{gather.remaining} bytes at offset {at:#x}"
+        ) from None

@@ -19,13 +19,22 @@ from .. import codec
 from .._trio import open_nursery
 from ..channel import MigrationChannel
 from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
-from ..errors import MigrationFailed, MigrationPaused, RemoteProtocolError, TransportError
+from ..errors import (
+    ConfigError,
+    MigrationFailed,
+    MigrationPaused,
+    RemoteProtocolError,
+    TransportError,
+)
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from ..postcopy import PostcopyState
 from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
+from ..snapshot.eager import load_eagerly
+from ..snapshot.file import open_snapshot
+from ..snapshot.lazy import LazyRestore
 from ..status import DESTINATION, EventCallback, StatusHolder, StatusMachine
-from ..transports import ByteStream, Listener, listen, set_channel_timeout
+from ..transports import ByteStream, FileAddress, Listener, listen, parse_uri, set_channel_timeout
 from .postcopy import PostcopyIncoming
 from .ram_loader import RamLoader
 from .reader import ReturnPathWriter, next_event
@@ -78,6 +87,7 @@ class IncomingMigration(StatusHolder):
         self._return_path: ReturnPathWriter | None = None
         self._postcopy: PostcopyIncoming | None = None
         self._ram: RamLoader | None = None
+        self._lazy: LazyRestore | None = None
         #: The real listening address (QEMU's socket-address), once listening.
         self.socket_address: str | None = None
         #: postcopy-* statistics, once postcopy ended.
@@ -89,6 +99,8 @@ class IncomingMigration(StatusHolder):
             info["socket-address"] = [self.socket_address]
         stats = self._postcopy.statistics() if self._postcopy is not None else self.postcopy_stats
         info.update(stats)
+        if self._lazy is not None:
+            info.update(self._lazy.statistics())
         if self.error_desc:
             info["error-desc"] = self.error_desc
         return info
@@ -119,9 +131,20 @@ class IncomingMigration(StatusHolder):
         """
         self._set_status(MigrationStatus.SETUP)
         try:
-            listener = await listen(uri, **self._listen_options)
+            address = parse_uri(uri)
+            if self.capabilities.mapped_ram:
+                if not isinstance(address, FileAddress):
+                    raise ConfigError(f"Migration requires seekable transport (e.g. file): {uri!r}")
+                self.socket_address = str(address)
+                task_status.started(self.socket_address)
+                await self._load_mapped_ram(address)
+                return
+            listener = await listen(address, **self._listen_options)
         except BaseException as exc:
-            await self._fail(exc)
+            if self.status.value is not MigrationStatus.FAILED:
+                await self._fail(exc)
+            if isinstance(exc, Exception) and self.socket_address is not None:
+                raise MigrationFailed(f"incoming migration failed: {self.error_desc}") from exc
             raise
         try:
             self.socket_address = str(listener.address)
@@ -193,6 +216,28 @@ class IncomingMigration(StatusHolder):
         self.end_ns = time.monotonic_ns()
         self._set_status(MigrationStatus.COMPLETED)
 
+    async def _load_mapped_ram(self, address: FileAddress) -> None:
+        """``file:`` with mapped-ram: every page read from its slot, then the guest runs
+        (QEMU loads the whole file too, inside the RAM section's START)."""
+        self.start_ns = time.monotonic_ns()
+        await self._prepare()
+        self._set_status(MigrationStatus.ACTIVE)
+        with open_snapshot(address.path, address.offset) as snapshot:
+            snapshot.check_blocks(self.specs)
+            self._device_state = snapshot.device_state
+            if not self.capabilities.x_lazy_restore:
+                await trio.to_thread.run_sync(load_eagerly, snapshot, self.blocks)
+                await self._start_guest()
+            else:
+                assert self.guest is not None
+                lazy = self._lazy = LazyRestore(snapshot, self.blocks, self.guest)
+                async with open_nursery() as nursery:
+                    await nursery.start(lazy.run)
+                    if self._on_event:
+                        self._on_event("RESUME", {})
+        self.end_ns = time.monotonic_ns()
+        self._set_status(MigrationStatus.COMPLETED)
+
     async def _prepare(self) -> None:
         """Create the RAM blocks and start the guest process (once)."""
         if self.guest is None:
@@ -234,6 +279,8 @@ class IncomingMigration(StatusHolder):
 
     async def aclose(self) -> None:
         """Stop the guest (if still ours) and free the blocks. Safe to call more than once."""
+        if self._lazy is not None:
+            self._lazy.close()
         if self._postcopy is not None:
             # Closing our uffd ends the registration: a guest blocked on a missing page
             # (postcopy-paused) wakes and can be told to quit.

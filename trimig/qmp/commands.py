@@ -108,6 +108,11 @@ def _channel_to_uri(addr: dict[str, Any]) -> str:
         if len(args) == 3 and args[:2] == ["/bin/sh", "-c"]:
             return f"exec:{args[2]}"  # the form QEMU itself makes from an exec: URI
         return "exec:" + shlex.join(args)
+    if transport == "file":
+        offset = addr["offset"]
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise QmpError(GENERIC_ERROR, "Parameter 'offset' expects uint64")
+        return f"file:{addr['filename']}" + (f",offset={offset}" if offset else "")
     if transport == "rdma":
         host = addr["host"]
         host = f"[{host}]" if ":" in host else host

@@ -34,8 +34,9 @@ from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
 from ..status import SOURCE, EventCallback, StatusHolder, StatusMachine
 from ..trace import trace
-from ..transports import ByteStream, connect, set_channel_timeout
+from ..transports import ByteStream, FileStream, connect, set_channel_timeout
 from . import convergence
+from .mapped_ram import MappedRamWriter, check_transport, configuration
 from .postcopy import RequestServed, UrgentSender, discard_commands, package, send_background
 from .ram_saver import DirtyLog, RamSaver, send_part
 from .return_path import SHUT_TIMEOUT, SourceReturnPath
@@ -155,6 +156,12 @@ class OutgoingMigration(StatusHolder):
         try:
             stream = await self._connect(uri)
             try:
+                check_transport(
+                    stream,
+                    mapped_ram=self.capabilities.mapped_ram,
+                    postcopy=self.capabilities.postcopy_ram,
+                    uri=uri,
+                )
                 if self.capabilities.postcopy_ram and not stream.has_return_path:
                     raise ConfigError(
                         f"the transport of {uri!r} has no return path, which postcopy-ram needs"
@@ -257,7 +264,7 @@ class OutgoingMigration(StatusHolder):
         self._requests = PageRequestQueue(self.blocks)
         ram.sync(dirty_log)  # start the log afresh (every page is dirty anyway); hole map
         channel.put(codec.encode_file_header())
-        channel.put(codec.encode_configuration())
+        channel.put(configuration(mapped_ram=self.capabilities.mapped_ram))
         if self._uses_return_path:
             channel.put(codec.encode_open_return_path())
             channel.put(codec.encode_ping(1))
@@ -267,12 +274,17 @@ class OutgoingMigration(StatusHolder):
                 summary |= block.page_size
             channel.put(codec.encode_postcopy_advise(summary, codec.TARGET_PAGE_SIZE))
         channel.put(codec.encode_section_start(RAM_SECTION_ID, "ram", 0, 4))
-        channel.put(
-            codec.encode_mem_size(
-                [codec.RamBlockInfo(b.name, b.size, b.page_size) for b in self.blocks],
-                postcopy=self.capabilities.postcopy_ram,
+        if self.capabilities.mapped_ram:
+            assert isinstance(channel.stream, FileStream)  # check_transport
+            ram.file_pages = MappedRamWriter(channel.stream, self.blocks)
+            await ram.file_pages.put_mem_size(channel)
+        else:
+            channel.put(
+                codec.encode_mem_size(
+                    [codec.RamBlockInfo(b.name, b.size, b.page_size) for b in self.blocks],
+                    postcopy=self.capabilities.postcopy_ram,
+                )
             )
-        )
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))
         await channel.flush()
@@ -379,6 +391,8 @@ class OutgoingMigration(StatusHolder):
         while (window := ram.next_dirty_window()) is not None:
             if ram.queue_window(channel, *window) and channel.pending_bytes >= FLUSH_BYTES:
                 await channel.flush()
+        if ram.file_pages is not None:
+            ram.file_pages.write_bitmaps()  # the last pages are in their slots
         channel.put(codec.encode_end_of_section())
         channel.put(codec.encode_section_footer(RAM_SECTION_ID))
         state = await self.guest.save_state()

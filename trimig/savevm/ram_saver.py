@@ -30,6 +30,7 @@ from ..kernel.uffd import Userfaultfd
 from ..migration import SourceStats
 from ..ram_blocks import RamBlock
 from ..transports.base import RegionRegistry
+from .mapped_ram import MappedRamWriter
 
 #: Target pages per send window: one 2 MiB host page, so a hugetlb host page is never
 #: split across windows, and 2 x 512 iovecs fit one writev.
@@ -108,8 +109,12 @@ class RamSaver:
         #: Per block, the destination's memory as (pages, TARGET_PAGE_SIZE) rows, when data
         #: pages are written one-sided (RDMA-shaped transport, see attach_regions).
         self._remote: dict[str, np.ndarray] = {}
-        #: Page bytes written one-sided into the destination (not on any channel).
+        #: Page bytes written one-sided into the destination or into a mapped-ram file's
+        #: page slots (not on any channel).
         self.one_sided_bytes = 0
+        #: With mapped-ram, the writer that puts data pages into their file slots
+        #: (queue_window then queues no records at all).
+        self.file_pages: MappedRamWriter | None = None
 
     async def attach_regions(self, regions: RegionRegistry) -> None:
         """From now on write data pages one-sided into the destination's blocks.
@@ -198,6 +203,12 @@ class RamSaver:
         else:
             is_zero = zero_pages(block.pages, pages)
         self.holds_data[block.name][pages] = ~is_zero
+        if self.file_pages is not None:
+            written = self.file_pages.write_window(block, pages, is_zero)
+            self.one_sided_bytes += written
+            self.stats.duplicate += int(np.count_nonzero(is_zero))
+            self.stats.normal += written // TARGET_PAGE_SIZE
+            return written
         offsets = pages.astype(np.uint64) * TARGET_PAGE_SIZE
         zero_offsets = offsets[is_zero]
         data_offsets = offsets[~is_zero]

@@ -1,4 +1,4 @@
-"""Transports: tcp, unix, exec and the RDMA-shaped one; each yields a ByteStream.
+"""Transports: tcp, unix, exec, file and the RDMA-shaped one; each yields a ByteStream.
 
 ``connect(uri)`` / ``listen(uri)`` pick the transport from the URI (see ``uri.py`` for the
 forms). A transport moves bytes only; it knows nothing of the migration stream format.
@@ -14,11 +14,13 @@ from trimig.transports.base import (
 )
 from trimig.transports.endpoints import connect, listen
 from trimig.transports.exec_ import PipeStream
+from trimig.transports.file import FileStream
 from trimig.transports.rdma_memory import MemoryFabric, MemoryStream, memory_stream_pair
 from trimig.transports.socket import SocketStream
 from trimig.transports.uri import (
     Address,
     ExecCommand,
+    FileAddress,
     RdmaAddress,
     RdmaMemoryAddress,
     RdmaSocketAddress,
@@ -33,6 +35,8 @@ __all__ = [
     "Buffer",
     "ByteStream",
     "ExecCommand",
+    "FileAddress",
+    "FileStream",
     "Listener",
     "MemoryFabric",
     "MemoryStream",

@@ -5,12 +5,14 @@ from __future__ import annotations
 from trimig.errors import ConfigError
 from trimig.transports.base import ByteStream, Listener
 from trimig.transports.exec_ import connect_exec, listen_exec
+from trimig.transports.file import connect_file, listen_file
 from trimig.transports.rdma_memory import MemoryFabric
 from trimig.transports.rdma_socket import connect_rdma_socket, listen_rdma_socket
 from trimig.transports.socket import connect_tcp, connect_unix, listen_tcp, listen_unix
 from trimig.transports.uri import (
     Address,
     ExecCommand,
+    FileAddress,
     RdmaMemoryAddress,
     RdmaSocketAddress,
     TcpAddress,
@@ -50,6 +52,8 @@ async def connect(uri: str | Address, *, fabric: MemoryFabric | None = None) -> 
             return await connect_rdma_socket(address)
         case RdmaMemoryAddress():
             return await _fabric(address, fabric).connect(address)
+        case FileAddress():
+            return await connect_file(address)
     raise ConfigError(f"cannot connect to {address!r}: not a migration address")
 
 
@@ -72,4 +76,6 @@ async def listen(uri: str | Address, *, fabric: MemoryFabric | None = None) -> L
             return await listen_rdma_socket(address)
         case RdmaMemoryAddress():
             return await _fabric(address, fabric).listen(address)
+        case FileAddress():
+            return await listen_file(address)
     raise ConfigError(f"cannot listen on {address!r}: not a migration address")

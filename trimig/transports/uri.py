@@ -12,6 +12,9 @@ Accepted forms (QEMU's, plus trimig's RDMA-shaped transport)::
                          at PATH carries the message queue, RAM regions are shared memfds
     rdma:mem:NAME        the same transport inside one process (both ends in one trio run),
                          found through an explicit ``MemoryFabric`` given to connect/listen
+    file:PATH[,offset=N] a file (QEMU's, since 8.2): outgoing, created (mode 0600) and cut to
+                         N bytes, the stream written from there; incoming, read once from N.
+                         N takes a K, M, G or T suffix. No return path.
 
 QEMU's ``rdma:HOST:PORT`` (InfiniBand verbs) is refused with a message saying so.
 """
@@ -27,7 +30,7 @@ from trimig.errors import ConfigError
 # sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
 
-_TRANSPORTS = "tcp, unix, exec or rdma"
+_TRANSPORTS = "tcp, unix, exec, rdma or file"
 
 
 @attrs.frozen
@@ -102,8 +105,25 @@ class RdmaMemoryAddress:
         return self.uri
 
 
+@attrs.frozen
+class FileAddress:
+    """``file:PATH[,offset=N]``: a file; the stream starts ``offset`` bytes into it."""
+
+    path: str
+    offset: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"file:{self.path}" + (f",offset={self.offset}" if self.offset else "")
+
+    def __str__(self) -> str:
+        return self.uri
+
+
 RdmaAddress = RdmaSocketAddress | RdmaMemoryAddress
-Address = TcpAddress | UnixAddress | ExecCommand | RdmaSocketAddress | RdmaMemoryAddress
+Address = (
+    TcpAddress | UnixAddress | ExecCommand | RdmaSocketAddress | RdmaMemoryAddress | FileAddress
+)
 
 
 def parse_uri(uri: str) -> Address:
@@ -126,6 +146,8 @@ def parse_uri(uri: str) -> Address:
         return ExecCommand(rest)
     if scheme == "rdma":
         return _parse_rdma(uri, rest)
+    if scheme == "file":
+        return _parse_file(uri, rest)
     raise ConfigError(f"unknown transport {scheme!r} in URI {uri!r}; expected {_TRANSPORTS}")
 
 
@@ -187,3 +209,16 @@ def _parse_rdma(uri: str, rest: str) -> RdmaAddress:
             "rdma:mem:NAME (in-process)"
         )
     return RdmaSocketAddress(_check_unix_path(uri, rest))
+
+
+def _parse_file(uri: str, rest: str) -> FileAddress:
+    """QEMU's file_parse_offset: the offset is everything after the first ``,offset=``."""
+    from trimig.units import parse_size
+
+    path, marker, offset_text = rest.partition(",offset=")
+    if not path:
+        raise ConfigError(f"empty file path in URI {uri!r}; expected file:PATH[,offset=N]")
+    if "\0" in path:
+        raise ConfigError(f"file path in URI {uri!r} contains a NUL byte")
+    offset = parse_size(offset_text, what=f"offset in URI {uri!r}") if marker else 0
+    return FileAddress(path, offset)
