@@ -52,6 +52,8 @@ class Engine:
         self._run_state = "inmigrate" if incoming else "prelaunch"
         self._subscribers: set[trio.MemorySendChannel[tuple[str, dict[str, Any]]]] = set()
         self.quit_requested = trio.Event()
+        #: An incoming engine's guest process and blocks, started ahead of migrate-incoming.
+        self._prepared: tuple[GuestProcess, list[RamBlock]] | None = None
         #: The real address an incoming migration listens on (``tcp:HOST:PORT`` with the
         #: bound port when port 0 was asked for); None until migrate-incoming listens.
         self.incoming_address: str | None = None
@@ -69,10 +71,30 @@ class Engine:
         await self.guest.cont()
         self._run_state = "running"
 
+    async def prepare_incoming(self) -> None:
+        """Create the RAM blocks and start the (not yet attached) guest process that the
+        next incoming migration loads into, as QEMU's ``-incoming`` creates its VM at
+        start-up: the destination is ready when the source connects, and no process
+        start-up falls inside the migration (or inside a postcopy switch-over)."""
+        blocks = create_blocks(self.specs)
+        try:
+            guest = await GuestProcess.start(self.guest_command)
+        except BaseException:
+            for block in blocks:
+                block.close()
+            raise
+        self._prepared = (guest, blocks)
+
     async def aclose(self) -> None:
         if self._migration_scope is not None:
             self._migration_scope.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if self._prepared is not None:
+                guest, blocks = self._prepared
+                self._prepared = None
+                await guest.aclose()
+                for block in blocks:
+                    block.close()
             if isinstance(self.migration, IncomingMigration):
                 await self.migration.aclose()
             if self.guest is not None:
@@ -190,7 +212,9 @@ class Engine:
             capabilities=self.capabilities,
             parameters=self.parameters,
             on_event=self._emit,
+            prepared=self._prepared,
         )
+        self._prepared = None  # the migration owns them now (and closes them if it fails)
         self.migration = incoming
         try:
             await self._nursery.start(self._run_incoming, incoming, uri)
@@ -331,7 +355,9 @@ async def open_engine(
         async with open_nursery() as nursery:
             engine = Engine(nursery, specs, guest_command, incoming=incoming)
             try:
-                if not incoming:
+                if incoming:
+                    await engine.prepare_incoming()
+                else:
                     await engine.start_guest()
                 yield engine
             finally:

@@ -69,15 +69,20 @@ class IncomingMigration(StatusHolder):
         parameters: MigrationParameters | None = None,
         listen_options: dict[str, Any] | None = None,
         on_event: EventCallback | None = None,
+        prepared: tuple[GuestProcess, list[RamBlock]] | None = None,
     ) -> None:
+        """``prepared``: a guest process already started (not attached) and fresh blocks
+        of ``specs``, which this migration then owns (as it owns the ones it would make):
+        an engine waiting for a migration starts them ahead, as QEMU's ``-incoming`` starts
+        its VM, so no start-up falls inside the migration."""
         self.specs = list(specs)
         self.guest_command = guest_command
         self.capabilities = capabilities or MigrationCapabilities()
         self.parameters = parameters or MigrationParameters()
         #: QEMU's status, moved only along status.DESTINATION (an illegal move is our bug).
         self._status = StatusMachine(DESTINATION, "destination", self._status_changed)
-        self.blocks: list[RamBlock] = []
-        self.guest: GuestProcess | None = None
+        self.guest: GuestProcess | None = prepared[0] if prepared else None
+        self.blocks: list[RamBlock] = list(prepared[1]) if prepared else []
         self.error_desc = ""
         self.start_ns = 0
         self.end_ns = 0
