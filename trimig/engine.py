@@ -8,6 +8,7 @@ at once, as QMP's do, and progress is read with ``query_migrate`` or events.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from .errors import ConfigError
 from .guest.host import GuestProcess
 from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
+from .qmp.api import EngineEvent
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import FileAddress, TcpAddress, UnixAddress, parse_uri
@@ -50,7 +52,7 @@ class Engine:
         self._migration_scope: trio.CancelScope | None = None
         self._incoming_allowed = incoming
         self._run_state = "inmigrate" if incoming else "prelaunch"
-        self._subscribers: set[trio.MemorySendChannel[tuple[str, dict[str, Any]]]] = set()
+        self._subscribers: set[trio.MemorySendChannel[EngineEvent]] = set()
         self.quit_requested = trio.Event()
         #: An incoming engine's guest process and blocks, started ahead of migrate-incoming.
         self._prepared: tuple[GuestProcess, list[RamBlock]] | None = None
@@ -109,19 +111,22 @@ class Engine:
     # -- events ------------------------------------------------------------------------
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
+        """Deliver an event to every subscriber, stamped now: the moment it happened (the
+        QMP server may only get to it after the migration's next synchronous step)."""
         if name.startswith("MIGRATION") and not self.capabilities.events:
             return
+        timestamp = time.time()
         for channel in list(self._subscribers):
             try:
-                channel.send_nowait((name, data))
+                channel.send_nowait((name, data, timestamp))
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 log.warning("dropping event %s for a slow or gone subscriber", name)
 
     @asynccontextmanager
     async def subscribe_events(
         self,
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]]:
-        send, receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](EVENT_BUFFER)
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[EngineEvent]]:
+        send, receive = trio.open_memory_channel[EngineEvent](EVENT_BUFFER)
         self._subscribers.add(send)
         try:
             yield receive

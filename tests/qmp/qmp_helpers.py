@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -41,7 +42,7 @@ class FakeEngine:
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         for channel in list(self._subscribers):
-            channel.send_nowait((name, data or {}))
+            channel.send_nowait((name, data or {}, time.time()))
 
     def _set_status(self, status: str) -> None:
         self.status = status

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 
 import trio
 
-#: What :meth:`EngineControl.subscribe_events` delivers: ``(event name, event data)``.
-EngineEvent = tuple[str, dict[str, Any]]
+#: What :meth:`EngineControl.subscribe_events` delivers: ``(event name, event data, time)``,
+#: the time (seconds since the epoch) when the event happened, which is its QMP timestamp.
+EngineEvent = tuple[str, dict[str, Any], float]
 
 
 class EngineControl(Protocol):
@@ -69,7 +70,8 @@ class EngineControl(Protocol):
     ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[EngineEvent]]:
         """A fresh subscription to engine events, ended when the context exits.
 
-        Events: ``("MIGRATION", {"status": s})`` and ``("MIGRATION_PASS", {"pass": n})`` (only
-        while capability ``events`` is on), ``("STOP", {})``, ``("RESUME", {})``. The engine
+        Events: ``("MIGRATION", {"status": s}, t)`` and ``("MIGRATION_PASS", {"pass": n}, t)``
+        (only while capability ``events`` is on), ``("STOP", {}, t)``, ``("RESUME", {}, t)``;
+        ``t`` is when it happened (a busy loop may deliver it later). The engine
         should buffer per subscriber and never block on one; the QMP server drains promptly.
         """

@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import stat
-import time
 from typing import Any, Final
 
 import attrs
@@ -229,8 +228,8 @@ class QmpServer:
             nursery.start_soon(self._write_events, session, queue_receive)
             task_status.started()
             async with queue_send:
-                async for name, data in events:
-                    message = event_message(name, data, time.time())
+                async for name, data, timestamp in events:
+                    message = event_message(name, data, timestamp)
                     try:
                         queue_send.send_nowait(message)
                     except trio.WouldBlock:
