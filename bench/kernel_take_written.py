@@ -37,8 +37,11 @@ def main() -> None:
     fd = memfd_create("bench")
     os.ftruncate(fd, size)
     rng = np.random.default_rng(1)
-    with Mapping(fd, size) as mapping, Userfaultfd.create() as uffd, \
-            PagemapScanner(os.getpid()) as scanner:
+    with (
+        Mapping(fd, size) as mapping,
+        Userfaultfd.create() as uffd,
+        PagemapScanner(os.getpid()) as scanner,
+    ):
         uffd.api(Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM)
         uffd.register(mapping.address, size, Mode.WP)
         start, end = mapping.address, mapping.address + size

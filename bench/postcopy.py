@@ -160,9 +160,17 @@ def guest(args: argparse.Namespace) -> int:
 
 def guest_command(args: argparse.Namespace) -> list[str]:
     return [
-        sys.executable, os.path.abspath(__file__), "_guest",
-        "--seed", str(args.seed), "--sweep-rate", args.sweep_rate,
-        "--touches", str(args.touches), "--touch-interval", str(args.touch_interval),
+        sys.executable,
+        os.path.abspath(__file__),
+        "_guest",
+        "--seed",
+        str(args.seed),
+        "--sweep-rate",
+        args.sweep_rate,
+        "--touches",
+        str(args.touches),
+        "--touch-interval",
+        str(args.touch_interval),
     ]
 
 
@@ -239,7 +247,10 @@ def source(args: argparse.Namespace) -> None:
                     package_ns = time.monotonic_ns()
 
             outgoing = OutgoingMigration(
-                guest, blocks, capabilities=capabilities(), parameters=parameters,
+                guest,
+                blocks,
+                capabilities=capabilities(),
+                parameters=parameters,
                 on_event=on_event,
             )
 
@@ -304,8 +315,19 @@ def measure_floor(faults: int) -> dict[str, Any]:
     source_address = source.__array_interface__["data"][0]
     resolver: list[int] = []
     child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "_floor", "--memfd", str(memfd),
-         "--control", str(theirs.fileno()), "--size", str(size), "--faults", str(faults)],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "_floor",
+            "--memfd",
+            str(memfd),
+            "--control",
+            str(theirs.fileno()),
+            "--size",
+            str(size),
+            "--faults",
+            str(faults),
+        ],
         pass_fds=(memfd, theirs.fileno()),
     )
     theirs.close()
@@ -343,9 +365,19 @@ def child(*argv: str, profile: str | None = None) -> Iterator[subprocess.Popen[s
     """Run this script with ``argv``; with ``profile`` (a file), under py-spy (raw stacks)."""
     command = [sys.executable, os.path.abspath(__file__), *argv]
     if profile:
-        command = ["py-spy", "record", "--nonblocking", "--rate", "1000", "--format", "raw",
-                   "--output", profile,
-                   "--", *command]
+        command = [
+            "py-spy",
+            "record",
+            "--nonblocking",
+            "--rate",
+            "1000",
+            "--format",
+            "raw",
+            "--output",
+            profile,
+            "--",
+            *command,
+        ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         yield process
@@ -391,23 +423,49 @@ def migrate_once(
     if args.profile and tag:
         os.makedirs(args.profile, exist_ok=True)
         profiles = {side: f"{args.profile}/{tag}-{side}.txt" for side in profiles}
-    common = ["--ram", args.ram, "--seed", str(args.seed), "--sweep-rate", args.sweep_rate,
-              "--touches", str(args.touches), "--touch-interval", str(args.touch_interval)]
+    common = [
+        "--ram",
+        args.ram,
+        "--seed",
+        str(args.seed),
+        "--sweep-rate",
+        args.sweep_rate,
+        "--touches",
+        str(args.touches),
+        "--touch-interval",
+        str(args.touch_interval),
+    ]
     listen = f"unix:{workdir}/migration.sock" if transport == "unix" else "tcp:127.0.0.1:0"
-    with child("_destination", "--uri", listen, "--run-after", str(args.run_after),
-               *common, profile=profiles["destination"]) as receiver:
+    with child(
+        "_destination",
+        "--uri",
+        listen,
+        "--run-after",
+        str(args.run_after),
+        *common,
+        profile=profiles["destination"],
+    ) as receiver:
         address = read_json(receiver)["address"]
-        with child("_source", "--uri", address, "--warmup", str(args.warmup),
-                   "--postcopy-bandwidth", args.postcopy_bandwidth,
-                   *common, profile=profiles["source"]) as sender:
+        with child(
+            "_source",
+            "--uri",
+            address,
+            "--warmup",
+            str(args.warmup),
+            "--postcopy-bandwidth",
+            args.postcopy_bandwidth,
+            *common,
+            profile=profiles["source"],
+        ) as sender:
             sent = read_json(sender)
         received = read_json(receiver)
     if "error" in received:
         raise SystemExit(f"{transport}: the destination failed: {received['error']}")
     incoming, verdict = received["incoming"], received["verdict"]
     if not verdict.get("verified"):
-        raise SystemExit(f"{transport}: the destination guest failed verification: "
-                         f"{verdict.get('detail')}")
+        raise SystemExit(
+            f"{transport}: the destination guest failed verification: {verdict.get('detail')}"
+        )
     info = sent["source"]
     touches = verdict.get("touch_ns", [])
     return {
@@ -432,9 +490,20 @@ def migrate_once(
     }
 
 
-SUMMARY = ("latency_p50_us", "latency_p99_us", "latency_avg_us", "requests", "blocktime_ms",
-           "downtime_ms", "stop_to_package_ms", "total_ms", "transferred_mib", "source_cpu_s",
-           "destination_cpu_s", "other_cpu_s")
+SUMMARY = (
+    "latency_p50_us",
+    "latency_p99_us",
+    "latency_avg_us",
+    "requests",
+    "blocktime_ms",
+    "downtime_ms",
+    "stop_to_package_ms",
+    "total_ms",
+    "transferred_mib",
+    "source_cpu_s",
+    "destination_cpu_s",
+    "other_cpu_s",
+)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -455,26 +524,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         target.add_argument("--transports", default="unix,tcp")
         target.add_argument("--floor-faults", type=int, default=2000)
         target.add_argument("--json", metavar="FILE", help="also write the results here")
-        target.add_argument("--profile", metavar="DIR",
-                            help="run the engines under py-spy, raw stacks into DIR")
+        target.add_argument(
+            "--profile", metavar="DIR", help="run the engines under py-spy, raw stacks into DIR"
+        )
     internal = {name: sub.add_parser(name) for name in ("_guest", "_destination", "_source")}
     for name, target in (*internal.items(), ("run", run), ("", parser)):
         target.add_argument("--ram", default="1G")
         target.add_argument("--seed", type=int, default=1)
-        target.add_argument("--sweep-rate", default="16M",
-                            help="the guest's counter sweep, bytes/s (0: none)")
-        target.add_argument("--touches", type=int, default=128,
-                            help="random pages the destination guest reads after the switch")
-        target.add_argument("--touch-interval", type=float, default=0.002,
-                            help="seconds between those reads")
+        target.add_argument(
+            "--sweep-rate", default="16M", help="the guest's counter sweep, bytes/s (0: none)"
+        )
+        target.add_argument(
+            "--touches",
+            type=int,
+            default=128,
+            help="random pages the destination guest reads after the switch",
+        )
+        target.add_argument(
+            "--touch-interval", type=float, default=0.002, help="seconds between those reads"
+        )
         if name in ("_destination", "_source"):
             target.add_argument("--uri", required=True)
         if name in ("_destination", "run", ""):
             target.add_argument("--run-after", type=float, default=0.2)
         if name in ("_source", "run", ""):
             target.add_argument("--warmup", type=float, default=0.3)
-            target.add_argument("--postcopy-bandwidth", default="0",
-                                help="max-postcopy-bandwidth of the source (default 0: unlimited)")
+            target.add_argument(
+                "--postcopy-bandwidth",
+                default="0",
+                help="max-postcopy-bandwidth of the source (default 0: unlimited)",
+            )
     floor = sub.add_parser("_floor")
     for option in ("--memfd", "--control", "--size", "--faults"):
         floor.add_argument(option, type=int, required=True)
@@ -508,27 +587,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         return floor_child(args)
 
     transports = [name.strip() for name in args.transports.split(",") if name.strip()]
-    results: dict[str, Any] = {"ram": args.ram, "touches": args.touches, "floor": [],
-                               "migrations": {name: [] for name in transports}}
+    results: dict[str, Any] = {
+        "ram": args.ram,
+        "touches": args.touches,
+        "floor": [],
+        "migrations": {name: [] for name in transports},
+    }
     with tempfile.TemporaryDirectory(prefix="trimig-bench-") as workdir:
         print(f"warm-up migration over {transports[0]} ...", file=sys.stderr, flush=True)
         migrate_once(args, transports[0], workdir)
         for round_index in range(args.rounds):
             floor_result = measure_floor(args.floor_faults)
             results["floor"].append(floor_result)
-            print(f"round {round_index + 1}: floor {json.dumps(floor_result)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"round {round_index + 1}: floor {json.dumps(floor_result)}",
+                file=sys.stderr,
+                flush=True,
+            )
             for transport in transports:
                 run_result = migrate_once(args, transport, workdir, f"{transport}{round_index}")
                 results["migrations"][transport].append(run_result)
                 shown = {k: v for k, v in run_result.items() if k != "guest_faults_ns"}
-                print(f"round {round_index + 1}: {transport} {json.dumps(shown)}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {round_index + 1}: {transport} {json.dumps(shown)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     results["summary"] = {name: summarise(runs) for name, runs in results["migrations"].items()}
     floor_guest = [run["guest"] for run in results["floor"]]
     results["summary"]["floor"] = {
-        key: float(np.median([entry[key] for entry in floor_guest]))
-        for key in ("p50_us", "p99_us")
+        key: float(np.median([entry[key] for entry in floor_guest])) for key in ("p50_us", "p99_us")
     }
     print(json.dumps(results["summary"], indent=2))
     if args.json:

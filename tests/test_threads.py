@@ -100,8 +100,9 @@ def test_write_all_waits_for_room_and_times_out() -> None:
 
         thread = threading.Thread(target=drain)
         thread.start()
-        assert write_all(writer.fileno(), [payload[:1000], payload[1000:]], timeout=5, what="x") \
-            == len(payload)
+        assert write_all(
+            writer.fileno(), [payload[:1000], payload[1000:]], timeout=5, what="x"
+        ) == len(payload)
         thread.join()
         with pytest.raises(TransportError, match=r"took nothing for 0\.1 s"):
             write_all(writer.fileno(), [payload], timeout=0.1, what="the test channel")

@@ -171,8 +171,10 @@ def test_malformed_requests_get_error_replies(harness):
 def test_requests_needing_memory_or_a_pause(harness):
     for command in ("cont", "stop", "save-state", "verify", "track-dirty", "register-missing"):
         reply = harness.request(command)
-        assert not reply["ok"] and reply["error"] == f"{command}: {command} needs memory: " \
-            "send attach first"
+        assert (
+            not reply["ok"]
+            and reply["error"] == f"{command}: {command} needs memory: send attach first"
+        )
     assert harness.attach([1 * MiB])["ok"]
     assert harness.request("cont") == {"reply": harness.next_id, "ok": True, "running": True}
     reply = harness.request("save-state")
@@ -246,8 +248,11 @@ def test_failing_hook_fails_only_its_request(harness):
     harness.attach([1 * MiB])
     harness.program.fail = "on_cont"
     reply = harness.request("cont")
-    assert reply == {"reply": harness.next_id, "ok": False,
-                     "error": "cont: on_cont failed on purpose"}
+    assert reply == {
+        "reply": harness.next_id,
+        "ok": False,
+        "error": "cont: on_cont failed on purpose",
+    }
     assert harness.guest.running is False
     harness.program.fail = None
     assert harness.request("cont")["ok"]
@@ -270,7 +275,9 @@ def test_notifications_inhibit_discard(harness):
         os.lseek(block.fd, 0, os.SEEK_DATA)  # all hole again
     assert block.array()[100] == 0
     assert [c for c in harness.program.calls if c[0] == "on_notify"] == [
-        ("on_notify", Event.POSTCOPY_START), ("on_notify", Event.POSTCOPY_END)]
+        ("on_notify", Event.POSTCOPY_START),
+        ("on_notify", Event.POSTCOPY_END),
+    ]
     reply = harness.request("notify", event="lunch")
     assert "unknown event 'lunch'" in reply["error"]
     with pytest.raises(ConfigError, match="outside block"):
@@ -293,6 +300,7 @@ def test_run_steps_only_while_running(harness):
     thread = threading.Thread(target=lambda: status.append(harness.guest.run(harness.program)))
     thread.start()
     try:
+
         def call(command: str) -> dict[str, Any]:
             harness.next_id += 1
             protocol.send_message(harness.engine, protocol.request(command, harness.next_id))

@@ -124,9 +124,7 @@ async def test_postcopy_destination_faults_are_resolved_by_the_engine(
                 offset = (fault.address - addresses[index]) // page_size * page_size
                 faults.append((index, offset))
                 source_address = source_blocks[index].mapping.address + offset
-                uffd.copy(
-                    addresses[index] + offset, source_address, page_size, page_size=page_size
-                )
+                uffd.copy(addresses[index] + offset, source_address, page_size, page_size=page_size)
 
     with uffd:
         async with trio.open_nursery() as nursery:

@@ -110,7 +110,11 @@ async def test_corrupt_counter_is_named(start_guest, make_blocks):
     assert not verdict.verified
     bad = verdict.raw["bad_page"]
     assert (bad["page"], bad["block"], bad["offset"], bad["what"]) == (
-        bad_page, "ram.b", 37 * 4096, "counter")
+        bad_page,
+        "ram.b",
+        37 * 4096,
+        "counter",
+    )
     assert bad["found"] == bad["expected"] + 5
     assert f"page {bad_page} " in verdict.detail and "'ram.b'" in verdict.detail
     assert "breaks the one-step pattern" in verdict.detail

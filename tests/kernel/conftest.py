@@ -33,8 +33,15 @@ class Child:
         self.sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, str(CHILD_SCRIPT), str(child_sock.fileno()), str(memfd),
-                 str(size), mode, "1" if hugetlb else "0"],
+                [
+                    sys.executable,
+                    str(CHILD_SCRIPT),
+                    str(child_sock.fileno()),
+                    str(memfd),
+                    str(size),
+                    mode,
+                    "1" if hugetlb else "0",
+                ],
                 pass_fds=(child_sock.fileno(), memfd),
             )
         finally:

@@ -64,8 +64,9 @@ def track(memfd_factory: Callable[..., int]) -> Iterator[Callable[..., Tracked]]
     made: list[Tracked] = []
 
     def make(size: int, *, hugetlb: bool = False, protect_with_scanner: bool = False) -> Tracked:
-        tracked = Tracked(memfd_factory(size, hugetlb=hugetlb), size,
-                          protect_with_scanner=protect_with_scanner)
+        tracked = Tracked(
+            memfd_factory(size, hugetlb=hugetlb), size, protect_with_scanner=protect_with_scanner
+        )
         made.append(tracked)
         return tracked
 
@@ -103,18 +104,23 @@ def test_registration_alone_reports_populated_pages_as_written(
     """Why callers must write-protect after registering: a fresh registration protects
     nothing, so every populated page counts as written."""
     fd = memfd_factory(8 * P)
-    with Mapping(fd, 8 * P) as mapping, Userfaultfd.create() as uffd, \
-            PagemapScanner("self") as scanner:
+    with (
+        Mapping(fd, 8 * P) as mapping,
+        Userfaultfd.create() as uffd,
+        PagemapScanner("self") as scanner,
+    ):
         mapping.buffer[2 * P] = 1
         uffd.api(Feature.WP_ASYNC)
         uffd.register(mapping.address, 8 * P, Mode.WP)
-        written = pages(scanner.take_written(mapping.address, mapping.address + 8 * P),
-                        mapping.address)
+        written = pages(
+            scanner.take_written(mapping.address, mapping.address + 8 * P), mapping.address
+        )
         assert (2, 3) in [(s, e) for s, e in written if s <= 2 < e] or written == [(0, 8)]
         del written
         mapping.buffer[5 * P] = 1
-        assert pages(scanner.take_written(mapping.address, mapping.address + 8 * P),
-                     mapping.address) == [(5, 6)]
+        assert pages(
+            scanner.take_written(mapping.address, mapping.address + 8 * P), mapping.address
+        ) == [(5, 6)]
 
 
 def test_sub_range_scans(track: Callable[..., Tracked]) -> None:
@@ -164,8 +170,9 @@ def test_cross_process_tracking(
     child.uffd.writeprotect(start, size, protect=True)  # acts on the child's memory
     with PagemapScanner(child.pid) as scanner:
         assert pages(scanner.take_written(start, end), start) == []
-        assert child.request({"op": "write", "offsets": [P, 2 * P + 5, 7 * P], "value": 1}) \
-            == {"ok": True}
+        assert child.request({"op": "write", "offsets": [P, 2 * P + 5, 7 * P], "value": 1}) == {
+            "ok": True
+        }
         assert pages(scanner.take_written(start, end), start) == [(1, 3), (7, 8)]
         assert pages(scanner.take_written(start, end), start) == []
         assert child.request({"op": "read", "offsets": [P, 9 * P]}) == {"values": [1, 0]}

@@ -21,8 +21,14 @@ def test_probe_finds_what_this_machine_has(features: KernelFeatures) -> None:
     assert features.kernel_release == os.uname().release
     assert features.page_size == 4096
     assert features.userfaultfd and features.userfaultfd_error == ""
-    for bit in (Feature.WP_ASYNC, Feature.WP_HUGETLBFS_SHMEM, Feature.MISSING_SHMEM,
-                Feature.MISSING_HUGETLBFS, Feature.MINOR_SHMEM, Feature.MOVE):
+    for bit in (
+        Feature.WP_ASYNC,
+        Feature.WP_HUGETLBFS_SHMEM,
+        Feature.MISSING_SHMEM,
+        Feature.MISSING_HUGETLBFS,
+        Feature.MINOR_SHMEM,
+        Feature.MOVE,
+    ):
         assert features.uffd_features & bit
     assert features.uffd_ioctls & Ioctl.REGISTER
     assert features.pagemap_scan and features.pagemap_scan_error == ""

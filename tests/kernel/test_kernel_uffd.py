@@ -157,8 +157,13 @@ def test_missing_fault_from_native_thread(memfd_factory: Callable[..., int]) -> 
             _wait_readable(uffd)
             faults = uffd.read_faults()
             assert faults == [
-                PageFault(address=mapping.address + 2 * P, write=True, wp=False, minor=False,
-                          thread_id=native_ids[0])
+                PageFault(
+                    address=mapping.address + 2 * P,
+                    write=True,
+                    wp=False,
+                    minor=False,
+                    thread_id=native_ids[0],
+                )
             ]
             assert uffd.copy(mapping.address + 2 * P, buffer_address(source), P) == P
             thread.join(10)
@@ -238,16 +243,19 @@ def test_missing_hugetlb_across_processes(
 
     def resolve(fault: PageFault) -> None:
         faults.append(fault)
-        placed = uffd.copy(fault.address, buffer_address(source), HUGE_PAGE_SIZE,
-                           page_size=HUGE_PAGE_SIZE)
+        placed = uffd.copy(
+            fault.address, buffer_address(source), HUGE_PAGE_SIZE, page_size=HUGE_PAGE_SIZE
+        )
         assert placed == HUGE_PAGE_SIZE
 
     offset = HUGE_PAGE_SIZE + 12345
     reply = child.request({"op": "read", "offsets": [offset]}, resolve)
     assert reply == {"values": [source[12345]]}
     assert [f.address for f in faults] == [child.address + HUGE_PAGE_SIZE]
-    assert uffd.copy(child.address, buffer_address(source), size, page_size=HUGE_PAGE_SIZE) \
+    assert (
+        uffd.copy(child.address, buffer_address(source), size, page_size=HUGE_PAGE_SIZE)
         == HUGE_PAGE_SIZE
+    )
     with pytest.raises(ConfigError, match="2097152-byte pages"):
         uffd.copy(child.address, buffer_address(source), P, page_size=HUGE_PAGE_SIZE)
     assert os.pread(fd, HUGE_PAGE_SIZE, 0) == source

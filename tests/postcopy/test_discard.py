@@ -69,8 +69,10 @@ def test_dirty_ranges_match_naive(case: tuple[list[bool], int], page_size: int) 
     assert dirty_ranges(np.array(bits, dtype=bool), page_size) == naive_ranges(bits, page_size)
 
 
-@given(st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(1, 1 << 30)), max_size=60),
-       st.integers(1, 20))
+@given(
+    st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(1, 1 << 30)), max_size=60),
+    st.integers(1, 20),
+)
 def test_batch_preserves_order_and_limits(ranges: list[tuple[int, int]], limit: int) -> None:
     batches = batch(ranges, limit)
     assert [item for group in batches for item in group] == ranges

@@ -31,8 +31,13 @@ class Clock:
 
 
 def fault(address: int, **flags: bool) -> PageFault:
-    return PageFault(address, write=flags.get("write", False), wp=flags.get("wp", False),
-                     minor=flags.get("minor", False), thread_id=0)
+    return PageFault(
+        address,
+        write=flags.get("write", False),
+        wp=flags.get("wp", False),
+        minor=flags.get("minor", False),
+        thread_id=0,
+    )
 
 
 @pytest.fixture
@@ -41,8 +46,9 @@ def uffd() -> Iterator[Userfaultfd]:
         yield uffd
 
 
-def make_handler(uffd: Userfaultfd, clock: Clock) -> tuple[FaultHandler, list[PageRequest],
-                                                           ReceivedBitmap]:
+def make_handler(
+    uffd: Userfaultfd, clock: Clock
+) -> tuple[FaultHandler, list[PageRequest], ReceivedBitmap]:
     sent: list[PageRequest] = []
 
     async def request_page(block: str, start: int, length: int) -> None:
@@ -55,7 +61,13 @@ def make_handler(uffd: Userfaultfd, clock: Clock) -> tuple[FaultHandler, list[Pa
 
 def test_latency_buckets_are_powers_of_two_microseconds() -> None:
     assert [latency_bucket(ns) for ns in (0, 999, 1000, 1999, 2000, 3999, 4000)] == [
-        0, 0, 0, 0, 1, 1, 2,
+        0,
+        0,
+        0,
+        0,
+        1,
+        1,
+        2,
     ]
     assert latency_bucket(1000 * 1023) == 9
     assert latency_bucket(1000 * 1024) == 10

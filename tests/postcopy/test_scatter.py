@@ -198,8 +198,11 @@ def test_runs_of_pages_are_scattered() -> None:
     encoder = codec.RamRecordEncoder()
     memory = np.random.default_rng(5).integers(0, 256, 2048 * PAGE, dtype=np.uint8)
     info = [codec.RamBlockInfo("ram", len(memory), None)]
-    parts = [codec.encode_file_header(), codec.encode_configuration(),
-             codec.encode_ram_setup(0, info, postcopy=False)]
+    parts = [
+        codec.encode_file_header(),
+        codec.encode_configuration(),
+        codec.encode_ram_setup(0, info, postcopy=False),
+    ]
     for first in range(0, 2048, 512):
         offsets = np.arange(first, first + 512, dtype=np.uint64) * PAGE
         parts.append(codec.encode_section_part(0))
@@ -207,8 +210,10 @@ def test_runs_of_pages_are_scattered() -> None:
         parts += [codec.encode_end_of_section(), codec.encode_section_footer(0)]
     parts.append(codec.encode_eof())
     data = b"".join(parts)
-    expected_pages = [("page", "ram", page * PAGE, bytes(memory[page * PAGE : (page + 1) * PAGE]))
-                      for page in range(2048)]
+    expected_pages = [
+        ("page", "ram", page * PAGE, bytes(memory[page * PAGE : (page + 1) * PAGE]))
+        for page in range(2048)
+    ]
     built = Built(data, [], [], [], [], {}, False)
     items, scattered = decode_with_scatter(built, 1 << 16, MAX_RECORDS)
     assert [item for item in items if isinstance(item, tuple)] == expected_pages
@@ -221,8 +226,11 @@ def test_the_decoder_hands_over_only_between_ram_records() -> None:
     decoder = codec.StreamDecoder()
     assert decoder.take_ram_records() is None  # before the header
     info = [codec.RamBlockInfo("ram", BLOCK_SIZE, None)]
-    decoder.receive_data(codec.encode_file_header() + codec.encode_configuration()
-                         + codec.encode_ram_setup(0, info, postcopy=False))
+    decoder.receive_data(
+        codec.encode_file_header()
+        + codec.encode_configuration()
+        + codec.encode_ram_setup(0, info, postcopy=False)
+    )
     while decoder.next_event() is not NEED_DATA:
         pass
     assert decoder.take_ram_records() is None  # between sections
@@ -241,13 +249,15 @@ def test_take_and_skip_keep_the_stream_offset() -> None:
     encoder = codec.RamRecordEncoder()
     memory = np.zeros(BLOCK_SIZE, dtype=np.uint8)
     first = encoder.encode_pages("ram", np.array([0], np.uint64), memory)
-    head = b"".join([
-        codec.encode_file_header(),
-        codec.encode_configuration(),
-        codec.encode_ram_setup(0, info, postcopy=False),
-        codec.encode_section_part(0),
-        *(bytes(part) for part in first),
-    ])
+    head = b"".join(
+        [
+            codec.encode_file_header(),
+            codec.encode_configuration(),
+            codec.encode_ram_setup(0, info, postcopy=False),
+            codec.encode_section_part(0),
+            *(bytes(part) for part in first),
+        ]
+    )
     decoder.receive_data(head + b"\x01\x02\x03")
     while decoder.next_event() is not NEED_DATA:
         pass

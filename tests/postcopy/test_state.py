@@ -32,19 +32,40 @@ def test_listen_without_discard() -> None:
 @pytest.mark.parametrize(
     ("steps", "command", "message"),
     [
-        ([], "on_discard", "POSTCOPY_RAM_DISCARD received in postcopy state NONE "
-                           r"\(expected ADVISE or DISCARD\)"),
+        (
+            [],
+            "on_discard",
+            "POSTCOPY_RAM_DISCARD received in postcopy state NONE "
+            r"\(expected ADVISE or DISCARD\)",
+        ),
         ([], "on_listen", "POSTCOPY_LISTEN received in postcopy state NONE"),
-        (["on_advise"], "on_advise", "POSTCOPY_ADVISE received in postcopy state ADVISE "
-                                     r"\(expected NONE\)"),
-        (["on_advise"], "on_run", "POSTCOPY_RUN received in postcopy state ADVISE "
-                                  r"\(expected LISTENING\)"),
-        (["on_advise", "on_listen"], "on_discard",
-         "POSTCOPY_RAM_DISCARD received in postcopy state LISTENING"),
-        (["on_advise", "on_listen"], "on_listen", "POSTCOPY_LISTEN received in postcopy state "
-                                                  "LISTENING"),
-        (["on_advise", "on_listen", "on_run"], "on_run", "POSTCOPY_RUN received in postcopy "
-                                                         "state RUNNING"),
+        (
+            ["on_advise"],
+            "on_advise",
+            "POSTCOPY_ADVISE received in postcopy state ADVISE "
+            r"\(expected NONE\)",
+        ),
+        (
+            ["on_advise"],
+            "on_run",
+            "POSTCOPY_RUN received in postcopy state ADVISE "
+            r"\(expected LISTENING\)",
+        ),
+        (
+            ["on_advise", "on_listen"],
+            "on_discard",
+            "POSTCOPY_RAM_DISCARD received in postcopy state LISTENING",
+        ),
+        (
+            ["on_advise", "on_listen"],
+            "on_listen",
+            "POSTCOPY_LISTEN received in postcopy state LISTENING",
+        ),
+        (
+            ["on_advise", "on_listen", "on_run"],
+            "on_run",
+            "POSTCOPY_RUN received in postcopy state RUNNING",
+        ),
         (["on_advise"], "on_end", "end of the postcopy stream received in postcopy state ADVISE"),
     ],
 )

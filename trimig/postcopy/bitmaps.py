@@ -193,8 +193,7 @@ class PageBitmap:
     def _check(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > self.npages:
             raise IndexError(
-                f"pages [{start}, {start + count}) out of range for a bitmap of "
-                f"{self.npages} pages"
+                f"pages [{start}, {start + count}) out of range for a bitmap of {self.npages} pages"
             )
 
 

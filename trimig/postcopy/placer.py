@@ -132,8 +132,7 @@ class PagePlacer:
         target, index = self._check(block, offsets, channel)
         if pages.ndim != 2 or pages.shape != (index.shape[0], TARGET_PAGE_SIZE):
             raise ValueError(
-                f"pages must have shape ({index.shape[0]}, {TARGET_PAGE_SIZE}), "
-                f"got {pages.shape}"
+                f"pages must have shape ({index.shape[0]}, {TARGET_PAGE_SIZE}), got {pages.shape}"
             )
         if pages.dtype != np.uint8:
             raise ValueError(f"pages must be uint8, got {pages.dtype}")
@@ -143,9 +142,7 @@ class PagePlacer:
             return self._place_small(target, index, pages, self._gather_state(channel))
         return self._gather(target, index, pages, channel)
 
-    def place_zero(
-        self, block: str, offsets: npt.ArrayLike, *, channel: int = MAIN_CHANNEL
-    ) -> int:
+    def place_zero(self, block: str, offsets: npt.ArrayLike, *, channel: int = MAIN_CHANNEL) -> int:
         """Place zero target pages at byte ``offsets`` of ``block``; like ``place``."""
         target, index = self._check(block, offsets, channel)
         if target.page_size == TARGET_PAGE_SIZE:
@@ -189,9 +186,7 @@ class PagePlacer:
 
     # ------------------------------------------------------- 4 KiB host pages
 
-    def _place_one(
-        self, block: GuestRamBlock, page: int, row: npt.NDArray[np.uint8] | None
-    ) -> int:
+    def _place_one(self, block: GuestRamBlock, page: int, row: npt.NDArray[np.uint8] | None) -> int:
         """Place one 4 KiB target page (an urgent page, a fault on a known zero): the
         general path costs tens of microseconds of numpy calls on one-element arrays."""
         bitmap = self._received.block(block.name)
@@ -255,8 +250,9 @@ class PagePlacer:
         """Place rows ``[first, end)`` at adjacent pages from ``first_page`` on."""
         count = end - first
         if pages is None:
-            done = self._uffd.zeropage(block.address + first_page * TARGET_PAGE_SIZE,
-                                       count * TARGET_PAGE_SIZE)
+            done = self._uffd.zeropage(
+                block.address + first_page * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE
+            )
             self._account(bitmap, first_page, count, done, zero=True)
             return done // TARGET_PAGE_SIZE
         rows = pages[first:end]
@@ -278,9 +274,7 @@ class PagePlacer:
             total += done // TARGET_PAGE_SIZE
         return total
 
-    def _copy_rows(
-        self, block: GuestRamBlock, first_page: int, rows: npt.NDArray[np.uint8]
-    ) -> int:
+    def _copy_rows(self, block: GuestRamBlock, first_page: int, rows: npt.NDArray[np.uint8]) -> int:
         """One UFFDIO_COPY of adjacent rows; present pages are skipped by the kernel binding."""
         source = rows.__array_interface__["data"][0]
         return self._uffd.copy(
@@ -416,8 +410,10 @@ class PagePlacer:
             if offset % TARGET_PAGE_SIZE or not 0 <= offset < block.size:
                 raise self._illegal(int(raw[0]), block)
         elif offsets_array.size:
-            bad = (offsets_array % TARGET_PAGE_SIZE != 0) | (offsets_array < 0) | (
-                offsets_array >= block.size
+            bad = (
+                (offsets_array % TARGET_PAGE_SIZE != 0)
+                | (offsets_array < 0)
+                | (offsets_array >= block.size)
             )
             if bad.any():
                 raise self._illegal(int(raw[np.flatnonzero(bad)[0]]), block)
@@ -426,6 +422,5 @@ class PagePlacer:
     @staticmethod
     def _illegal(offset: int, block: GuestRamBlock) -> RemoteProtocolError:
         return RemoteProtocolError(
-            f"Illegal RAM offset {offset:#x} for RAM block {block.name!r} of size "
-            f"{block.size:#x}"
+            f"Illegal RAM offset {offset:#x} for RAM block {block.name!r} of size {block.size:#x}"
         )
