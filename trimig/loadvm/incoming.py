@@ -27,6 +27,7 @@ from ..errors import (
     TransportError,
 )
 from ..guest.host import GuestProcess
+from ..loops import feed_from_channel, next_event
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from ..postcopy import PostcopyState
 from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
@@ -37,7 +38,7 @@ from ..status import DESTINATION, EventCallback, StatusHolder, StatusMachine
 from ..transports import ByteStream, FileAddress, Listener, listen, parse_uri, set_channel_timeout
 from .postcopy import PostcopyIncoming
 from .ram_loader import RamLoader
-from .reader import ReturnPathWriter, next_event
+from .reader import ReturnPathWriter
 
 log = logging.getLogger("trimig.loadvm")
 
@@ -364,8 +365,7 @@ class IncomingMigration(StatusHolder):
                 if event is codec.NEED_DATA:
                     if not to_the_end and not decoder.buffered:
                         return
-                    if not await channel.receive_into_decoder(decoder):
-                        decoder.receive_eof()
+                    await feed_from_channel(decoder, channel)
                 elif isinstance(event, codec.ChannelClosed):
                     return
                 elif not isinstance(event, codec.VmDescription):

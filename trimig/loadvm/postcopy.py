@@ -12,7 +12,9 @@ incoming migration's nursery:
 The first and the last are a fault's round trip, so when the connections have file
 descriptors they run in OS threads (``trimig.threads``), each woken by the kernel the
 moment its fd is ready instead of waiting for the trio loop to come back from placing
-background pages. The placer and the fault handler are thread-safe for this.
+background pages; so does the main listener. Each loop is one synchronous step
+(``FaultHandler.note_fault``, ``_main_step``, ``_place_urgent``) run by the thread or the
+trio driver of ``trimig.loops``. The placer and the fault handler are thread-safe for this.
 
 Every placement is a whole host page, atomically, through the uffd (COPY or ZEROPAGE),
 which also wakes the faulting guest thread.
@@ -35,6 +37,7 @@ from ..errors import RemoteProtocolError, TransportError
 from ..guest.host import GuestProcess
 from ..kernel.probe import probe
 from ..kernel.uffd import Userfaultfd
+from ..loops import END, End, FdFeed, decode, decode_in_thread, serve_fd_in_thread
 from ..postcopy import (
     MAIN_CHANNEL,
     PREEMPT_CHANNEL,
@@ -46,11 +49,11 @@ from ..postcopy import (
     check_postcopy_support,
 )
 from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
-from ..threads import StopSignal, read_into, run_in_thread, stream_fd, wait_readable
+from ..threads import StopSignal, run_in_thread, stream_fd
 from ..trace import trace
-from ..transports import ByteStream, Listener
+from ..transports import Listener
 from .ram_loader import RamLoader
-from .reader import ReturnPathWriter, next_event
+from .reader import ReturnPathWriter
 from .scatter import PageScatter, feed_decoder
 
 log = logging.getLogger("trimig.loadvm.postcopy")
@@ -108,8 +111,8 @@ class PostcopyIncoming:
         self._urgent_accepted = False
         #: Set once the urgent reader reached that end (every urgent page placed).
         self._urgent_ended = trio.Event()
-        #: Bytes read on the urgent channel.
-        self.urgent_bytes = 0
+        #: What reads the urgent channel (its byte count is urgent_bytes).
+        self._urgent_input: MigrationChannel | FdFeed | None = None
         #: x-channel-timeout of the main stream's reader (seconds, None: no bound).
         self.channel_timeout: float | None = None
 
@@ -246,6 +249,11 @@ class PostcopyIncoming:
             self._uffd.close()
             self._uffd = None
 
+    @property
+    def urgent_bytes(self) -> int:
+        """Bytes read on the urgent channel so far."""
+        return self._urgent_input.bytes_received if self._urgent_input is not None else 0
+
     def pages_placed(self) -> int:
         """Host pages placed so far (grows while the guest's missing memory arrives)."""
         return self.placer.stats.host_pages_placed if self.placer is not None else 0
@@ -275,34 +283,39 @@ class PostcopyIncoming:
         assert self._helpers is not None
         self._helpers.start_soon(function, *args)
 
+    # The fault handler: its step is FaultHandler.note_fault; FaultHandler.run (trio)
+    # or _serve_faults (the thread) drive it and hand each request to one of these.
+
     async def _request_page(self, block: str, offset: int, length: int) -> None:
-        """Fault handler callback: ask the source for a host page, or place a known zero."""
-        message = self._page_request(PageRequest(block, offset, length))
-        if message is None:
-            return
-        try:
-            await self._return_path.send(message)
-        except TransportError as exc:
-            log.warning("page request for %s+%#x not sent: %s", block, offset, exc)
+        """Trio: ask the source for a faulted host page, or place a known zero."""
+        request = PageRequest(block, offset, length)
+        message = self._page_request(request)
+        if message is not None:
+            try:
+                await self._return_path.send(message)
+            except TransportError as exc:
+                _request_not_sent(request, exc)
+
+    def _request_page_from_thread(self, request: PageRequest) -> None:
+        """The fault thread: ``_request_page``, written from the thread."""
+        message = self._page_request(request)
+        if message is not None:
+            try:
+                self._return_path.send_from_thread(message)
+            except TransportError as exc:
+                _request_not_sent(request, exc)
 
     def _serve_faults(self, stop: StopSignal) -> None:
         """The fault thread: guest faults to page requests, until ``stop``."""
         assert self._uffd is not None and self.faults is not None
-        uffd, faults = self._uffd, self.faults
-        while wait_readable([uffd.fileno()], stop) is not None:
-            for fault in uffd.read_faults():
-                request = faults.note_fault(fault)
-                if request is None:
-                    continue
-                message = self._page_request(request)
-                if message is None:
-                    continue
-                try:
-                    self._return_path.send_from_thread(message)
-                except TransportError as exc:
-                    log.warning(
-                        "page request for %s+%#x not sent: %s", request.block, request.start, exc
-                    )
+        uffd = self._uffd
+        serve_fd_in_thread(
+            uffd.fileno(),
+            uffd.read_faults,
+            stop,
+            self.faults.note_fault,
+            self._request_page_from_thread,
+        )
 
     def _page_request(self, request: PageRequest) -> bytes | None:
         """The REQ_PAGES(_ID) message for a faulted host page; or None after placing it
@@ -322,31 +335,13 @@ class PostcopyIncoming:
     async def _listen_main(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
         """Read the rest of the main stream, placing pages, until its end (in a thread when
         the stream has a file descriptor)."""
-        assert self.placer is not None
         try:
             fd = stream_fd(channel.stream)
             if fd is not None and not channel.buffered:
                 token = trio.lowlevel.current_trio_token()
                 await run_in_thread(functools.partial(self._listen_in_thread, fd, decoder, token))
-                return
-            while True:
-                event = await next_event(decoder, channel)
-                if isinstance(event, codec.RamPages):
-                    self.placer.place(event.block, event.offsets, event.pages, channel=MAIN_CHANNEL)
-                elif isinstance(event, codec.RamZeroPages):
-                    self.placer.place_zero(event.block, event.offsets, channel=MAIN_CHANNEL)
-                elif isinstance(event, codec.EndOfStream):
-                    break
-                elif isinstance(event, codec.Ping):
-                    # A PONG acknowledges everything before its PING, the package included:
-                    # answer once the guest runs, without holding up the pages behind it.
-                    self._nursery.start_soon(self._pong_once_running, event.value)
-                elif isinstance(event, _STRUCTURAL):
-                    continue
-                else:
-                    raise RemoteProtocolError(
-                        f"unexpected {type(event).__name__} in the stream during postcopy"
-                    )
+            else:
+                await decode(decoder, channel, self._main_step, self._answer_ping)
         except Exception as exc:
             self.error = exc
         finally:
@@ -361,32 +356,44 @@ class PostcopyIncoming:
     ) -> None:
         """The main listener's thread: decode the main stream until its end, taking runs of
         page records off it with a PageScatter so that they are placed without a copy."""
-        placer = self.placer
-        assert placer is not None
         scatter = PageScatter(timeout=self.channel_timeout)
-        while True:
-            event = decoder.next_event()
-            if event is codec.NEED_DATA:
-                if not feed_decoder(decoder, fd, scatter, stop, place=self._place_main):
-                    return
-            elif isinstance(event, codec.RamPages):
-                placer.place(event.block, event.offsets, event.pages, channel=MAIN_CHANNEL)
-            elif isinstance(event, codec.RamZeroPages):
-                placer.place_zero(event.block, event.offsets, channel=MAIN_CHANNEL)
-            elif isinstance(event, codec.EndOfStream):
-                return
-            elif isinstance(event, codec.Ping):
-                token.run_sync_soon(self._nursery.start_soon, self._pong_once_running, event.value)
-            elif not isinstance(event, _STRUCTURAL):
-                raise RemoteProtocolError(
-                    f"unexpected {type(event).__name__} in the stream during postcopy"
-                )
+
+        def feed(_: object) -> bool:
+            return feed_decoder(decoder, fd, scatter, stop, place=self._place_main)
+
+        def answer_ping(value: int) -> None:
+            token.run_sync_soon(self._nursery.start_soon, self._pong_once_running, value)
+
+        decode_in_thread(decoder, feed, self._main_step, answer_ping)
+
+    def _main_step(self, event: object) -> int | End | None:
+        """Act on one event of the main stream after LISTEN: place its pages; the value
+        of a PING to answer; END at the end of the stream."""
+        assert self.placer is not None
+        if isinstance(event, codec.RamPages):
+            self.placer.place(event.block, event.offsets, event.pages, channel=MAIN_CHANNEL)
+        elif isinstance(event, codec.RamZeroPages):
+            self.placer.place_zero(event.block, event.offsets, channel=MAIN_CHANNEL)
+        elif isinstance(event, codec.EndOfStream):
+            return END
+        elif isinstance(event, codec.Ping):
+            return event.value
+        elif not isinstance(event, _STRUCTURAL):
+            raise RemoteProtocolError(
+                f"unexpected {type(event).__name__} in the stream during postcopy"
+            )
+        return None
 
     def _place_main(
         self, block: str, offsets: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8]
     ) -> None:
         assert self.placer is not None
         self.placer.place(block, offsets, pages, channel=MAIN_CHANNEL)
+
+    async def _answer_ping(self, value: int) -> None:
+        """A PONG acknowledges everything before its PING, the package included: answer
+        once the guest runs, without holding up the pages behind it."""
+        self._nursery.start_soon(self._pong_once_running, value)
 
     async def _pong_once_running(self, value: int) -> None:
         await self._running.wait()
@@ -402,13 +409,15 @@ class PostcopyIncoming:
         self._urgent_accepted = True
         try:
             await self._listening.wait()
+            decoder = codec.RamChannelDecoder({block.name: block.size for block in self.blocks})
             fd = stream_fd(stream)
             if fd is None:
-                await self._read_urgent(stream)
+                channel = self._urgent_input = MigrationChannel(stream)
+                await decode(decoder, channel, self._place_urgent)
                 ended = True
             else:
                 ended = await run_in_thread(
-                    functools.partial(self._read_urgent_in_thread, fd), urgent=True
+                    functools.partial(self._read_urgent_in_thread, fd, decoder), urgent=True
                 )
             if ended:
                 self._urgent_ended.set()
@@ -416,47 +425,27 @@ class PostcopyIncoming:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await stream.aclose()
 
-    async def _read_urgent(self, stream: ByteStream) -> None:
-        """The urgent reader in trio (streams without a file descriptor): to the end."""
-        channel = MigrationChannel(stream)
-        decoder = self._urgent_decoder()
-        try:
-            while self._place_urgent(await next_event(decoder, channel)):
-                pass
-        finally:
-            self.urgent_bytes = channel.bytes_received
-
-    def _read_urgent_in_thread(self, fd: int, stop: StopSignal) -> bool:
+    def _read_urgent_in_thread(
+        self, fd: int, decoder: codec.RamChannelDecoder, stop: StopSignal
+    ) -> bool:
         """The urgent reader's thread: read and place urgent pages until the channel's end
         (True) or ``stop`` (False)."""
-        decoder = self._urgent_decoder()
-        while True:
-            event = decoder.next_event()
-            if event is not codec.NEED_DATA:
-                if not self._place_urgent(event):
-                    return True
-                continue
-            count = read_into(
-                fd, decoder.get_buffer(READ_CHUNK), stop, what="the urgent page channel"
-            )
-            if count is None:
-                return False
-            self.urgent_bytes += count
-            if count:
-                decoder.commit(count)
-            else:
-                decoder.receive_eof()
+        feed = self._urgent_input = FdFeed(
+            fd, stop, what="the urgent page channel", chunk=READ_CHUNK
+        )
+        return decode_in_thread(decoder, feed, self._place_urgent)
 
-    def _urgent_decoder(self) -> codec.RamChannelDecoder:
-        return codec.RamChannelDecoder({block.name: block.size for block in self.blocks})
-
-    def _place_urgent(self, event: object) -> bool:
-        """Place one event of the urgent channel; False at its end (EOS or closed)."""
+    def _place_urgent(self, event: object) -> End | None:
+        """Place one event of the urgent channel; END at its end (EOS or closed)."""
         assert self.placer is not None
         if isinstance(event, codec.RamPages):
             self.placer.place(event.block, event.offsets, event.pages, channel=PREEMPT_CHANNEL)
         elif isinstance(event, codec.RamZeroPages):
             self.placer.place_zero(event.block, event.offsets, channel=PREEMPT_CHANNEL)
         else:
-            return False
-        return True
+            return END
+        return None
+
+
+def _request_not_sent(request: PageRequest, exc: TransportError) -> None:
+    log.warning("page request for %s+%#x not sent: %s", request.block, request.start, exc)

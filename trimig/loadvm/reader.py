@@ -1,4 +1,4 @@
-"""Small pieces shared by the destination's stream readers."""
+"""The destination's return-path writer, shared by the loader, fault handler and listener."""
 
 from __future__ import annotations
 
@@ -6,24 +6,9 @@ import threading
 
 import trio
 
-from .. import codec
 from ..channel import MigrationChannel
-from ..codec._base import DecoderBase
 from ..errors import TransportError
 from ..threads import stream_fd, write_all
-
-
-async def next_event(
-    decoder: DecoderBase[codec.StreamEvent] | DecoderBase[codec.RamEvent], channel: MigrationChannel
-) -> object:
-    """The decoder's next event, reading from ``channel`` as needed (EOF is fed to the decoder)."""
-    while True:
-        event = decoder.next_event()
-        if event is not codec.NEED_DATA:
-            return event
-        if not await channel.receive_into_decoder(decoder):
-            decoder.receive_eof()
-
 
 #: A return-path message that the source does not take within this long breaks the path.
 RETURN_PATH_SEND_TIMEOUT = 10.0

@@ -34,7 +34,8 @@ from ..codec.constants import (
     TARGET_PAGE_SIZE,
 )
 from ..kernel.iov import IOV_MAX
-from ..threads import StopSignal, read_into, readv_into
+from ..loops import feed_from_fd
+from ..threads import StopSignal, readv_into
 
 WORD_SIZE = PAGE_RECORD_SIZE - TARGET_PAGE_SIZE
 MAX_RECORDS = min(512, IOV_MAX // 2)
@@ -53,8 +54,8 @@ def feed_decoder(
 ) -> bool:
     """Give ``decoder`` more of the stream read from the non-blocking ``fd``, or, when it sits
     between two RAM records, take the page records that follow with ``scatter`` and hand
-    them to ``place`` (the decoder then gets the bytes after them). A reader calls this
-    whenever the decoder returns NEED_DATA. False once ``stop`` is set.
+    them to ``place`` (the decoder then gets the bytes after them): the main listener's
+    ``loops.Feed``, called whenever the decoder returns NEED_DATA. False once ``stop`` is set.
 
     After a scatter that found no page (zero pages, say), the next read is a plain one:
     a stream of other records is not scattered and gathered back again and again.
@@ -64,20 +65,10 @@ def feed_decoder(
         taken = decoder.take_ram_records()
     scatter.last_count = 1
     if taken is None:
-        count = read_into(
-            fd,
-            decoder.get_buffer(READ_CHUNK),
-            stop,
-            what="the main stream",
-            timeout=scatter.timeout,
+        count = feed_from_fd(
+            decoder, fd, stop, what="the main stream", chunk=READ_CHUNK, timeout=scatter.timeout
         )
-        if count is None:
-            return False
-        if count:
-            decoder.commit(count)
-        else:
-            decoder.receive_eof()
-        return True
+        return count is not None
     block, block_size, prefix = taken
     read = scatter.read(fd, stop, block_size=block_size, prefix=prefix)
     if read is None:

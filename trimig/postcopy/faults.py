@@ -6,8 +6,9 @@ skips pages already received, records the rest as requested and asks the owner t
 send a page request (``request_page``). ``page_placed``/``pages_placed`` complete
 requests; completed requests feed the latency statistics and blocktime.
 
-An owner that serves faults from an OS thread instead reads the uffd itself and calls
-``note_fault``, which records the fault and returns the request to send. The handler is
+``note_fault`` is the loop's synchronous step (``trimig.loops``): ``run`` is its trio
+driver; an owner that serves faults from an OS thread drives it with
+``loops.serve_fd_in_thread`` instead and sends the requests it returns itself. The handler is
 thread-safe: faults noted in one thread, pages placed in others, statistics read in trio.
 """
 
@@ -27,6 +28,7 @@ import trio
 
 from ..errors import GuestError
 from ..kernel.uffd import PageFault, Userfaultfd
+from ..loops import serve_fd
 from .bitmaps import ReceivedBitmap
 from .blocks import GuestRamBlock, PageRequest
 
@@ -142,17 +144,17 @@ class FaultHandler:
         fd = self._uffd.fileno()
         os.set_blocking(fd, False)
         task_status.started()
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            for fault in self._uffd.read_faults():
-                await self.handle_fault(fault)
+        await serve_fd(fd, self._uffd.read_faults, self.note_fault, self._send_request)
 
     async def handle_fault(self, fault: PageFault) -> None:
         """Handle one fault message (``run`` calls this): note it and send its request
         through ``request_page``. Raises GuestError as ``note_fault`` does."""
         request = self.note_fault(fault)
         if request is not None:
-            await self._request_page(request.block, request.start, request.length)
+            await self._send_request(request)
+
+    async def _send_request(self, request: PageRequest) -> None:
+        await self._request_page(request.block, request.start, request.length)
 
     def note_fault(self, fault: PageFault) -> PageRequest | None:
         """Record one fault message; return the host page to request, or None if it was

@@ -15,10 +15,10 @@ Without one the background sender takes requests before its next window. Either 
 the background scan continues from the requested page.
 
 When both connections have file descriptors the return path is read by an OS thread
-(``read_return_path``, run with ``trimig.threads.run_in_thread``) that answers each
-request itself (``UrgentSender.send_from_thread``) the moment it arrives, without
-waiting for the trio loop to come back from the background sender's bulk work; the
-other messages go on to trio.
+(``return_path.read_return_path``, run with ``trimig.threads.run_in_thread``) that
+answers each request itself (``UrgentSender.send_from_thread``) the moment it arrives,
+without waiting for the trio loop to come back from the background sender's bulk work;
+the other messages go on to trio.
 
 The end (QEMU's END of the RAM stream, and the destination's SHUT): once no page is
 dirty the source ends the urgent channel (``UrgentSender.end``: EOF after its last
@@ -45,10 +45,10 @@ from .. import codec
 from .._trio import open_nursery
 from ..channel import MigrationChannel, RateLimiter
 from ..codec.constants import PING_DEVICES_LOADED, QEMU_VM_PING_PACKAGED_LOADED
-from ..errors import LocalProtocolError, RemoteProtocolError, TransportError
+from ..errors import LocalProtocolError
 from ..postcopy import PageRequest, PageRequestQueue, canonicalize, dirty_ranges
 from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
-from ..threads import StopSignal, read_into, stream_fd, write_all
+from ..threads import stream_fd, write_all
 from ..transports.base import Buffer
 from .ram_saver import RamSaver
 
@@ -311,43 +311,3 @@ async def _wait_for_either(event: trio.Event, requests: PageRequestQueue) -> Non
 
         nursery.start_soon(wait_then_cancel, event.wait)
         nursery.start_soon(wait_then_cancel, requests.wait_pending)
-
-
-def read_return_path(
-    fd: int,
-    stop: StopSignal,
-    *,
-    serve: Callable[[codec.ReqPages], RequestServed | None],
-    deliver: Callable[[object], None],
-) -> None:
-    """The source's return-path thread: decode the messages read from ``fd``.
-
-    A page request that ``serve`` answers is answered right here, and its RequestServed
-    goes to ``deliver``; so does every other message, and the RemoteProtocolError or
-    TransportError that ends the path. ``deliver`` must be safe to call from this thread
-    (trio's ``run_sync_soon`` is). Returns after SHUT, the end of the path, an error, or
-    ``stop``.
-    """
-    decoder = codec.ReturnPathDecoder()
-    try:
-        while True:
-            event = decoder.next_event()
-            if event is codec.NEED_DATA:
-                count = read_into(fd, decoder.get_buffer(), stop, what="the return path")
-                if count is None:
-                    return
-                if count:
-                    decoder.commit(count)
-                else:
-                    decoder.receive_eof()
-                continue
-            if isinstance(event, codec.ReqPages):
-                served = serve(event)
-                if served is not None:
-                    deliver(served)
-                    continue
-            deliver(event)
-            if isinstance(event, (codec.Shut, codec.ChannelClosed)):
-                return
-    except (RemoteProtocolError, TransportError) as exc:
-        deliver(exc)

@@ -6,9 +6,11 @@ said: the PONG of each PING (``pong``), the SHUT and its status, the error that 
 the path. Everything that concerns the migration itself (page requests, what a PONG
 means for postcopy, cancelling the work) goes back through ``ReturnPathOwner``.
 
-Over a file descriptor an OS thread reads the messages (``postcopy.read_return_path``)
-and posts them to the trio task; otherwise the trio task decodes them itself. Both
-drivers act on each message with the one synchronous step, ``handle``.
+Over a file descriptor an OS thread reads the messages (``read_return_path``, the
+thread driver of ``trimig.loops``), answers page requests on a threaded urgent channel
+itself and posts everything else to the trio task; otherwise the trio task decodes them
+itself (the trio driver). Both act on each message with the one synchronous step,
+``handle``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -23,10 +26,12 @@ import trio
 from .. import codec
 from .._trio import open_nursery, sole_error
 from ..channel import MigrationChannel
+from ..codec._base import DEFAULT_RECEIVE_SIZE
 from ..errors import RemoteProtocolError, TransportError
+from ..loops import END, End, FdFeed, decode, decode_in_thread
 from ..postcopy import PageRequest
-from ..threads import run_in_thread, stream_fd
-from .postcopy import RequestServed, read_return_path
+from ..threads import StopSignal, run_in_thread, stream_fd
+from .postcopy import RequestServed
 
 #: How long to wait for the destination's SHUT, or for the PONG of a barrier PING.
 SHUT_TIMEOUT = 30.0
@@ -117,19 +122,23 @@ class SourceReturnPath:
                         break
                 nursery.cancel_scope.cancel()
             return
-        decoder = codec.ReturnPathDecoder()
-        return_path = channel.return_path()
         task_status.started()
         try:
-            while not self.ended:
-                event = decoder.next_event()
-                if event is codec.NEED_DATA:
-                    if not await return_path.receive_into_decoder(decoder):
-                        decoder.receive_eof()
-                elif (request := self.handle(event, send_now=True)) is not None:
-                    await self._owner.send_request(request)  # answered here, not queued
+            # A request handle() accepts is answered here (send_request), not queued.
+            await decode(
+                codec.ReturnPathDecoder(),
+                channel.return_path(),
+                self._handle_in_trio,
+                self._owner.send_request,
+            )
         except (RemoteProtocolError, TransportError) as exc:
             self._failed(exc)
+
+    def _handle_in_trio(self, event: object) -> PageRequest | End | None:
+        """The trio reader's step: ``handle`` with the requests to send now; END once
+        the path has ended."""
+        request = self.handle(event, send_now=True)
+        return END if self.ended else request
 
     def handle(self, item: object, *, send_now: bool = False) -> PageRequest | None:
         """Act on one return-path item: a message, a request the thread answered, or
@@ -226,3 +235,33 @@ def _post(channel: trio.MemorySendChannel[object], item: object) -> None:
     """Hand a return-path item to its task (run by trio; dropped once that task is gone)."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         channel.send_nowait(item)
+
+
+def read_return_path(
+    fd: int,
+    stop: StopSignal,
+    *,
+    serve: Callable[[codec.ReqPages], RequestServed | None],
+    deliver: Callable[[object], None],
+) -> None:
+    """The source's return-path thread: decode the messages read from ``fd``.
+
+    A page request that ``serve`` answers is answered right here, and its RequestServed
+    goes to ``deliver``; so does every other message, and the RemoteProtocolError or
+    TransportError that ends the path. ``deliver`` must be safe to call from this thread
+    (trio's ``run_sync_soon`` is). Returns after SHUT, the end of the path, an error, or
+    ``stop``.
+    """
+
+    def serve_or_deliver(event: object) -> End | None:
+        if isinstance(event, codec.ReqPages) and (served := serve(event)) is not None:
+            deliver(served)
+            return None
+        deliver(event)
+        return END if isinstance(event, (codec.Shut, codec.ChannelClosed)) else None
+
+    feed = FdFeed(fd, stop, what="the return path", chunk=DEFAULT_RECEIVE_SIZE)
+    try:
+        decode_in_thread(codec.ReturnPathDecoder(), feed, serve_or_deliver)
+    except (RemoteProtocolError, TransportError) as exc:
+        deliver(exc)
