@@ -33,6 +33,7 @@ from ..codec.constants import TARGET_PAGE_SIZE
 from ..guest.host import GuestProcess
 from ..kernel.probe import probe
 from ..kernel.uffd import Userfaultfd
+from ..loops import serve_fd_in_thread
 from ..postcopy import (
     FaultHandler,
     GuestRamBlock,
@@ -42,7 +43,7 @@ from ..postcopy import (
     check_postcopy_support,
 )
 from ..ram_blocks import RamBlock
-from ..threads import StopSignal, run_in_thread, wait_readable
+from ..threads import StopSignal, run_in_thread
 from .file import Snapshot, SnapshotBlock
 
 log = logging.getLogger("trimig.snapshot")
@@ -129,11 +130,8 @@ class LazyRestore:
         uffd, faults = self._uffd, self.faults
         largest = max(block.page_size for block in self.blocks) // TARGET_PAGE_SIZE
         buffer = np.empty((largest, TARGET_PAGE_SIZE), dtype=np.uint8)
-        while wait_readable([uffd.fileno()], stop) is not None:
-            for fault in uffd.read_faults():
-                request = faults.note_fault(fault)
-                if request is not None:
-                    self._serve(request, buffer)
+        serve = functools.partial(self._serve, buffer=buffer)
+        serve_fd_in_thread(uffd.fileno(), uffd.read_faults, stop, faults.note_fault, serve)
 
     def _serve(self, request: PageRequest, buffer: np.ndarray) -> None:
         """Place one faulted host page: its slot's bytes, or zero if no bit is set."""
