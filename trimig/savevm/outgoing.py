@@ -223,14 +223,17 @@ class OutgoingMigration(StatusHolder):
                 raise MigrationFailed(f"migration to {uri} failed: {reason}") from exc
             raise
         else:
+            self.stats.end_ns = time.monotonic_ns()
+            elapsed = max(self.stats.end_ns - self.stats.start_ns, 1) / 1e9
+            self.stats.mbps = self.stats.transferred * 8 / elapsed / 1e6
+            # Completed once the destination said so; the dirty log stops after (as QEMU's
+            # cleanup stops it after COMPLETED): unregistering 1 GiB takes the guest tens of
+            # milliseconds, which are no part of the migration. run() still returns after it.
+            self._set_status(MigrationStatus.COMPLETED)
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 await self.guest.untrack_dirty()
             if dirty_log is not None:
                 dirty_log.close()
-            self.stats.end_ns = time.monotonic_ns()
-            elapsed = max(self.stats.end_ns - self.stats.start_ns, 1) / 1e9
-            self.stats.mbps = self.stats.transferred * 8 / elapsed / 1e6
-            self._set_status(MigrationStatus.COMPLETED)
 
     async def _connect(self, uri: str) -> ByteStream:
         """Connect to ``uri`` within x-channel-timeout, the stream bounded by it too."""
