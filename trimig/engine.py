@@ -328,6 +328,14 @@ class Engine:
                 await guest.cont()
         return {"verified": verdict.verified, "detail": verdict.detail}
 
+    def dump_bitmaps(self) -> dict[str, Any]:
+        if self.migration is None:
+            raise ConfigError(
+                f"there is no migration here whose bitmaps to dump (the engine is "
+                f"{self._state_words()})"
+            )
+        return {"text": self.migration.dump_bitmaps()}
+
     def _state_words(self) -> str:
         status = self.migration.status.value.value if self.migration is not None else "none"
         return f"{self.query_status()['status']}, migration {status}"

@@ -1,4 +1,4 @@
-"""The source's page-request queue: validation, order, waiting, scan hint, reset."""
+"""The source's page-request queue: validation, order, waiting, reset."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import trio.testing
 
 from trimig.errors import RemoteProtocolError
 from trimig.postcopy.blocks import PageRequest
-from trimig.postcopy.source import PageRequestQueue, ScanHint
+from trimig.postcopy.source import PageRequestQueue
 
 MIB = 1 << 20
 
@@ -55,19 +55,16 @@ def test_requests_without_block_reuse_the_previous_one() -> None:
     assert queue.requests == 5
 
 
-def test_fifo_and_scan_hint() -> None:
+def test_fifo() -> None:
     queue = make_queue()
     assert queue.get_nowait() is None
     assert not queue.pending
     queue.put("pc.ram", 63 * 4096, 4096)
     queue.put("huge", 2 * MIB, 2 * MIB)
     assert queue.pending and len(queue) == 2
-    assert queue.take_hint() is None
     assert queue.get_nowait() == PageRequest("pc.ram", 63 * 4096, 4096)
-    assert queue.take_hint() == ScanHint("pc.ram", 64 * 4096)  # = the block's end
-    assert queue.take_hint() is None
     assert queue.get_nowait() == PageRequest("huge", 2 * MIB, 2 * MIB)
-    assert queue.take_hint() == ScanHint("huge", 4 * MIB)
+    assert queue.get_nowait() is None and not queue.pending
 
 
 async def test_get_waits_for_a_request() -> None:
@@ -107,6 +104,5 @@ def test_reset_forgets_everything() -> None:
     queue.get_nowait()
     queue.reset()
     assert len(queue) == 0
-    assert queue.take_hint() is None
     with pytest.raises(RemoteProtocolError, match="no previous request"):
         queue.put(None, 0, 4096)

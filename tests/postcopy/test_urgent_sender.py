@@ -21,6 +21,7 @@ from trimig.savevm.ram_saver import RamSaver
 from trimig.transports.socket import SocketStream
 
 PAGE = 4096
+MIB = 1 << 20
 
 
 class Recorder:
@@ -140,6 +141,26 @@ async def test_end_refuses_while_pages_are_dirty() -> None:
         sender = UrgentSender(RamSaver(blocks, SourceStats()), MigrationChannel(Recorder()))
         with pytest.raises(LocalProtocolError, match="still dirty"):
             await sender.end()
+    finally:
+        for block in blocks:
+            block.close()
+
+
+async def test_a_request_moves_the_background_scan_next_to_its_page() -> None:
+    """Locality: after a requested page the background stream continues from the window
+    that follows it (the guest is likely to touch its neighbours next), wrapping after."""
+    blocks = create_blocks([RamBlockSpec("a", 4 * MIB), RamBlockSpec("b", 4 * MIB)])
+    try:
+        ram = RamSaver(blocks, SourceStats())
+        sender = UrgentSender(ram, None)
+        main = MigrationChannel(Recorder())
+        assert ram.next_dirty_window() == (blocks[0], 0)
+        sender.queue_request(main, PageRequest("b", 600 * PAGE, PAGE))
+        window = ram.next_dirty_window()
+        assert window is not None and (window[0].name, window[1]) == ("b", 512)
+        ram.dirty["b"][512:] = False  # the rest of "b" is sent: the scan wraps to "a"
+        window = ram.next_dirty_window()
+        assert window is not None and (window[0].name, window[1]) == ("a", 0)
     finally:
         for block in blocks:
             block.close()

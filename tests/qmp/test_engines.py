@@ -354,12 +354,36 @@ def test_qemu_qmp_postcopy_between_two_engines(start_engine: StartEngine) -> Non
             info = await _qemu_execute(src, "query-migrate")
             assert info["status"] == "completed"
             assert info["ram"]["postcopy-bytes"] > 0 and info["ram"]["remaining"] == 0
+            # The debug dumps: every page sent and none dirty here, every page received there.
+            sent = _bitmaps((await _qemu_execute(src, "x-dump-bitmaps"))["text"])
+            received = _bitmaps((await _qemu_execute(dst, "x-dump-bitmaps"))["text"])
+            blocks = {name for name, _ in received}
+            assert blocks and set(sent) == {(b, k) for b in blocks for k in ("dirty", "sent")}
+            for block in blocks:
+                pages = len(received[block, "received"])
+                assert pages > 0 and set(received[block, "received"]) == {"X"}, block
+                assert sent[block, "sent"] == "X" * pages and sent[block, "dirty"] == "." * pages
             assert (await _qemu_execute(src, "query-status"))["status"] == "postmigrate"
             assert (await _qemu_execute(dst, "query-status"))["status"] == "running"
             await _quit_qemu(src, source)
             await _quit_qemu(dst, destination)
 
     asyncio.run(asyncio.wait_for(session(), 90))
+
+
+def _bitmaps(text: str) -> dict[tuple[str, str], str]:
+    """An x-dump-bitmaps text as {(block, bitmap): one character a page}."""
+    bitmaps: dict[tuple[str, str], str] = {}
+    key = None
+    for line in text.splitlines():
+        if line.startswith("0x"):
+            assert key is not None, text
+            bitmaps[key] += line.split(" : ", 1)[1]
+        else:
+            block, _, kind = line.rstrip(":").rpartition(" ")
+            key = (block, kind)
+            bitmaps[key] = ""
+    return bitmaps
 
 
 # --- errors, several clients, vanishing clients (trimig's trio client) ----------------------
@@ -592,6 +616,8 @@ async def test_cli_drives_two_engines(start_engine: StartEngine) -> None:
     assert tables["src"].split() == ["running", "true", "status", "running"]
     assert tables["dst"].split() == ["running", "false", "status", "inmigrate"]
     assert "waiting for a migration on tcp:127.0.0.1:" in destination.stderr()
+    refused = await _trimig("info", "bitmaps", source.path, check=False)
+    assert refused.returncode == 1 and b"no migration here" in refused.stderr, refused.stderr
 
     await _trimig(
         "ctl",
@@ -650,6 +676,11 @@ async def test_cli_drives_two_engines(start_engine: StartEngine) -> None:
         for engine in (source, destination):
             nursery.start_soon(query_status, engine)
     assert results == {"src": "postmigrate", "dst": "running"}
+    # trimig info bitmaps: the pages the destination received, all of them.
+    dump = (await _trimig("info", "bitmaps", destination.path)).stdout.decode()
+    received = _bitmaps(dump)
+    assert received and all(set(bits) == {"X"} for bits in received.values()), dump
+    assert {kind for _, kind in received} == {"received"}
 
     async with trio.open_nursery() as nursery:
         for engine in (source, destination):

@@ -4,7 +4,8 @@
 * ``ctl PATH COMMAND [ARG ...]``: any QMP command; ARGs are ``key=value`` pairs or one JSON
   object. A value is kept as text where the command's schema wants a string, else read as
   JSON when it parses (``state=true``, ``downtime-limit=300``) and as text otherwise.
-* ``info {migrate,status,capabilities,parameters} PATH``: readable tables.
+* ``info {migrate,status,capabilities,parameters} PATH``: readable tables; ``info bitmaps
+  PATH``: the migration's page bitmaps as text (x-dump-bitmaps).
 * ``start-postcopy PATH``, ``cancel PATH``, and ``trimig migrate --qmp PATH URI`` (standalone,
   ``python -m trimig.cli.control migrate PATH URI``).
 * ``--wait SECONDS`` on every command: retry connecting while the engine is still starting.
@@ -39,6 +40,7 @@ from .options import add_json_option
 from .output import (
     ProgressLine,
     describe,
+    format_bitmaps,
     format_capabilities,
     format_migrate_info,
     format_parameters,
@@ -242,6 +244,7 @@ _INFO_COMMANDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "status": ("query-status", format_status),
     "capabilities": ("query-migrate-capabilities", format_capabilities),
     "parameters": ("query-migrate-parameters", format_parameters),
+    "bitmaps": ("x-dump-bitmaps", format_bitmaps),
 }
 
 

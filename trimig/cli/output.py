@@ -174,6 +174,11 @@ def format_status(result: dict[str, Any]) -> str:
     )
 
 
+def format_bitmaps(result: dict[str, Any]) -> str:
+    """An x-dump-bitmaps reply (``trimig info bitmaps``): its text, as it is."""
+    return str(result.get("text", "")).rstrip("\n")
+
+
 def format_capabilities(result: list[dict[str, Any]]) -> str:
     """A query-migrate-capabilities reply: each capability on or off."""
     return render([(entry["capability"], "on" if entry["state"] else "off") for entry in result])

@@ -421,9 +421,8 @@ class IncomingMigration(StatusHolder):
         so a device load that touches missing RAM can be served.
         """
         postcopy = self._require_postcopy("PACKAGED")
-        package = codec.StreamDecoder(expect_header=False)
-        package.receive_data(blob)
-        package.receive_eof()
+        # The codec refuses a blob that ends before POSTCOPY_RUN or holds EOF or PACKAGED.
+        package = decoder.package_decoder(blob)
         confirmed = False
         while True:
             event = package.next_event()
@@ -455,8 +454,6 @@ class IncomingMigration(StatusHolder):
                 if self._on_event:
                     self._on_event("RESUME", {})
                 return
-            elif event is codec.NEED_DATA or isinstance(event, codec.EndOfStream):
-                raise RemoteProtocolError("the PACKAGED blob ended before POSTCOPY_RUN")
             else:
                 await self._handle_common(event, channel)
 

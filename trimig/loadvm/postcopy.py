@@ -113,6 +113,8 @@ class PostcopyIncoming:
         self._urgent_ended = trio.Event()
         #: What reads the urgent channel (its byte count is urgent_bytes).
         self._urgent_input: MigrationChannel | FdFeed | None = None
+        #: The urgent channel's decoder, made at LISTEN from the main stream's.
+        self._urgent_decoder: codec.RamChannelDecoder | None = None
         #: x-channel-timeout of the main stream's reader (seconds, None: no bound).
         self.channel_timeout: float | None = None
 
@@ -184,6 +186,8 @@ class PostcopyIncoming:
             )
         else:
             await self._helpers.start(self.faults.run)
+        # Made here, before the listener owns the main decoder: same blocks (MEM_SIZE).
+        self._urgent_decoder = decoder.ram_channel_decoder()
         self._nursery.start_soon(self._listen_main, channel, decoder)
         self._listening.set()
 
@@ -409,7 +413,8 @@ class PostcopyIncoming:
         self._urgent_accepted = True
         try:
             await self._listening.wait()
-            decoder = codec.RamChannelDecoder({block.name: block.size for block in self.blocks})
+            decoder = self._urgent_decoder
+            assert decoder is not None
             fd = stream_fd(stream)
             if fd is None:
                 channel = self._urgent_input = MigrationChannel(stream)

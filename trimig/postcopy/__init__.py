@@ -12,7 +12,7 @@ from .blocks import TARGET_PAGE_SIZE, BlockLayout, GuestRamBlock, PageRequest
 from .discard import MAX_DISCARDS_PER_COMMAND, batch, canonicalize, dirty_ranges
 from .faults import LATENCY_BUCKETS, FaultHandler, FaultStats
 from .placer import MAIN_CHANNEL, PREEMPT_CHANNEL, PagePlacer, PlacerStats
-from .source import PageRequestQueue, ScanHint
+from .source import PageRequestQueue
 from .state import PostcopyState, PostcopyStateMachine
 from .support import check_postcopy_support
 
@@ -34,7 +34,6 @@ __all__ = [
     "PostcopyState",
     "PostcopyStateMachine",
     "ReceivedBitmap",
-    "ScanHint",
     "batch",
     "canonicalize",
     "check_postcopy_support",

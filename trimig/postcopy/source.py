@@ -3,9 +3,9 @@
 The return-path reader ``put``s every REQ_PAGES / REQ_PAGES_ID it decodes; the
 RAM sender takes them with ``get_nowait`` (between background pages) or ``await
 get()``. A reader that answers a request at once (on the urgent channel) only
-``resolve``s it: validated and counted, not queued. Taking a request also leaves a
-scan hint: the background scan should continue right after the requested page, since
-the guest is likely to touch its neighbours next.
+``resolve``s it: validated and counted, not queued. (The background scan continues
+right after a requested page, since the guest is likely to touch its neighbours next:
+``UrgentSender`` moves ``RamSaver``'s cursor when it sends one.)
 """
 
 from __future__ import annotations
@@ -13,22 +13,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-import attrs
 import trio
 
 from ..errors import RemoteProtocolError
 from .blocks import BlockLayout, PageRequest, check_layout
-
-
-@attrs.frozen
-class ScanHint:
-    """Where the background scan should continue: ``offset`` in ``block``.
-
-    ``offset`` may equal the block's size, meaning "continue with the next block".
-    """
-
-    block: str
-    offset: int
 
 
 class PageRequestQueue:
@@ -46,7 +34,6 @@ class PageRequestQueue:
         self._queue: deque[PageRequest] = deque()
         self._waiters = trio.lowlevel.ParkingLot()
         self._last_block: str | None = None
-        self._hint: ScanHint | None = None
         self.requests = 0
         """postcopy-requests: page requests received."""
 
@@ -96,9 +83,7 @@ class PageRequestQueue:
         """Take the oldest request, or None when there is none."""
         if not self._queue:
             return None
-        request = self._queue.popleft()
-        self._hint = ScanHint(request.block, request.start + request.length)
-        return request
+        return self._queue.popleft()
 
     async def get(self) -> PageRequest:
         """Wait for and take the oldest request."""
@@ -125,14 +110,8 @@ class PageRequestQueue:
         """True while requests are queued (the sender keeps going past its rate limit)."""
         return bool(self._queue)
 
-    def take_hint(self) -> ScanHint | None:
-        """The scan hint left by the last request taken, cleared by this call."""
-        hint, self._hint = self._hint, None
-        return hint
-
     def reset(self) -> None:
-        """For postcopy recovery: drop queued requests, the previous block and the
-        hint (the destination re-sends its outstanding requests, naming blocks)."""
+        """For postcopy recovery: drop queued requests and the previous block (the
+        destination re-sends its outstanding requests, naming blocks)."""
         self._queue.clear()
         self._last_block = None
-        self._hint = None

@@ -62,6 +62,11 @@ class EngineControl(Protocol):
         """``x-guest-verify``: the guest checks its memory (paused around the check if it
         runs); ``{"verified": bool, "detail": str}``. ConfigError without a guest here."""
 
+    def dump_bitmaps(self) -> dict[str, Any]:
+        """``x-dump-bitmaps``: ``{"text": str}``, the page bitmaps of this engine's migration
+        as text (QEMU's ram_debug_dump_bitmap: a source's dirty and sent bitmaps, a
+        destination's received bitmap, per block). ConfigError without a migration."""
+
     async def quit(self) -> None:
         """Shut the engine down. The QMP reply has already been sent when this is called."""
 

@@ -222,6 +222,10 @@ async def _x_guest_verify(engine: EngineControl, args: dict[str, Any]) -> Any:
     return await engine.verify_guest()
 
 
+async def _x_dump_bitmaps(engine: EngineControl, args: dict[str, Any]) -> Any:
+    return engine.dump_bitmaps()
+
+
 async def _quit(engine: EngineControl, args: dict[str, Any]) -> Any:
     await engine.quit()
     return {}
@@ -284,6 +288,7 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = _table(
     CommandSpec("stop", _NO_ARGUMENTS, _stop),
     CommandSpec("cont", _NO_ARGUMENTS, _cont),
     CommandSpec("x-guest-verify", _NO_ARGUMENTS, _x_guest_verify),
+    CommandSpec("x-dump-bitmaps", _NO_ARGUMENTS, _x_dump_bitmaps),
     CommandSpec("quit", _NO_ARGUMENTS, _quit, reply_first=True),
 )
 
