@@ -75,6 +75,10 @@ class MigrationChannel:
         self._scratch = bytearray()
         self._pending_bytes = 0
         self._bytes_sent = 0
+        #: Flushes that took the queue so far, and the number of the last one that ended
+        #: with everything it took written (flushes run one at a time, in order).
+        self._flushes_taken = 0
+        self._flushes_written = 0
         self._send_lock = trio.Lock()
         self._broken: BaseException | None = None
         # read side
@@ -143,6 +147,17 @@ class MigrationChannel:
         self._pending.extend(views)
         self._pending_bytes += sum(lengths)
 
+    @property
+    def next_flush(self) -> int:
+        """The number of the flush that will write what is queued now: memory queued with
+        put_vector() may change again once ``written_flushes`` reaches it."""
+        return self._flushes_taken + 1
+
+    @property
+    def written_flushes(self) -> int:
+        """The number of the last flush whose data is all written."""
+        return self._flushes_written
+
     def put_vector(self, vector: IoVector) -> None:
         """Queue a gather array without copying; its memory must stay unchanged until flush()."""
         if not vector.nbytes:
@@ -167,7 +182,10 @@ class MigrationChannel:
             self._seal_scratch()
             buffers, self._pending = self._pending, []
             count, self._pending_bytes = self._pending_bytes, 0
+            self._flushes_taken += 1
+            flush = self._flushes_taken
             if not buffers:
+                self._flushes_written = flush
                 await trio.lowlevel.checkpoint()
                 return
             try:
@@ -176,6 +194,7 @@ class MigrationChannel:
                 self._broken = error
                 raise
             self._bytes_sent += count
+            self._flushes_written = flush
 
     async def send_eof(self) -> None:
         """Flush, then tell the peer nothing more follows (for exec: wait for the command)."""

@@ -49,7 +49,21 @@ def test_empty_and_bad_offsets() -> None:
     headers, entries = encoder.encode_pages_gather("m", [], memory)
     assert len(headers) == 0 and entries.shape == (0, 2)
     assert encoder.last_block is None
-    with pytest.raises(LocalProtocolError, match="past the end"):
+    with pytest.raises(LocalProtocolError, match="outside its"):
         encoder.encode_pages_gather("m", [4 * PAGE], memory)
+    with pytest.raises(LocalProtocolError, match="outside its"):
+        encoder.encode_pages_gather("m", [PAGE], memory, source_offset=2 * PAGE)
     with pytest.raises(LocalProtocolError, match="not a multiple"):
         encoder.encode_pages_gather("m", [100], memory)
+
+
+def test_source_offset_points_into_a_staging_buffer() -> None:
+    """Pages of a block read into a buffer that starts at block offset 8 pages."""
+    staging = np.zeros(4 * PAGE, dtype=np.uint8)
+    encoder = RamRecordEncoder()
+    headers, entries = encoder.encode_pages_gather(
+        "m", [8 * PAGE, 11 * PAGE], staging, source_offset=8 * PAGE
+    )
+    assert entries[1::2, 0].tolist() == [staging.ctypes.data, staging.ctypes.data + 3 * PAGE]
+    # The headers still carry the block offsets.
+    assert headers[:8].view(">u8")[0] & ~np.uint64(0xFFF) == 8 * PAGE

@@ -188,7 +188,7 @@ class RamRecordEncoder:
         return out
 
     def encode_pages_gather(
-        self, block_name: str, offsets: npt.ArrayLike, source: BytesLike
+        self, block_name: str, offsets: npt.ArrayLike, source: BytesLike, source_offset: int = 0
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint64]]:
         """PAGE records for ``offsets`` as a raw gather array: no Python object per page.
 
@@ -205,10 +205,10 @@ class RamRecordEncoder:
             return np.empty(0, dtype=np.uint8), np.empty((0, 2), dtype=np.uint64)
         memory = np.frombuffer(as_byte_view(source), dtype=np.uint8)
         top = int(offs.max())
-        if top + TARGET_PAGE_SIZE > len(memory):
+        if top + TARGET_PAGE_SIZE > source_offset + len(memory) or int(offs.min()) < source_offset:
             raise LocalProtocolError(
-                f"page offset {top:#x} of block {block_name!r} lies past the end of its "
-                f"{len(memory)}-byte source buffer"
+                f"page offsets {int(offs.min()):#x}..{top:#x} of block {block_name!r} lie "
+                f"outside its {len(memory)}-byte source buffer at {source_offset:#x}"
             )
         name = self._named(block_name) or b""
         words = (offs | np.uint64(_PAGE_CONTINUE)).astype(">u8")
@@ -225,7 +225,7 @@ class RamRecordEncoder:
         entries[:, 0, 0] = header_starts + np.uint64(headers.ctypes.data)
         entries[:, 0, 1] = 8
         entries[0, 0, 1] = 8 + len(name)
-        entries[:, 1, 0] = offs + np.uint64(memory.ctypes.data)
+        entries[:, 1, 0] = offs + np.uint64(memory.ctypes.data - source_offset)
         entries[:, 1, 1] = TARGET_PAGE_SIZE
         self.last_block = block_name
         return headers, entries.reshape(-1, 2)

@@ -306,8 +306,12 @@ def read_at(fd: int, buffer: memoryview, offset: int) -> int:
     """pread from the file ``fd`` at ``offset`` until ``buffer`` is full or the file ends;
     return the bytes read (fewer than asked only at the end of the file). Raises KernelError.
 
-    The read side of a file snapshot: a page read for a lazy restore's fault, a run of
-    pages for an eager one, a header or bitmap."""
+    The read side of a file snapshot (a page read for a lazy restore's fault, a run of
+    pages for an eager one, a header or bitmap), and how the source reads guest RAM:
+    reading a memfd (shmem or hugetlbfs) this way never allocates a page (a hole reads as
+    zeros and stays a hole, unlike a read through a mapping, whose page fault allocates
+    it), and each page comes from one page-cache page, so a hole punched meanwhile cannot
+    tear it (the read holds the page it copies from)."""
     view = memoryview(buffer).cast("B")
     done = 0
     while done < view.nbytes:

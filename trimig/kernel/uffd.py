@@ -421,6 +421,25 @@ class Userfaultfd(OwnedFd):
 
         return self._fill("UFFDIO_CONTINUE", issue, address, length, page_size, skip_existing=True)
 
+    def page_in_file(self, address: int, page_size: int) -> bool:
+        """UFFDIO_CONTINUE of the one page at ``address`` of a MINOR-registered mapping:
+        True if the file holds the page (it is mapped now, or already was), False where
+        the file has a hole (EFAULT). Allocates nothing, wakes nobody. Raises KernelError
+        for any other failure."""
+        arg = ffi.new(
+            "struct uffdio_continue *",
+            {
+                "range": {"start": address, "len": page_size},
+                "mode": _ffi.UFFDIO_CONTINUE_MODE_DONTWAKE,
+            },
+        )
+        result = self._retry(_ffi.UFFDIO_CONTINUE, arg)
+        if result == 0 or result == -errno_codes.EEXIST:
+            return True
+        if result == -errno_codes.EFAULT:
+            return False
+        raise KernelError("UFFDIO_CONTINUE", -result, f"page {address:#x}+{page_size:#x}")
+
     def move(
         self,
         dst: int,

@@ -75,10 +75,17 @@ class MappedRamWriter:
             await channel.flush()
             self._stream.seek(layout.end)
 
-    def write_window(self, block: RamBlock, pages: np.ndarray, is_zero: np.ndarray) -> int:
-        """Pages ``pages`` (sorted target page indices) of ``block``: pwrite the data ones
-        into their slots (one pwritev per run), clear the zero ones' bits. Returns the
-        page bytes written."""
+    def write_window(
+        self,
+        block: RamBlock,
+        pages: np.ndarray,
+        is_zero: np.ndarray,
+        source: np.ndarray,
+        source_first: int,
+    ) -> int:
+        """Pages ``pages`` (sorted target page indices) of ``block``, read into ``source``
+        (whose row 0 is page ``source_first``): pwrite the data ones into their slots (one
+        pwritev per run), clear the zero ones' bits. Returns the page bytes written."""
         layout = self.layouts[block.name]
         present = self.present[block.name]
         present[pages[is_zero]] = False
@@ -95,7 +102,7 @@ class MappedRamWriter:
             write_rows_at(
                 fd,
                 layout.pages_offset + first * TARGET_PAGE_SIZE,
-                block.pages[first : first + count],
+                source[first - source_first : first - source_first + count],
             )
         present[data] = True
         written = len(data) * TARGET_PAGE_SIZE

@@ -192,6 +192,7 @@ class OutgoingMigration(StatusHolder):
             finally:
                 if self._ram is not None:
                     self._ram.detach_regions()  # drop our views of the destination's memory
+                    self._ram.close()
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                     if self._urgent is not None:
                         await self._urgent.aclose()

@@ -6,14 +6,20 @@ unprotects it without a fault message, and PAGEMAP_SCAN with WP matching returns
 the written pages and protects them again in one atomic call. Finding dirty pages
 therefore never reads RAM.
 
-Pages go out in windows of one 2 MiB host page (512 target pages), read straight
-from the engine's mapping of the block: the codec builds a gather array whose page
-entries point into the mapping (an IoVector), so no page is copied in Python and no
-Python object is made per page; the kernel copies each page once, into the socket.
+Pages go out in windows of one 2 MiB host page (512 target pages). A window's dirty
+pages are read from the block's memfd with pread into a staging buffer, never through a
+mapping: a read through a mapping of a page the guest has just punched out
+(``fallocate(PUNCH_HOLE)``) allocates it again, so the hole the next sync looks for is
+gone, and a punch in the middle of the kernel's copy tears the page (old data, then
+zeros) with nothing left to say it changed. pread allocates nothing and copies each page
+from one page-cache page. The codec then builds a gather array whose page entries point
+into the staging buffer (an IoVector): no Python object per page, and the zero check
+reads the very bytes that go out.
 """
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Sequence
 
@@ -23,8 +29,9 @@ from .. import codec
 from ..channel import MigrationChannel, RateLimiter
 from ..codec import RamRecordEncoder
 from ..codec.constants import TARGET_PAGE_SIZE
-from ..errors import TransportError
-from ..kernel.iov import IoVector
+from ..errors import KernelError, TransportError
+from ..kernel.allocation import HugetlbAllocationMap
+from ..kernel.iov import IoVector, read_at
 from ..kernel.pagemap import PagemapScanner
 from ..kernel.uffd import Userfaultfd
 from ..migration import SourceStats
@@ -115,6 +122,10 @@ class RamSaver:
         #: With mapped-ram, the writer that puts data pages into their file slots
         #: (queue_window then queues no records at all).
         self.file_pages: MappedRamWriter | None = None
+        self._staging = StagingBuffers()
+        #: Per hugetlb block, the probe that finds its punched huge pages (made at the
+        #: first sync).
+        self._allocation: dict[str, HugetlbAllocationMap] = {}
 
     async def attach_regions(self, regions: RegionRegistry) -> None:
         """From now on write data pages one-sided into the destination's blocks.
@@ -196,15 +207,15 @@ class RamSaver:
         dirty[:] = False
         self.sent[block.name][pages] = True
         holes = self._holes.get(block.name)
-        if holes is not None:
-            is_zero = holes[pages]
-            present = ~is_zero
-            is_zero[present] = zero_pages(block.pages, pages[present])
-        else:
-            is_zero = zero_pages(block.pages, pages)
+        is_zero = holes[pages] if holes is not None else np.zeros(len(pages), dtype=bool)
+        staging = self._staging.take(channel)
+        present = pages[~is_zero]
+        if len(present):
+            _read_pages(block, first_page, present, staging)
+            is_zero[~is_zero] = zero_pages(staging, present - first_page)
         self.holds_data[block.name][pages] = ~is_zero
         if self.file_pages is not None:
-            written = self.file_pages.write_window(block, pages, is_zero)
+            written = self.file_pages.write_window(block, pages, is_zero, staging, first_page)
             self.one_sided_bytes += written
             self.stats.duplicate += int(np.count_nonzero(is_zero))
             self.stats.normal += written // TARGET_PAGE_SIZE
@@ -221,27 +232,37 @@ class RamSaver:
         if len(data_offsets):
             remote = self._remote.get(block.name)
             if remote is not None:
-                queued += self._write_remote(channel, block, remote, pages[~is_zero])
+                queued += self._write_remote(
+                    channel, block, remote, pages[~is_zero], staging, first_page
+                )
             else:
                 headers, entries = self.encoder.encode_pages_gather(
-                    block.name, data_offsets, block.pages
+                    block.name, data_offsets, staging, first_page * TARGET_PAGE_SIZE
                 )
-                vector = IoVector(entries, (headers, block.pages))
+                vector = IoVector(entries, (headers, staging))
                 channel.put_vector(vector)
                 queued += vector.nbytes
             self.stats.normal += len(data_offsets)
         return queued
 
     def _write_remote(
-        self, channel: MigrationChannel, block: RamBlock, remote: np.ndarray, pages: np.ndarray
+        self,
+        channel: MigrationChannel,
+        block: RamBlock,
+        remote: np.ndarray,
+        pages: np.ndarray,
+        staging: np.ndarray,
+        staging_first: int,
     ) -> int:
-        """Copy ``pages`` into the destination's memory, one HOOK record per run of
-        consecutive pages; return the bytes moved (records and pages, for pacing)."""
+        """Copy ``pages`` (read into ``staging``, whose row 0 is page ``staging_first``)
+        into the destination's memory, one HOOK record per run of consecutive pages;
+        return the bytes moved (records and pages, for pacing)."""
         breaks = np.flatnonzero(np.diff(pages) != 1) + 1
         moved = 0
         for run in np.split(pages, breaks):
             first, count = int(run[0]), len(run)
-            remote[first : first + count] = block.pages[first : first + count]
+            row = first - staging_first
+            remote[first : first + count] = staging[row : row + count]
             record = self.encoder.encode_written(block.name, first * TARGET_PAGE_SIZE, count)
             channel.put(record)
             moved += len(record) + count * TARGET_PAGE_SIZE
@@ -256,7 +277,9 @@ class RamSaver:
         makes the hole map safe to send ZERO from without reading the page: a page that
         is a hole when the map is read and is written afterwards is in the next sync's
         log. Pages the guest discarded (``fallocate(PUNCH_HOLE)``, which the write log
-        does not see) after we sent their data become dirty here, so their ZERO goes out;
+        does not see) after we sent their data become dirty here, so their ZERO goes out
+        (shmem: SEEK_HOLE; hugetlb: :class:`HugetlbAllocationMap`; both truthful because
+        this engine reads pages with pread, which never fills a hole again);
         one discarded after this call is found by the next one, and the last sync, with
         the guest stopped, is exact. Call it with the guest stopped before the last
         pages go, and before any page goes (to start the log afresh).
@@ -265,9 +288,8 @@ class RamSaver:
         for block in self.blocks:
             dirty = self.dirty[block.name]
             if block.spec.hugetlb:
-                # hugetlbfs has no SEEK_HOLE; a punched huge page leaves our mapping, which
-                # holds every page we sent (the kernel read it through the mapping).
-                gone = self.holds_data[block.name] & ~_resident(block)
+                # hugetlbfs has no SEEK_HOLE: ask which huge pages the file still holds.
+                gone = self.holds_data[block.name] & ~self._allocated(block)
             else:
                 holes = self._holes[block.name] = _hole_pages(block)
                 gone = self.holds_data[block.name] & holes
@@ -275,6 +297,74 @@ class RamSaver:
                 newly += int(np.count_nonzero(gone & ~dirty))
                 dirty |= gone
         return newly
+
+    def _allocated(self, block: RamBlock) -> np.ndarray:
+        """One bool per target page of a hugetlb block: its huge page is in the file."""
+        probe = self._allocation.get(block.name)
+        if probe is None:
+            probe = self._allocation[block.name] = HugetlbAllocationMap(
+                block.fd, block.size, block.page_size
+            )
+        return np.repeat(probe.allocated(), block.page_size // TARGET_PAGE_SIZE)
+
+    def close(self) -> None:
+        """Release the hugetlb allocation probes (the staging buffers go with the object)."""
+        for probe in self._allocation.values():
+            probe.close()
+        self._allocation.clear()
+
+
+class StagingBuffers:
+    """Window-sized buffers that pages are read into before they are sent.
+
+    A buffer handed out by :meth:`take` is queued on a channel with put_vector(), so it
+    is free again only once that channel has written the flush that carries it; until
+    then ``take`` hands out another (made when none is free: as many exist as windows are
+    queued between two flushes)."""
+
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+        #: (buffer, channel, the flush of that channel that writes it)
+        self._queued: list[tuple[np.ndarray, MigrationChannel, int]] = []
+
+    def take(self, channel: MigrationChannel) -> np.ndarray:
+        """A (WINDOW_PAGES, TARGET_PAGE_SIZE) uint8 buffer to be queued on ``channel``."""
+        if self._queued:
+            still = []
+            for entry in self._queued:
+                buffer, owner, flush = entry
+                if owner.written_flushes >= flush:
+                    self._free.append(buffer)
+                else:
+                    still.append(entry)
+            self._queued = still
+        buffer = (
+            self._free.pop()
+            if self._free
+            else np.zeros((WINDOW_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
+        )
+        self._queued.append((buffer, channel, channel.next_flush))
+        return buffer
+
+
+#: Dirty pages this close together are read with one pread (the pages between come along).
+_READ_GAP_PAGES = 16
+
+
+def _read_pages(block: RamBlock, first_page: int, pages: np.ndarray, staging: np.ndarray) -> None:
+    """pread ``pages`` (sorted, within the window that starts at ``first_page``) of
+    ``block`` into their rows of ``staging``: one read per run of pages no more than
+    _READ_GAP_PAGES apart."""
+    breaks = np.flatnonzero(np.diff(pages) > _READ_GAP_PAGES) + 1
+    starts = np.concatenate(([pages[0]], pages[breaks])).tolist()
+    ends = (np.concatenate((pages[breaks - 1], [pages[-1]])) + 1).tolist()
+    for start, end in zip(starts, ends, strict=True):
+        rows = staging[start - first_page : end - first_page]
+        wanted = rows.nbytes
+        if read_at(block.fd, rows.reshape(-1).data, start * TARGET_PAGE_SIZE) != wanted:
+            raise KernelError(
+                "preadv", errno.EIO, f"RAM block {block.name!r} ends before page {end - 1}"
+            )
 
 
 def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -313,12 +403,6 @@ def _hole_pages(block: RamBlock) -> np.ndarray:
     for start, end in block.data_ranges():
         holes[start // TARGET_PAGE_SIZE : -(-end // TARGET_PAGE_SIZE)] = False
     return holes
-
-
-def _resident(block: RamBlock) -> np.ndarray:
-    """One bool per target page: in memory and mapped by the engine (mincore)."""
-    vec = np.frombuffer(block.mapping.resident(), dtype=np.uint8)
-    return (vec[: block.spec.target_pages] & 1).astype(bool)
 
 
 async def send_part(
