@@ -181,6 +181,10 @@ class Engine:
     def _on_outgoing_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "STOP":
             self._run_state = "finish-migrate"
+        elif name == "MIGRATION" and data.get("status") == MigrationStatus.COMPLETED.value:
+            # In the same step as the status: a query-status right after query-migrate
+            # said completed must not see finish-migrate (QEMU sets the run state first).
+            self._run_state = "postmigrate"
         self._emit(name, data)
 
     async def _run_outgoing(self, outgoing: OutgoingMigration, uri: str) -> None:
