@@ -24,6 +24,7 @@ from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParamete
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import MemoryFabric
+from .transports.tls import TlsSettings
 
 log = logging.getLogger("trimig.demo")
 
@@ -117,12 +118,14 @@ async def migrate_locally(
     progress: ProgressDisplay | None = None,
     postcopy_after_first_pass: bool = False,
     keep_failure: bool = False,
+    tls: tuple[TlsSettings, TlsSettings] | None = None,
 ) -> LocalMigrationResult:
     """Start a guest, let it run ``warmup`` s, migrate it over ``transport``, verify it.
 
     A failed migration raises what ``OutgoingMigration.run`` raised, or, with
     ``keep_failure``, is returned: ``error`` holds it and ``source`` says ``failed``.
-    ``progress``, if given, shows the migration's progress while it runs."""
+    ``progress``, if given, shows the migration's progress while it runs. ``tls`` is
+    (the source's settings, the destination's): every channel is then TLS."""
     command = list(guest_command or workload_command())
     capabilities = capabilities or MigrationCapabilities()
     parameters = parameters or MigrationParameters()
@@ -130,8 +133,11 @@ async def migrate_locally(
         capabilities.set("postcopy-ram", True)
         parameters.set("x-postcopy-after-passes", 1)
     async with transport_uris(transport) as (listen_uri, connect_uri, options):
+        listen_options, connect_options = dict(options), dict(options)
+        if tls is not None:
+            connect_options["tls"], listen_options["tls"] = tls
         incoming = IncomingMigration(
-            specs, guest_command=command, capabilities=capabilities, listen_options=options
+            specs, guest_command=command, capabilities=capabilities, listen_options=listen_options
         )
         try:
             async with (
@@ -145,7 +151,7 @@ async def migrate_locally(
                     blocks,
                     capabilities=capabilities,
                     parameters=parameters,
-                    connect_options=options,
+                    connect_options=connect_options,
                 )
                 shown = progress(outgoing.query) if progress else nullcontext()
                 error: TrimigError | None = None

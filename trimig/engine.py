@@ -20,10 +20,12 @@ from .errors import ConfigError
 from .guest.host import GuestProcess
 from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
+from .objects import ObjectRegistry
 from .qmp.api import EngineEvent
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import FileAddress, TcpAddress, UnixAddress, parse_uri
+from .transports.tls import check_client_settings
 
 log = logging.getLogger("trimig.engine")
 
@@ -46,6 +48,8 @@ class Engine:
         self.guest_command = list(guest_command)
         self.capabilities = MigrationCapabilities()
         self.parameters = MigrationParameters()
+        #: object-add's objects: TLS credentials and authz lists, by id.
+        self.objects = ObjectRegistry()
         self.guest: GuestProcess | None = None
         self.blocks: list[RamBlock] = []
         self.migration: OutgoingMigration | IncomingMigration | None = None
@@ -157,6 +161,12 @@ class Engine:
     def query_parameters(self) -> dict[str, Any]:
         return self.parameters.query()
 
+    def object_add(self, arguments: dict[str, Any]) -> None:
+        self.objects.add(arguments)
+
+    def object_del(self, object_id: str) -> None:
+        self.objects.delete(object_id)
+
     # -- migration ---------------------------------------------------------------------
 
     async def migrate(self, uri: str) -> None:
@@ -166,12 +176,17 @@ class Engine:
         if self._run_state == "postmigrate" and not self._saved_to_file:
             raise ConfigError("the guest has already been migrated away")
         # A malformed URI is the command's error, not a failed migration.
-        self._saved_to_file = isinstance(parse_uri(uri), FileAddress)
+        address = parse_uri(uri)
+        self._saved_to_file = isinstance(address, FileAddress)
+        tls = self.objects.tls_settings(self.parameters.query(), incoming=False)
+        if tls is not None:
+            check_client_settings(tls, address)  # wrong endpoint, no host name: refused now
         outgoing = OutgoingMigration(
             self.guest,
             self.blocks,
             capabilities=self.capabilities,
             parameters=self.parameters,
+            connect_options={"tls": tls} if tls is not None else None,
             on_event=self._on_outgoing_event,
         )
         self.migration = outgoing
@@ -214,12 +229,14 @@ class Engine:
                 raise ConfigError("an incoming migration has already been started")
             raise ConfigError("migrate-incoming needs an engine started with --incoming defer")
         parse_uri(uri)
+        tls = self.objects.tls_settings(self.parameters.query(), incoming=True)
         self._incoming_allowed = False
         incoming = IncomingMigration(
             self.specs,
             guest_command=self.guest_command,
             capabilities=self.capabilities,
             parameters=self.parameters,
+            listen_options={"tls": tls} if tls is not None else None,
             on_event=self._emit,
             prepared=self._prepared,
         )

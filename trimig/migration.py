@@ -131,6 +131,12 @@ class MigrationParameters:
     #: (precopy: the migration fails; postcopy: both sides pause). Also TCP_USER_TIMEOUT and
     #: the keepalive of tcp channels. trimig's own parameter.
     x_channel_timeout: int = 30_000
+    #: TLS: the tls-creds-x509 object's id ("" = plaintext), the host name the
+    #: destination's certificate must match ("" = the tcp host) and the authz object the
+    #: destination checks the source's certificate subject against ("" = any).
+    tls_creds: str = ""
+    tls_hostname: str = ""
+    tls_authz: str = ""
 
     _LIMITS = {
         "max-bandwidth": (0, 1 << 50),
@@ -141,12 +147,23 @@ class MigrationParameters:
         "x-postcopy-auto-passes": (0, 1 << 20),
         "x-channel-timeout": (0, 86_400_000),
     }
+    _BOOLEANS: tuple[str, ...] = ()
+    _STRINGS = ("tls-creds", "tls-hostname", "tls-authz")
 
     def set(self, name: str, value: Any) -> None:
+        if name in self._STRINGS:
+            if not isinstance(value, str):
+                raise ConfigError(f"parameter {name!r} must be a string, got {value!r}")
+            setattr(self, name.replace("-", "_"), value)
+            return
+        if name in self._BOOLEANS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"parameter {name!r} must be a boolean, got {value!r}")
+            setattr(self, name.replace("-", "_"), value)
+            return
         if name not in self._LIMITS:
-            raise ConfigError(
-                f"unknown parameter {name!r}; trimig supports {', '.join(self._LIMITS)}"
-            )
+            names = (*self._LIMITS, *self._BOOLEANS, *self._STRINGS)
+            raise ConfigError(f"unknown parameter {name!r}; trimig supports {', '.join(names)}")
         if isinstance(value, str):
             value = parse_rate(value, what=name) if "bandwidth" in name else _parse_int(name, value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -157,7 +174,8 @@ class MigrationParameters:
         setattr(self, name.replace("-", "_"), value)
 
     def query(self) -> dict[str, Any]:
-        return {name: getattr(self, name.replace("-", "_")) for name in self._LIMITS}
+        names = (*self._LIMITS, *self._BOOLEANS, *self._STRINGS)
+        return {name: getattr(self, name.replace("-", "_")) for name in names}
 
     @property
     def channel_timeout(self) -> float | None:

@@ -246,15 +246,15 @@ async def test_remote_region_fails_when_peer_leaves(rdma_setup: Setup) -> None:
 
 
 async def test_connect_to_missing_destination(setup: Setup, short_tmp: str) -> None:
-    if setup.name == "tcp":
+    if setup.name in ("tcp", "tls-tcp"):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         with pytest.raises(TransportError, match="refused"):
-            await connect(f"tcp:127.0.0.1:{port}")
-    elif setup.name == "unix":
+            await connect(f"tcp:127.0.0.1:{port}", tls=setup.client_tls)
+    elif setup.name in ("unix", "tls-unix"):
         with pytest.raises(TransportError, match="No such file"):
-            await connect(f"unix:{short_tmp}/absent")
+            await connect(f"unix:{short_tmp}/absent", tls=setup.client_tls)
     elif setup.name == "rdma-socket":
         with pytest.raises(TransportError, match="No such file"):
             await connect(f"rdma:{short_tmp}/absent")

@@ -8,8 +8,11 @@ from contextlib import asynccontextmanager
 
 import attrs
 import trio
+import trustme
+from tls_certs import write_creds
 
 from trimig.transports import ByteStream, MemoryFabric, connect, listen
+from trimig.transports.tls import TlsCredentials, TlsSettings
 
 
 @attrs.frozen
@@ -20,6 +23,16 @@ class Setup:
     listen_uri: str
     connect_uri: str | None  # None: connect to the listener's real address
     fabric: MemoryFabric | None = None
+    #: TLS: (the connecting side's settings, the listening side's), or None for plaintext.
+    tls: tuple[TlsSettings, TlsSettings] | None = None
+
+    @property
+    def client_tls(self) -> TlsSettings | None:
+        return self.tls[0] if self.tls else None
+
+    @property
+    def server_tls(self) -> TlsSettings | None:
+        return self.tls[1] if self.tls else None
 
     @property
     def has_return_path(self) -> bool:
@@ -30,7 +43,15 @@ class Setup:
         return self.name.startswith("rdma")
 
 
-TRANSPORTS = ["tcp", "unix", "exec", "rdma-mem", "rdma-socket"]
+TRANSPORTS = ["tcp", "unix", "exec", "rdma-mem", "rdma-socket", "tls-tcp", "tls-unix"]
+
+
+def tls_pair(tmp: str) -> tuple[TlsSettings, TlsSettings]:
+    """Client and server settings from fresh trustme certificates in ``tmp``/creds."""
+    directory = write_creds(f"{tmp}/creds", trustme.CA())
+    client = TlsCredentials("c", directory, endpoint="client")
+    server = TlsCredentials("s", directory, endpoint="server")
+    return TlsSettings(client, hostname="localhost"), TlsSettings(server)
 
 
 def make_setup(name: str, tmp: str) -> Setup:
@@ -47,17 +68,30 @@ def make_setup(name: str, tmp: str) -> Setup:
         return Setup(name, "rdma:mem:test", None, MemoryFabric())
     if name == "rdma-socket":
         return Setup(name, f"rdma:{tmp}/rdma", None)
+    if name == "tls-tcp":
+        return Setup(name, "tcp:127.0.0.1:0", None, tls=tls_pair(tmp))
+    if name == "tls-unix":
+        return Setup(name, f"unix:{tmp}/sock", None, tls=tls_pair(tmp))
     raise AssertionError(name)
 
 
 @asynccontextmanager
 async def connected(setup: Setup) -> AsyncIterator[tuple[ByteStream, ByteStream]]:
     """(client, server): the connecting (source) and accepted (destination) ends."""
-    async with await listen(setup.listen_uri, fabric=setup.fabric) as listener:
+    async with await listen(
+        setup.listen_uri, fabric=setup.fabric, tls=setup.server_tls
+    ) as listener:
         target = setup.connect_uri or listener.address
-        client = await connect(target, fabric=setup.fabric)
+        accepted: list[ByteStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listener.accept())
+
+        async with trio.open_nursery() as nursery:  # a TLS connect needs the accept
+            nursery.start_soon(accept)
+            client = await connect(target, fabric=setup.fabric, tls=setup.client_tls)
         try:
-            server = await listener.accept()
+            server = accepted[0]
             try:
                 yield client, server
             finally:

@@ -22,9 +22,11 @@ from . import control
 from .options import (
     add_guest_options,
     add_migration_options,
+    add_tls_options,
     add_warmup_option,
     guest_setup,
     migration_settings,
+    tls_settings,
 )
 from .output import note, one_line, progress_shown, report, report_error
 
@@ -84,6 +86,7 @@ def add_engine_commands(sub: Any) -> None:
         (migrate, _cmd_migrate),
     ):
         add_guest_options(parser)
+        add_tls_options(parser)
         if parser is not run:
             add_migration_options(parser)
         parser.set_defaults(handler=handler)
@@ -107,6 +110,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     specs, command = guest_setup(args)
     capabilities, parameters = migration_settings(args)
+    if args.tls_creds and not args.tls_hostname:
+        args.tls_hostname = "localhost"  # both ends are on this machine
+    source_tls, destination_tls = tls_settings(args, "client"), tls_settings(args, "server")
+    tls = (source_tls, destination_tls) if source_tls and destination_tls else None
     result = trio.run(
         lambda: migrate_locally(
             specs,
@@ -118,6 +125,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             progress=progress_shown,
             postcopy_after_first_pass=args.postcopy,
             keep_failure=True,
+            tls=tls,
         )
     )
     report(result.to_json(), args.json)
@@ -145,10 +153,15 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
     specs, command = guest_setup(args)
     capabilities, parameters = migration_settings(args)
+    tls = tls_settings(args, "server")
 
     async def main() -> dict[str, Any]:
         incoming = IncomingMigration(
-            specs, guest_command=command, capabilities=capabilities, parameters=parameters
+            specs,
+            guest_command=command,
+            capabilities=capabilities,
+            parameters=parameters,
+            listen_options={"tls": tls} if tls else None,
         )
         try:
             async with open_nursery() as nursery:
@@ -175,22 +188,36 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.qmp:
+        if args.tls_creds:
+            raise ConfigError(
+                "--tls-creds with --qmp: the engine's TLS is its own (trimig run --tls-creds, "
+                "or object-add and migrate-set-parameters tls-creds)"
+            )
         return control.migrate_over_qmp(args.qmp, args.uri, as_json=args.json)
     from ..demo import running_guest
     from ..errors import MigrationFailed, MigrationPaused, TrimigError
     from ..savevm.outgoing import OutgoingMigration
     from ..transports import parse_uri
 
-    parse_uri(args.uri)  # a bad URI is an error before any guest starts
+    address = parse_uri(args.uri)  # a bad URI is an error before any guest starts
 
     specs, command = guest_setup(args)
     capabilities, parameters = migration_settings(args)
+    tls = tls_settings(args, "client")
+    if tls is not None:
+        from ..transports.tls import check_client_settings
+
+        check_client_settings(tls, address)  # before any guest starts
 
     async def main() -> tuple[dict[str, Any], Exception | None]:
         async with running_guest(specs, command) as (guest, blocks):
             await trio.sleep(args.warmup)
             outgoing = OutgoingMigration(
-                guest, blocks, capabilities=capabilities, parameters=parameters
+                guest,
+                blocks,
+                capabilities=capabilities,
+                parameters=parameters,
+                connect_options={"tls": tls} if tls else None,
             )
             error: Exception | None = None
             async with progress_shown(outgoing.query):
@@ -240,6 +267,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     specs, command = guest_setup(args)
     if args.incoming and args.incoming != "defer":
         parse_uri(args.incoming)  # before starting anything
+    tls_object = None
+    if args.tls_creds:
+        # The engine's object tls0, as `-object tls-creds-x509,id=tls0,...` would make it.
+        endpoint = "server" if args.incoming else "client"
+        tls_object = {"qom-type": "tls-creds-x509", "id": "tls0", "dir": args.tls_creds}
+        tls_object["endpoint"] = endpoint
+        tls_settings(args, endpoint)  # files checked before starting anything
     received: list[int] = []
 
     async def serve() -> None:
@@ -247,6 +281,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             open_engine(specs, command, incoming=args.incoming is not None) as engine,
             open_nursery() as nursery,
         ):
+            if tls_object is not None:
+                engine.object_add(tls_object)
+                engine.set_parameters({"tls-creds": "tls0", "tls-hostname": args.tls_hostname})
             await nursery.start(QmpServer(engine).serve_unix, path)
             if args.incoming and args.incoming != "defer":
                 await engine.migrate_incoming(args.incoming)

@@ -11,6 +11,7 @@ from ..units import parse_rate, parse_size
 
 if TYPE_CHECKING:
     from ..ram_blocks import RamBlockSpec
+    from ..transports.tls import TlsSettings
 
 
 def add_json_option(parser: argparse.ArgumentParser, help: str) -> None:
@@ -94,3 +95,31 @@ def guest_setup(args: argparse.Namespace) -> tuple[list[RamBlockSpec], list[str]
         dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
     )
     return specs, command
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """``--tls-creds DIR`` (QEMU's tls-creds-x509 files) and ``--tls-hostname``."""
+    parser.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="encrypt and authenticate every channel with TLS, with QEMU's tls-creds-x509 "
+        "files in DIR (ca-cert.pem, server-cert.pem/server-key.pem on the destination, "
+        "client-cert.pem/client-key.pem on the source)",
+    )
+    parser.add_argument(
+        "--tls-hostname",
+        default="",
+        help="host name the destination's certificate must be valid for (default: the tcp "
+        "host of the URI; needed for unix:)",
+    )
+
+
+def tls_settings(args: argparse.Namespace, endpoint: str) -> TlsSettings | None:
+    """The TLS settings of ``--tls-creds`` for this side (``client`` on the source,
+    ``server`` on the destination), or None without it."""
+    if not getattr(args, "tls_creds", None):
+        return None
+    from ..transports.tls import TlsCredentials, TlsSettings
+
+    credentials = TlsCredentials("tls0", args.tls_creds, endpoint=endpoint)
+    return TlsSettings(credentials, hostname=args.tls_hostname)

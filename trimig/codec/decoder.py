@@ -228,8 +228,11 @@ class StreamDecoder(DecoderBase[StreamEvent]):
         cursor = Cursor(self._buffer, "the file header")
         magic = cursor.be32()
         if magic != QEMU_VM_FILE_MAGIC:
+            hint = ""
+            if magic >> 16 == 0x1603:  # a TLS handshake record: the source speaks TLS
+                hint = "; it is a TLS handshake: the source uses TLS, set tls-creds here too"
             raise Malformed(
-                f"bad magic {magic:#010x} (expected {QEMU_VM_FILE_MAGIC:#010x}, 'QEVM')"
+                f"bad magic {magic:#010x} (expected {QEMU_VM_FILE_MAGIC:#010x}, 'QEVM'){hint}"
             )
         version = cursor.be32()
         if version == QEMU_VM_FILE_VERSION_COMPAT:

@@ -67,6 +67,13 @@ class EngineControl(Protocol):
         as text (QEMU's ram_debug_dump_bitmap: a source's dirty and sent bitmaps, a
         destination's received bitmap, per block). ConfigError without a migration."""
 
+    def object_add(self, arguments: dict[str, Any]) -> None:
+        """``object-add``: make a ``tls-creds-x509``, ``authz-list`` or ``authz-simple``
+        object (``qom-type``, ``id`` and its properties); ConfigError naming what is wrong."""
+
+    def object_del(self, object_id: str) -> None:
+        """``object-del``: remove the object ``object_id``; ConfigError if there is none."""
+
     async def quit(self) -> None:
         """Shut the engine down. The QMP reply has already been sent when this is called."""
 

@@ -226,6 +226,16 @@ async def _x_dump_bitmaps(engine: EngineControl, args: dict[str, Any]) -> Any:
     return engine.dump_bitmaps()
 
 
+async def _object_add(engine: EngineControl, args: dict[str, Any]) -> Any:
+    engine.object_add(dict(args))
+    return {}
+
+
+async def _object_del(engine: EngineControl, args: dict[str, Any]) -> Any:
+    engine.object_del(args["id"])
+    return {}
+
+
 async def _quit(engine: EngineControl, args: dict[str, Any]) -> Any:
     await engine.quit()
     return {}
@@ -289,6 +299,12 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = _table(
     CommandSpec("cont", _NO_ARGUMENTS, _cont),
     CommandSpec("x-guest-verify", _NO_ARGUMENTS, _x_guest_verify),
     CommandSpec("x-dump-bitmaps", _NO_ARGUMENTS, _x_dump_bitmaps),
+    CommandSpec(
+        "object-add",
+        Struct({"qom-type": Member(String()), "id": Member(String())}, open=True),
+        _object_add,
+    ),
+    CommandSpec("object-del", Struct({"id": Member(String())}), _object_del),
     CommandSpec("quit", _NO_ARGUMENTS, _quit, reply_first=True),
 )
 

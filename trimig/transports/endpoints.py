@@ -9,6 +9,13 @@ from trimig.transports.file import connect_file, listen_file
 from trimig.transports.rdma_memory import MemoryFabric
 from trimig.transports.rdma_socket import connect_rdma_socket, listen_rdma_socket
 from trimig.transports.socket import connect_tcp, connect_unix, listen_tcp, listen_unix
+from trimig.transports.tls import (
+    TlsListener,
+    TlsSettings,
+    check_client_settings,
+    check_tls_transport,
+    tls_client,
+)
 from trimig.transports.uri import (
     Address,
     ExecCommand,
@@ -34,13 +41,23 @@ def _fabric(address: RdmaMemoryAddress, fabric: MemoryFabric | None) -> MemoryFa
     return fabric
 
 
-async def connect(uri: str | Address, *, fabric: MemoryFabric | None = None) -> ByteStream:
+async def connect(
+    uri: str | Address, *, fabric: MemoryFabric | None = None, tls: TlsSettings | None = None
+) -> ByteStream:
     """Open the outgoing stream for ``uri``; TransportError if the destination is not there.
 
     ``fabric`` is needed (only) for ``rdma:mem:NAME``. For ``exec:COMMAND`` this starts
     ``sh -c COMMAND`` writing to its stdin; finish with ``send_eof()`` before ``aclose()``.
+    With ``tls`` the stream is TLS, handshake done (every channel comes through here).
     """
     address = _address(uri)
+    if tls is None:
+        return await _connect(address, fabric)
+    check_client_settings(tls, address)  # before connecting: refusals come first
+    return await tls_client(await _connect(address, fabric), tls, address)
+
+
+async def _connect(address: Address, fabric: MemoryFabric | None) -> ByteStream:
     match address:
         case TcpAddress():
             return await connect_tcp(address)
@@ -57,14 +74,29 @@ async def connect(uri: str | Address, *, fabric: MemoryFabric | None = None) -> 
     raise ConfigError(f"cannot connect to {address!r}: not a migration address")
 
 
-async def listen(uri: str | Address, *, fabric: MemoryFabric | None = None) -> Listener:
+async def listen(
+    uri: str | Address, *, fabric: MemoryFabric | None = None, tls: TlsSettings | None = None
+) -> Listener:
     """Open the incoming endpoint for ``uri``; ``.address`` tells the real address.
 
     Close it with ``aclose()`` or use it as an async context manager. ``accept()`` returns
     one ByteStream per incoming connection; for ``exec:COMMAND`` each accept() starts the
-    command and reads its stdout.
+    command and reads its stdout. With ``tls`` each accepted stream is TLS, the source
+    authenticated (and on the allow-list) before accept() returns.
     """
     address = _address(uri)
+    if tls is None:
+        return await _listen(address, fabric)
+    check_tls_transport(address)
+    inner = await _listen(address, fabric)
+    try:
+        return TlsListener(inner, tls)
+    except BaseException:
+        await inner.aclose()
+        raise
+
+
+async def _listen(address: Address, fabric: MemoryFabric | None) -> Listener:
     match address:
         case TcpAddress():
             return await listen_tcp(address)

@@ -1,0 +1,179 @@
+"""TLS end to end: two ``trimig run`` engines driven by QEMU's own ``qemu.qmp`` client,
+set up the way a QEMU user sets up TLS (object-add tls-creds-x509 and authz-list,
+migrate-set-parameters tls-creds/tls-hostname/tls-authz). The refusals come first, each
+named on the side that saw it, the source guest running on after each; then a postcopy
+with preempt through a loopback proxy that records every byte of both channels: no
+plaintext stream header (QEVM, 0x5145564d) crosses the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from typing import Any
+
+import trustme
+from adversarial_harness import _connect, _Engine, _until_done
+from qemu.qmp import QMPClient
+from tls_certs import CLIENT_NAME, write_creds
+
+DEADLINE = 120.0
+
+
+class RecordingProxy:
+    """Forwards each connection to ``port`` and keeps the bytes each way."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.connections: list[tuple[bytearray, bytearray]] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        record = (bytearray(), bytearray())
+        self.connections.append(record)
+
+        async def pump(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, kept: bytearray
+        ) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(1 << 16):
+                    kept += data
+                    sink.write(data)
+                    await sink.drain()
+            with contextlib.suppress(OSError):
+                sink.close()
+
+        await asyncio.gather(
+            pump(reader, upstream_writer, record[0]), pump(upstream_reader, writer, record[1])
+        )
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def tls_creds(client: QMPClient, name: str, directory: str, endpoint: str) -> None:
+    await client.execute(
+        "object-add",
+        {
+            "qom-type": "tls-creds-x509",
+            "id": name,
+            "dir": directory,
+            "endpoint": endpoint,
+            "verify-peer": True,
+        },
+    )
+
+
+async def attempt(
+    src: QMPClient, dst: QMPClient, *, via: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One migration attempt to the destination (listening afresh); both sides' end."""
+    deadline = time.monotonic() + DEADLINE
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    port = int((await dst.execute("query-migrate"))["socket-address"][0]["port"])
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{via or port}"})
+    return await _until_done(src, deadline), await _until_done(dst, deadline)
+
+
+async def run_scenario(directory: str) -> None:
+    ca = trustme.CA()
+    good = write_creds(f"{directory}/good", ca)
+    foreign = write_creds(f"{directory}/foreign", trustme.CA())
+    dst_engine = _Engine(directory, "dst", ["--ram", "32M", "--incoming", "defer"], [])
+    src_engine = _Engine(directory, "src", ["--ram", "32M", "--dirty-rate", "64M"], [])
+    deadline = time.monotonic() + DEADLINE
+    proxy: RecordingProxy | None = None
+    try:
+        dst = await _connect(dst_engine, deadline)
+        src = await _connect(src_engine, deadline)
+        await tls_creds(dst, "tls0", good, "server")
+        await tls_creds(src, "tls0", good, "client")
+        await tls_creds(src, "foreign", foreign, "client")
+        await dst.execute(
+            "object-add",
+            {"qom-type": "authz-list", "id": "nobody", "policy": "deny", "rules": []},
+        )
+        await dst.execute(
+            "object-add",
+            {
+                "qom-type": "authz-list",
+                "id": "auth0",
+                "policy": "deny",
+                "rules": [{"match": f"CN={CLIENT_NAME},*", "policy": "allow", "format": "glob"}],
+            },
+        )
+        await dst.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-authz": "auth0"})
+
+        async def refused(source_says: str, destination_says: str) -> None:
+            source, destination = await attempt(src, dst)
+            print("refused:", source.get("error-desc"), "|", destination.get("error-desc"))
+            assert source["status"] == "failed", source
+            assert source_says in source.get("error-desc", ""), source
+            assert destination["status"] == "failed", destination
+            assert destination_says in destination.get("error-desc", ""), destination
+            assert (await src.execute("query-status"))["status"] == "running"
+
+        # A foreign CA signed the destination's certificate (the source refuses it).
+        await src.execute("migrate-set-parameters", {"tls-creds": "foreign"})
+        await refused("not signed by our CA (a foreign CA", "the source")
+        # The destination's certificate is not for the name the source checks.
+        await src.execute(
+            "migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "elsewhere.example"}
+        )
+        await refused("does not match the host name", "the source")
+        # A plaintext source.
+        await src.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+        await refused("", "the source does not speak TLS")
+        # A source whose certificate subject is not on the allow-list.
+        await src.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        await dst.execute("migrate-set-parameters", {"tls-authz": "nobody"})
+        await refused("refused this connection", "is not on the allow-list 'nobody'")
+
+        # Now a good one: postcopy with preempt, so two TLS channels, through the proxy.
+        await dst.execute("migrate-set-parameters", {"tls-authz": "auth0"})
+        caps = [
+            {"capability": "postcopy-ram", "state": True},
+            {"capability": "postcopy-preempt", "state": True},
+        ]
+        for client in (src, dst):
+            await client.execute("migrate-set-capabilities", {"capabilities": caps})
+        await src.execute("migrate-set-parameters", {"x-postcopy-after-passes": 1})
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = int((await dst.execute("query-migrate"))["socket-address"][0]["port"])
+        proxy = RecordingProxy(port)
+        via = await proxy.start()
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{via}"})
+        source = await _until_done(src, deadline)
+        destination = await _until_done(dst, deadline)
+        assert source["status"] == "completed", source
+        assert destination["status"] == "completed", destination
+        verdict = await dst.execute("x-guest-verify")
+        assert verdict["verified"], verdict
+        assert len(proxy.connections) == 2  # the main channel and the preempt channel
+        for sent, answered in proxy.connections:
+            assert sent[:2] == b"\x16\x03" and answered[:2] == b"\x16\x03"  # TLS handshakes
+            assert len(sent) > 1 << 20 or len(answered) > 0
+            assert b"QEVM" not in sent and b"QEVM" not in answered
+        assert sum(len(sent) for sent, _ in proxy.connections) > 32 << 20  # the RAM went by
+        for client in (src, dst):
+            with contextlib.suppress(Exception):
+                await client.execute("quit")
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+    finally:
+        if proxy is not None:
+            proxy.close()
+        dst_engine.kill()
+        src_engine.kill()
+
+
+def test_tls_between_two_engines_through_qmp() -> None:
+    with tempfile.TemporaryDirectory(prefix="tmtls") as directory:
+        asyncio.run(run_scenario(directory))
