@@ -29,6 +29,11 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 #: Where a finished migration stays.
 FINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 
+#: The source's statuses once the destination runs the guest (its PONG 0x42 came): from
+#: there a failure pauses the migration instead of resuming the guest on the source.
+#: Postcopy recovery's states belong here too.
+GUEST_ON_DESTINATION = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED})
+
 
 def _table(moves: dict[S, set[S]]) -> Table:
     return MappingProxyType({state: frozenset(to) for state, to in moves.items()})

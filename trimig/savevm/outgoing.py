@@ -32,7 +32,7 @@ from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
 from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
-from ..status import SOURCE, EventCallback, StatusHolder, StatusMachine
+from ..status import GUEST_ON_DESTINATION, SOURCE, EventCallback, StatusHolder, StatusMachine
 from ..trace import trace
 from ..transports import ByteStream, FileStream, connect, set_channel_timeout
 from . import convergence
@@ -77,23 +77,19 @@ class OutgoingMigration(StatusHolder):
         self.stats = SourceStats(total=total, remaining=total)
         self._connect_options = connect_options or {}
         self._on_event = on_event
+        #: migrate-start-postcopy was asked (QEMU's start_postcopy): switch at the next chance.
         self._postcopy_requested = False
         self._channel: MigrationChannel | None = None
         #: The destination's messages: PONGs, SHUT, page requests (read in run()'s nursery).
         self._return_path = SourceReturnPath(self)
-        #: Whether this migration uses a return path (decided once connected).
-        self._uses_return_path = False
+        #: We stopped the guest (set before the stop: a cancelled stop may have stopped it),
+        #: so a failure before the switch resumes it. A fact of the guest, not a status.
         self._guest_stopped_by_us = False
         self._limiter = RateLimiter(self.parameters.max_bandwidth)
         self._ram: RamSaver | None = None
         self._requests: PageRequestQueue | None = None
         self._urgent: MigrationChannel | None = None
         self._urgent_sender: UrgentSender | None = None
-        #: The package (LISTEN, device state, RUN) is on its way: page requests are valid.
-        self._package_sent = False
-        #: PONG(0x42) came back: the destination loaded the package and runs the guest, so
-        #: from now on a failure pauses instead of resuming the guest here.
-        self._postcopy_running = False
         #: The work of run(); the return-path reader cancels it when the path fails.
         self._work = trio.CancelScope()
         self._barriers = 0
@@ -141,6 +137,31 @@ class OutgoingMigration(StatusHolder):
             parts.append(f"{block.name} sent:\n{dump_bitmap(self._ram.sent[block.name])}")
         return "".join(parts)
 
+    # -- derived state -------------------------------------------------------------------
+
+    @property
+    def _uses_return_path(self) -> bool:
+        """Whether this migration reads a return path (known once connected). With one the
+        destination's SHUT says whether it loaded the stream; without one (exec, file)
+        success means the stream was written."""
+        return (
+            self._channel is not None
+            and self._channel.stream.has_return_path
+            and (self.capabilities.return_path or self.capabilities.postcopy_ram)
+        )
+
+    @property
+    def _package_sent(self) -> bool:
+        """The package (LISTEN, device state, RUN) is on its way (postcopy-device and
+        after): page requests are valid. Read by the return-path thread too."""
+        return self.status.value.is_postcopy
+
+    @property
+    def _postcopy_running(self) -> bool:
+        """PONG(0x42) came back: the destination loaded the package and runs the guest,
+        so from now on a failure pauses instead of resuming the guest here."""
+        return self.status.value in GUEST_ON_DESTINATION
+
     # -- the migration -------------------------------------------------------------------
 
     async def run(self, uri: str) -> None:
@@ -166,11 +187,6 @@ class OutgoingMigration(StatusHolder):
                     raise ConfigError(
                         f"the transport of {uri!r} has no return path, which postcopy-ram needs"
                     )
-                # With a return path the destination's SHUT says whether it loaded the
-                # stream; without one (exec) success means the stream was written.
-                self._uses_return_path = stream.has_return_path and (
-                    self.capabilities.return_path or self.capabilities.postcopy_ram
-                )
                 channel = self._channel = MigrationChannel(stream)
                 uffd, addresses = await self.guest.track_dirty()
                 dirty_log = DirtyLog(self.guest.pid, self.blocks, addresses, uffd)
@@ -377,16 +393,21 @@ class OutgoingMigration(StatusHolder):
             pass_bytes_start = self._bytes_moved()
         await self._complete_precopy(channel, ram, dirty_log)
 
-    async def _complete_precopy(
-        self, channel: MigrationChannel, ram: RamSaver, dirty_log: DirtyLog
-    ) -> None:
-        """Stop the guest, send what is left and the device state, and hand over."""
+    async def _stop_guest(self) -> None:
+        """The switch-over begins (precopy's end, or postcopy's switch): the downtime
+        starts, the guest stops (a STOP event), status ``device``."""
         self.stats.downtime_start_ns = time.monotonic_ns()
         self._guest_stopped_by_us = True  # before the await: a cancelled stop may have stopped it
         await self.guest.stop()
         if self._on_event:
             self._on_event("STOP", {})
         self._set_status(MigrationStatus.DEVICE)
+
+    async def _complete_precopy(
+        self, channel: MigrationChannel, ram: RamSaver, dirty_log: DirtyLog
+    ) -> None:
+        """Stop the guest, send what is left and the device state, and hand over."""
+        await self._stop_guest()
         ram.sync(dirty_log)  # exact: the guest is stopped
         self.stats.dirty_sync_count += 1
         bytes_before = self._bytes_moved()
@@ -424,12 +445,7 @@ class OutgoingMigration(StatusHolder):
         urgent_sender = self._urgent_sender = UrgentSender(ram, self._urgent)
         ram.detach_regions()  # postcopy pages are placed atomically by the destination
         self.stats.precopy_bytes = self._bytes_moved()
-        self.stats.downtime_start_ns = time.monotonic_ns()
-        self._guest_stopped_by_us = True  # before the await: a cancelled stop may have stopped it
-        await self.guest.stop()
-        if self._on_event:
-            self._on_event("STOP", {})
-        self._set_status(MigrationStatus.DEVICE)
+        await self._stop_guest()
         bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
         saved: list[bytes] = []
@@ -450,7 +466,7 @@ class OutgoingMigration(StatusHolder):
         self._return_path.check()
         # postcopy-device: until PONG(0x42) says the destination loaded the package (and is
         # about to run the guest), a failure still resumes the guest here, as in QEMU 10.2.
-        self._package_sent = True
+        # From this move on page requests are valid (_package_sent).
         self._set_status(MigrationStatus.POSTCOPY_DEVICE)
         channel.put(codec.encode_packaged(package(device)))
         channel.put(codec.encode_ping(PING_AFTER_PACKAGE))
@@ -519,8 +535,7 @@ class OutgoingMigration(StatusHolder):
 
     def pong_received(self, value: int) -> None:
         if value == QEMU_VM_PING_PACKAGED_LOADED and self._package_sent:
-            # The point of no return: the destination runs the guest now.
-            self._postcopy_running = True
+            # The point of no return: the destination runs the guest now (_postcopy_running).
             self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
         elif value == PING_AFTER_PACKAGE and self._package_sent:
             self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
