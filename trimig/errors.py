@@ -3,10 +3,13 @@
 Every error trimig raises on purpose is a :class:`TrimigError`. The branches tell
 who is at fault: we (``LocalProtocolError``), the peer (``RemoteProtocolError``),
 the kernel (``KernelError``), the link (``TransportError``), the guest
-(``GuestError``) or the caller's input (``ConfigError``).
+(``GuestError``) or the caller's input (``ConfigError``). :func:`forget_locals` drops
+the frame locals of an error that is kept (they may pin views of guest RAM).
 """
 
 from __future__ import annotations
+
+import traceback
 
 
 class TrimigError(Exception):
@@ -74,3 +77,20 @@ class MigrationPaused(TrimigError):
     Neither side holds the whole guest, so nothing is resumed or thrown away; the
     received bitmap is kept for a later recovery.
     """
+
+
+def forget_locals(exc: BaseException) -> None:
+    """Clear the finished frames in the tracebacks of ``exc`` and its causes (they stay
+    printable): their locals include gather lists, views of guest RAM, which a caller
+    holding the error (or a channel keeping the error of its failed send) would
+    otherwise pin, so the guest's blocks could not be unmapped."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+        pending.extend(getattr(error, "exceptions", ()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from ..errors import (
     MigrationPaused,
     RemoteProtocolError,
     TransportError,
+    forget_locals,
 )
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
@@ -197,7 +197,7 @@ class OutgoingMigration(StatusHolder):
                         try:
                             await self._migrate(channel, dirty_log, nursery, uri)
                         except BaseException as exc:  # also the Cancelled this scope catches
-                            _forget_locals(exc)
+                            forget_locals(exc)
                             await self._return_path.await_verdict(
                                 exc, expected=self._uses_return_path and not self._postcopy_running
                             )
@@ -217,7 +217,7 @@ class OutgoingMigration(StatusHolder):
                     else:
                         await stream.aclose()
         except BaseException as exc:
-            _forget_locals(exc)
+            forget_locals(exc)
             if self._postcopy_running:
                 # The guest now runs on the destination: never resume it here.
                 if dirty_log is not None:
@@ -593,20 +593,3 @@ class OutgoingMigration(StatusHolder):
             # at a time. Stream the rest now.
             trace("postcopy_background_released", reason="request during the device load")
             self._background_released.set()
-
-
-def _forget_locals(exc: BaseException) -> None:
-    """Clear the finished frames in the tracebacks of ``exc`` and its causes (they stay
-    printable): their locals include gather lists, views of guest RAM, which a caller
-    holding the error (or a channel keeping the error of its failed send) would
-    otherwise pin, so the guest's blocks could not be unmapped."""
-    seen: set[int] = set()
-    pending = [exc]
-    while pending:
-        error = pending.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)
-        pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
-        pending.extend(getattr(error, "exceptions", ()))
