@@ -45,6 +45,9 @@ MiB = 1 << 20
 RUN_DEADLINE = 120.0
 #: Seconds after which a precopy run that has not converged may stop for as long as needed.
 FORCE_CONVERGENCE_AFTER = 8.0
+#: The adversarial guest's verify replays its whole journal, which a flat-out writer makes
+#: long: a slow check on a loaded machine is not a lost page, so it may take this long.
+VERIFY_TIMEOUT = 60.0
 #: 2 MiB huge pages reserved for the campaign: two 8 MiB blocks and room to spare.
 HUGEPAGES_NEEDED = 16
 
@@ -155,7 +158,7 @@ async def execute(plan: Plan) -> dict[str, Any]:
                     # Cancelled or failed before the switch: the source guest runs on, intact.
                     outcome["guest_running"] = guest.running
                     await guest.stop()
-                    verdict = await guest.verify()
+                    verdict = await guest.verify(timeout=VERIFY_TIMEOUT)
                     outcome["verdict"] = verdict.detail
                     outcome["ok"] = (
                         outgoing.status.value is MigrationStatus.CANCELLED
@@ -168,7 +171,7 @@ async def execute(plan: Plan) -> dict[str, Any]:
             outcome["destination"] = incoming.status.value.value
             if incoming.error_desc:
                 outcome["destination_error"] = incoming.error_desc
-            verdict = await verify_destination(incoming, 0.2)
+            verdict = await verify_destination(incoming, 0.2, timeout=VERIFY_TIMEOUT)
             outcome["verdict"] = verdict.detail if verdict else None
             outcome["ok"] = bool(verdict and verdict.verified)
             if verdict is not None:

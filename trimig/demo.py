@@ -187,8 +187,11 @@ async def receive(
         log.info("incoming migration ended: %s", exc)
 
 
-async def verify_destination(incoming: IncomingMigration, run_after: float) -> Verdict | None:
-    """Let the moved guest run ``run_after`` s, stop it and have it check its memory.
+async def verify_destination(
+    incoming: IncomingMigration, run_after: float, *, timeout: float | None = None
+) -> Verdict | None:
+    """Let the moved guest run ``run_after`` s, stop it and have it check its memory
+    (within ``timeout`` s, default: the guest protocol's bound for its RAM size).
 
     None when the incoming migration did not complete. The guest and its blocks are
     closed afterwards.
@@ -199,7 +202,7 @@ async def verify_destination(incoming: IncomingMigration, run_after: float) -> V
     try:
         await trio.sleep(run_after)
         await guest.stop()
-        return await guest.verify()
+        return await guest.verify(timeout=timeout)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             await guest.aclose()
