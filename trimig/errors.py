@@ -4,11 +4,13 @@ Every error trimig raises on purpose is a :class:`TrimigError`. The branches tel
 who is at fault: we (``LocalProtocolError``), the peer (``RemoteProtocolError``),
 the kernel (``KernelError``), the link (``TransportError``), the guest
 (``GuestError``) or the caller's input (``ConfigError``). :func:`forget_locals` drops
-the frame locals of an error that is kept (they may pin views of guest RAM).
+the frame locals of an error that is kept (they may pin views of guest RAM);
+:func:`exit_status` words how a child process ended.
 """
 
 from __future__ import annotations
 
+import signal
 import traceback
 
 
@@ -94,3 +96,17 @@ def forget_locals(exc: BaseException) -> None:
         traceback.clear_frames(error.__traceback__)
         pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
         pending.extend(getattr(error, "exceptions", ()))
+
+
+def exit_status(returncode: int | None) -> str:
+    """How a child process ended, for an error message: "is still running", "was killed
+    by SIGKILL", "exited with status 1" (``returncode`` as subprocess reports it)."""
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"

@@ -28,7 +28,7 @@ from .options import (
     migration_settings,
     tls_settings,
 )
-from .output import note, one_line, progress_shown, report, report_error
+from .output import note, one_line, progress_shown, report, report_error, report_outcome
 
 log = logging.getLogger("trimig.cli")
 
@@ -240,11 +240,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             return info, error
 
     info, error = trio.run(main)
-    report(info, args.json)
-    if error is not None:
-        report_error(one_line(error))
-        return 1
-    return 0
+    return report_outcome(info, error, args.json)
 
 
 # --- an engine served over QMP ------------------------------------------------------------------

@@ -189,6 +189,16 @@ def format_parameters(result: dict[str, Any]) -> str:
     return render([(name, json.dumps(value)) for name, value in result.items()])
 
 
+def report_outcome(info: dict[str, Any], error: BaseException | None, as_json: bool) -> int:
+    """A command's end: :func:`report` its statistics, and its ``error`` (if any) in one line
+    on stderr; the exit status, 1 after an error."""
+    report(info, as_json)
+    if error is not None:
+        report_error(one_line(error))
+        return 1
+    return 0
+
+
 def report(info: dict[str, Any], as_json: bool) -> None:
     """Print a command's final statistics: a table for people, one JSON object for programs.
 

@@ -14,7 +14,6 @@ No background task: the guest's stdout and stderr go to an unlinked temporary fi
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import attrs
 import trio
 
 from .._trio import open_nursery
-from ..errors import GuestError
+from ..errors import GuestError, exit_status
 from ..kernel.uffd import Userfaultfd
 from ..ram_blocks import MappedBlock
 from . import protocol
@@ -507,13 +506,7 @@ class GuestProcess:
         self._close_socket()
         with trio.move_on_after(CLOSE_STEP_TIMEOUT):
             await self._process.wait()
-        status = self._process.returncode
-        if status is None:
-            ended = "is still running"
-        elif status < 0:
-            ended = f"was killed by {_signal_name(-status)}"
-        else:
-            ended = f"exited with status {status}"
+        ended = exit_status(self._process.returncode)
         tail = self.output_tail()
         return GuestError(
             f"guest {self.pid} ({' '.join(self.command)}) {ended} during {command}: {what}"
@@ -537,10 +530,3 @@ async def _defer_while_progressing(
         if now != last:
             last = now
             scope.deadline = trio.current_time() + limit
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"

@@ -282,14 +282,7 @@ def write_rows_at(fd: int, offset: int, rows: np.ndarray) -> None:
         rows.strides[0]
     )
     entries[:, 1] = width
-    gather = GatherWrite([IoVector(entries, (rows,))])
-    try:
-        gather.write_at(fd, offset)
-    except OSError as error:
-        at = offset + gather.total - gather.remaining
-        raise KernelError(
-            "pwritev", error.errno or errno.EIO, f"{gather.remaining} bytes at offset {at:#x}"
-        ) from None
+    _write_all_at(fd, GatherWrite([IoVector(entries, (rows,))]), offset)
 
 
 def readv(fd: int, buffers: Sequence[memoryview]) -> int | None:
@@ -333,7 +326,11 @@ def read_at(fd: int, buffer: memoryview, offset: int) -> int:
 
 def write_at(fd: int, data: Buffer, offset: int) -> None:
     """pwrite every byte of ``data`` into the file ``fd`` at ``offset``. Raises KernelError."""
-    gather = GatherWrite([data])
+    _write_all_at(fd, GatherWrite([data]), offset)
+
+
+def _write_all_at(fd: int, gather: GatherWrite, offset: int) -> None:
+    """``gather.write_at`` with its OSError as the KernelError naming what was left."""
     try:
         gather.write_at(fd, offset)
     except OSError as error:

@@ -86,6 +86,12 @@ _CHANNELS = Member(ListOf(_CHANNEL), optional=True)
 _NO_ARGUMENTS = Struct()
 
 
+def _migration_target(**extra: Member) -> Struct:
+    """The arguments of ``migrate`` and ``migrate-incoming``: the other end as ``uri`` or
+    ``channels`` (read with :func:`migration_uri`), and the command's ``extra`` ones."""
+    return Struct({"uri": Member(String(), optional=True), "channels": _CHANNELS, **extra})
+
+
 # --- URI / channels -----------------------------------------------------------------------------
 
 
@@ -254,27 +260,12 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = _table(
     ),
     CommandSpec("query-commands", _NO_ARGUMENTS, _query_commands),
     CommandSpec("query-version", _NO_ARGUMENTS, _query_version),
-    CommandSpec(
-        "migrate",
-        Struct(
-            {
-                "uri": Member(String(), optional=True),
-                "channels": _CHANNELS,
-                "resume": Member(Boolean(), optional=True),
-            }
-        ),
-        _migrate,
-    ),
+    CommandSpec("migrate", _migration_target(resume=Member(Boolean(), optional=True)), _migrate),
     CommandSpec(
         "migrate-incoming",
-        Struct(
-            {
-                "uri": Member(String(), optional=True),
-                "channels": _CHANNELS,
-                # Accepted for compatibility; trimig's engine never exits on a failed load.
-                "exit-on-error": Member(Boolean(), optional=True),
-            }
-        ),
+        # exit-on-error is accepted for compatibility; trimig's engine never exits on a
+        # failed load.
+        _migration_target(**{"exit-on-error": Member(Boolean(), optional=True)}),
         _migrate_incoming,
     ),
     CommandSpec(

@@ -8,7 +8,7 @@ from typing import Any
 import trio
 
 from ..cli.options import add_guest_options, add_json_option, add_warmup_option, guest_setup
-from ..cli.output import one_line, print_json, progress_shown, report, report_error
+from ..cli.output import print_json, progress_shown, report, report_error, report_outcome
 
 
 def add_snapshot_commands(sub: Any) -> None:
@@ -92,9 +92,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
             return info, error
 
     info, error = trio.run(main)
-    report(info, args.json)
-    if error is not None:
-        report_error(one_line(error))
+    if report_outcome(info, error, args.json):
         return 1
     if args.keep_running and not info.get("verified"):
         report_error(f"the guest did not run on consistently: {info['verdict'].get('detail')}")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import trio
 
-from trimig.errors import TransportError
+from trimig.errors import TransportError, exit_status
 from trimig.kernel.iov import GatherItem, readv
 from trimig.transports.base import (
     ListenerBase,
@@ -84,13 +84,7 @@ class _Child:
 
     def failure(self, what: str) -> TransportError:
         """A TransportError for the (reaped) command: ``what`` then its status and stderr."""
-        code = self.process.returncode
-        if code is None:
-            status = "is still running"
-        elif code < 0:
-            status = f"was killed by {signal.Signals(-code).name}"
-        else:
-            status = f"exited with status {code}"
+        status = exit_status(self.process.returncode)
         message = f"exec command {self.command!r} {what}: it {status}"
         stderr = self._stderr_tail()
         if stderr:
@@ -220,17 +214,27 @@ class PipeStream:
         await trio.lowlevel.checkpoint()
 
 
-async def connect_exec(address: ExecCommand) -> PipeStream:
-    """Start ``sh -c COMMAND`` and return a stream writing to its stdin."""
+async def _start(command: str, *, sending: bool) -> PipeStream:
+    """Start ``sh -c command`` with a pipe to its stdin (``sending``) or from its stdout;
+    the other standard stream is /dev/null."""
     read_end, write_end = _nonblocking_pipe()
+    ours, theirs = (write_end, read_end) if sending else (read_end, write_end)
     try:
-        child = await _spawn(address.command, stdin=read_end, stdout=subprocess.DEVNULL)
+        if sending:
+            child = await _spawn(command, stdin=theirs, stdout=subprocess.DEVNULL)
+        else:
+            child = await _spawn(command, stdin=subprocess.DEVNULL, stdout=theirs)
     except BaseException:
-        os.close(write_end)
+        os.close(ours)
         raise
     finally:
-        os.close(read_end)
-    return PipeStream(child, write_end, sending=True)
+        os.close(theirs)
+    return PipeStream(child, ours, sending=sending)
+
+
+async def connect_exec(address: ExecCommand) -> PipeStream:
+    """Start ``sh -c COMMAND`` and return a stream writing to its stdin."""
+    return await _start(address.command, sending=True)
 
 
 class ExecListener(ListenerBase):
@@ -244,15 +248,7 @@ class ExecListener(ListenerBase):
         return self._address
 
     async def accept(self) -> PipeStream:
-        read_end, write_end = _nonblocking_pipe()
-        try:
-            child = await _spawn(self._address.command, stdin=subprocess.DEVNULL, stdout=write_end)
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
-        return PipeStream(child, read_end, sending=False)
+        return await _start(self._address.command, sending=False)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
