@@ -19,19 +19,8 @@ from .memory import (
 )
 from .pagemap import PagemapScanner
 from .probe import KernelFeatures, probe
-from .uffd import (
-    Feature,
-    ForkEvent,
-    Ioctl,
-    Mode,
-    PageFault,
-    RemapEvent,
-    RemoveEvent,
-    UffdEvent,
-    Userfaultfd,
-    feature_name,
-    query_api,
-)
+from .uffd import Feature, Ioctl, Mode, Userfaultfd, feature_name, query_api
+from .uffd_messages import ForkEvent, PageFault, RemapEvent, RemoveEvent, UffdEvent
 
 __all__ = [
     "HUGE_PAGE_SIZE",

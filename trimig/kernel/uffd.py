@@ -1,4 +1,5 @@
-"""userfaultfd(2): the API handshake, registration, page placement and fault messages.
+"""userfaultfd(2): the API handshake, registration, page placement and reading fault
+messages (their values and decoding are ``uffd_messages``).
 
 Every ioctl acts on the memory of the process that *created* the userfaultfd, whoever
 calls it. So an engine can place pages into (or write-protect) a guest process's memory
@@ -19,13 +20,12 @@ import os
 import time
 from typing import Any
 
-import attrs
-
 from ..errors import ConfigError, KernelError, MissingKernelFeature
 from . import _ffi
 from ._ffi import errno, ffi, libc
 from ._owned import OwnedFd
 from .memory import PAGE_SIZE
+from .uffd_messages import ForkEvent, PageFault, UffdEvent, decode
 
 
 class Mode(enum.IntFlag):
@@ -77,48 +77,6 @@ def feature_name(feature: Feature) -> str:
     """The kernel's name of one feature bit, e.g. ``"UFFD_FEATURE_WP_ASYNC"``."""
     return f"UFFD_FEATURE_{feature.name}" if feature.name else f"UFFD_FEATURE({int(feature):#x})"
 
-
-@attrs.frozen
-class PageFault:
-    """One ``UFFD_EVENT_PAGEFAULT``: the faulting address (page aligned unless
-    EXACT_ADDRESS), whether it was a write, a write-protect or a minor fault, and the
-    faulting thread's id (0 unless the THREAD_ID feature is enabled)."""
-
-    address: int
-    write: bool
-    wp: bool
-    minor: bool
-    thread_id: int
-
-
-@attrs.frozen
-class ForkEvent:
-    """``UFFD_EVENT_FORK`` (feature EVENT_FORK): ``fd`` is a new userfaultfd, now open in
-    this process, for the child's copy of the registered ranges. The receiver owns it."""
-
-    fd: int
-
-
-@attrs.frozen
-class RemapEvent:
-    """``UFFD_EVENT_REMAP`` (feature EVENT_REMAP): mremap moved a registered range."""
-
-    source: int
-    destination: int
-    length: int
-
-
-@attrs.frozen
-class RemoveEvent:
-    """``UFFD_EVENT_REMOVE`` (madvise DONTNEED/REMOVE) or, with ``unmapped``,
-    ``UFFD_EVENT_UNMAP`` (munmap) of ``[start, end)`` of a registered range."""
-
-    start: int
-    end: int
-    unmapped: bool
-
-
-UffdEvent = PageFault | ForkEvent | RemapEvent | RemoveEvent
 
 _MSG_SIZE = ffi.sizeof("struct uffd_msg")
 _READ_BATCH = 128  # messages per read(2)
@@ -497,7 +455,7 @@ class Userfaultfd(OwnedFd):
                 raise KernelError("read(userfaultfd)", error.errno or 0) from None
             count = size // _MSG_SIZE
             for index in range(count):
-                events.append(_decode(self._messages[index]))
+                events.append(decode(self._messages[index]))
             if count < _READ_BATCH:
                 break
         return events
@@ -577,28 +535,3 @@ def _fcntl_flags(fd: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as error:
         raise KernelError("fcntl(F_GETFL)", error.errno or 0, f"fd {fd}") from None
-
-
-def _decode(message: Any) -> UffdEvent:
-    event = message.event
-    if event == _ffi.UFFD_EVENT_PAGEFAULT:
-        pagefault = message.arg.pagefault
-        flags = pagefault.flags
-        return PageFault(
-            address=int(pagefault.address),
-            write=bool(flags & _ffi.UFFD_PAGEFAULT_FLAG_WRITE),
-            wp=bool(flags & _ffi.UFFD_PAGEFAULT_FLAG_WP),
-            minor=bool(flags & _ffi.UFFD_PAGEFAULT_FLAG_MINOR),
-            thread_id=int(pagefault.feat.ptid),
-        )
-    if event == _ffi.UFFD_EVENT_FORK:
-        return ForkEvent(int(message.arg.fork.ufd))
-    if event == _ffi.UFFD_EVENT_REMAP:
-        remap = message.arg.remap
-        return RemapEvent(int(getattr(remap, "from")), int(remap.to), int(remap.len))
-    if event in (_ffi.UFFD_EVENT_REMOVE, _ffi.UFFD_EVENT_UNMAP):
-        remove = message.arg.remove
-        return RemoveEvent(
-            int(remove.start), int(remove.end), unmapped=event == _ffi.UFFD_EVENT_UNMAP
-        )
-    raise KernelError("read(userfaultfd)", errno_codes.EPROTO, f"unknown event {event:#x}")

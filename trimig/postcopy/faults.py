@@ -27,7 +27,8 @@ import numpy.typing as npt
 import trio
 
 from ..errors import GuestError
-from ..kernel.uffd import PageFault, Userfaultfd
+from ..kernel.uffd import Userfaultfd
+from ..kernel.uffd_messages import PageFault
 from ..loops import serve_fd
 from .bitmaps import ReceivedBitmap
 from .blocks import GuestRamBlock, PageRequest
