@@ -44,12 +44,12 @@ class _Connection:
         self.scope = trio.CancelScope()
 
     def reset(self) -> None:
+        self.scope.cancel()
         for sock in (self.client, self.server):
             if sock is not None and sock.fileno() != -1:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
-        self.scope.cancel()
 
 
 class _Proxy:
@@ -89,7 +89,7 @@ class _Proxy:
         with connection.scope:
             try:
                 connection.server = await self._connect_target()
-            except OSError:
+            except (OSError, trio.ClosedResourceError):
                 connection.reset()
                 return
             async with trio.open_nursery() as nursery:
@@ -118,7 +118,11 @@ class _Proxy:
                 while view:
                     sent = await sink.send(view)
                     view = view[sent:]
+        except trio.ClosedResourceError:
+            return  # reset meanwhile
         except OSError:
+            if connection.silent[direction]:
+                await trio.sleep_forever()  # the network is down: no reset gets through
             connection.reset()
 
     def command(self, line: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from ._trio import open_nursery
-from .errors import ConfigError
+from .errors import ConfigError, MigrationPaused
 from .guest.host import GuestProcess
 from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
@@ -24,7 +24,7 @@ from .objects import ObjectRegistry
 from .qmp.api import EngineEvent
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
-from .transports import FileAddress, TcpAddress, UnixAddress, parse_uri
+from .transports import FileAddress, Listener, TcpAddress, UnixAddress, listen, parse_uri
 from .transports.tls import check_client_settings
 
 log = logging.getLogger("trimig.engine")
@@ -54,6 +54,8 @@ class Engine:
         self.blocks: list[RamBlock] = []
         self.migration: OutgoingMigration | IncomingMigration | None = None
         self._migration_scope: trio.CancelScope | None = None
+        #: The task accepting postcopy recovery attempts (migrate-recover), if any.
+        self._recovery_scope: trio.CancelScope | None = None
         self._incoming_allowed = incoming
         self._run_state = "inmigrate" if incoming else "prelaunch"
         self._subscribers: set[trio.MemorySendChannel[EngineEvent]] = set()
@@ -169,7 +171,10 @@ class Engine:
 
     # -- migration ---------------------------------------------------------------------
 
-    async def migrate(self, uri: str) -> None:
+    async def migrate(self, uri: str, *, resume: bool = False) -> None:
+        if resume:
+            await self._resume_outgoing(uri)
+            return
         self._refuse_while_migrating("start another migration")
         if self.guest is None:
             raise ConfigError("there is no guest here to migrate (the engine is waiting for one)")
@@ -202,11 +207,70 @@ class Engine:
             self._run_state = "postmigrate"
         self._emit(name, data)
 
-    async def _run_outgoing(self, outgoing: OutgoingMigration, uri: str) -> None:
+    async def _resume_outgoing(self, uri: str) -> None:
+        """migrate resume=true: recover the paused outgoing postcopy over ``uri``."""
+        outgoing = self.migration
+        if not isinstance(outgoing, OutgoingMigration):
+            raise ConfigError(
+                "migrate with resume=true needs a paused outgoing postcopy; the engine is "
+                f"{self._state_words()}"
+            )
+        parse_uri(uri)
+        outgoing.begin_recovery()  # ConfigError naming the state unless postcopy-paused
+        self._nursery.start_soon(self._run_outgoing, outgoing, uri, True)
+
+    def migrate_pause(self) -> None:
+        migration = self.migration
+        if migration is None:
+            raise ConfigError(f"migrate-pause needs a running postcopy; {self._state_words()}")
+        migration.pause()
+
+    async def migrate_recover(self, uri: str) -> None:
+        """Listen on ``uri`` for the source's recovery connection (replacing an earlier
+        migrate-recover's listener); each connection accepted there is a recovery attempt."""
+        incoming = self.migration
+        paused = incoming is not None and incoming.status.value is MigrationStatus.POSTCOPY_PAUSED
+        if not isinstance(incoming, IncomingMigration) or not paused:
+            raise ConfigError(
+                "migrate-recover needs a paused incoming postcopy (postcopy-paused); the "
+                f"engine is {self._state_words()}"
+            )
+        listener = await listen(uri)
+        if self._recovery_scope is not None:
+            self._recovery_scope.cancel()
+        self.incoming_address = str(listener.address)
+        self._nursery.start_soon(self._run_recovery, incoming, listener)
+
+    async def _run_recovery(self, incoming: IncomingMigration, listener: Listener) -> None:
+        """Accept recovery attempts on ``listener`` until one completes the migration."""
+        with trio.CancelScope() as scope:
+            self._recovery_scope = scope
+            try:
+                while incoming.status.value is MigrationStatus.POSTCOPY_PAUSED:
+                    stream = await listener.accept()
+                    try:
+                        await incoming.recover(stream, listener=listener)
+                    except MigrationPaused as exc:
+                        log.warning("postcopy recovery on %s failed: %s", listener.address, exc)
+            except Exception as exc:
+                log.warning("postcopy recovery on %s ended: %s", listener.address, exc)
+            finally:
+                if self._recovery_scope is scope:
+                    self._recovery_scope = None
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await listener.aclose()
+        self._incoming_ended(incoming)
+
+    async def _run_outgoing(
+        self, outgoing: OutgoingMigration, uri: str, resume: bool = False
+    ) -> None:
         with trio.CancelScope() as scope:
             self._migration_scope = scope
             try:
-                await outgoing.run(uri)
+                if resume:
+                    await outgoing.recover(uri)
+                else:
+                    await outgoing.run(uri)
             except Exception as exc:
                 log.warning("migration to %s failed: %s", uri, exc)
             else:
@@ -271,6 +335,9 @@ class Engine:
                 log.warning("incoming migration on %s failed: %s", uri, exc)
             finally:
                 self._migration_scope = None
+        self._incoming_ended(incoming)
+
+    def _incoming_ended(self, incoming: IncomingMigration) -> None:
         if incoming.status.value is MigrationStatus.COMPLETED:
             self.guest, self.blocks = incoming.take_guest()
             self._run_state = "running"

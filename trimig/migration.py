@@ -26,6 +26,8 @@ class MigrationStatus(enum.Enum):
     POSTCOPY_DEVICE = "postcopy-device"
     POSTCOPY_ACTIVE = "postcopy-active"
     POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
+    POSTCOPY_RECOVER = "postcopy-recover"
     COMPLETED = "completed"
     FAILING = "failing"
     FAILED = "failed"
@@ -37,6 +39,8 @@ class MigrationStatus(enum.Enum):
             MigrationStatus.POSTCOPY_DEVICE,
             MigrationStatus.POSTCOPY_ACTIVE,
             MigrationStatus.POSTCOPY_PAUSED,
+            MigrationStatus.POSTCOPY_RECOVER_SETUP,
+            MigrationStatus.POSTCOPY_RECOVER,
         )
 
     @property

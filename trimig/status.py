@@ -32,7 +32,9 @@ FINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 #: The source's statuses once the destination runs the guest (its PONG 0x42 came): from
 #: there a failure pauses the migration instead of resuming the guest on the source.
 #: Postcopy recovery's states belong here too.
-GUEST_ON_DESTINATION = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED})
+GUEST_ON_DESTINATION = frozenset(
+    {S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER}
+)
 
 
 def _table(moves: dict[S, set[S]]) -> Table:
@@ -41,8 +43,8 @@ def _table(moves: dict[S, set[S]]) -> Table:
 
 #: The source (QEMU's migration_state for an outgoing migration). Before the destination
 #: runs the guest (PONG 0x42) a failure ends ``failed`` or ``cancelled`` with the guest
-#: running here; after it, ``postcopy-paused`` (and recovery, QEMU's
-#: postcopy-recover-setup -> postcopy-recover -> postcopy-active).
+#: running here; after it, ``postcopy-paused``, and recovery, as QEMU's:
+#: postcopy-recover-setup -> postcopy-recover -> postcopy-active, as many times as needed.
 SOURCE: Table = _table(
     {
         S.NONE: {S.SETUP},
@@ -51,7 +53,11 @@ SOURCE: Table = _table(
         S.DEVICE: {S.COMPLETED, S.POSTCOPY_DEVICE, S.FAILED, S.CANCELLED},
         S.POSTCOPY_DEVICE: {S.POSTCOPY_ACTIVE, S.FAILED, S.CANCELLED},
         S.POSTCOPY_ACTIVE: {S.COMPLETED, S.POSTCOPY_PAUSED},
-        S.POSTCOPY_PAUSED: set(),
+        # Recovery (migrate resume=true): connecting, then the handshake until RESUME_ACK;
+        # a failure at either step goes back to paused, never to failed.
+        S.POSTCOPY_PAUSED: {S.POSTCOPY_RECOVER_SETUP},
+        S.POSTCOPY_RECOVER_SETUP: {S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED},
+        S.POSTCOPY_RECOVER: {S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED},
         S.COMPLETED: set(),
         S.FAILED: set(),
         S.CANCELLED: set(),
@@ -59,7 +65,8 @@ SOURCE: Table = _table(
 )
 
 #: The destination (QEMU's incoming state): active while loading, postcopy-* once LISTEN
-#: came, postcopy-paused once the guest runs here and a channel broke.
+#: came, postcopy-paused once the guest runs here and a channel broke, and recovery:
+#: postcopy-paused -> postcopy-recover -> postcopy-active.
 DESTINATION: Table = _table(
     {
         S.NONE: {S.SETUP},
@@ -68,7 +75,10 @@ DESTINATION: Table = _table(
         # The guest may already run here (RUN loaded) before postcopy-active is shown.
         S.POSTCOPY_DEVICE: {S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED, S.CANCELLED},
         S.POSTCOPY_ACTIVE: {S.COMPLETED, S.POSTCOPY_PAUSED},
-        S.POSTCOPY_PAUSED: set(),
+        # Recovery (migrate-recover): the source's new channel accepted, then the
+        # handshake until POSTCOPY_RESUME; a failure goes back to paused. No recover-setup.
+        S.POSTCOPY_PAUSED: {S.POSTCOPY_RECOVER},
+        S.POSTCOPY_RECOVER: {S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED},
         S.COMPLETED: set(),
         S.FAILED: set(),
         S.CANCELLED: set(),

@@ -71,12 +71,29 @@ class FakeEngine:
     def query_parameters(self) -> dict[str, Any]:
         return dict(self.parameters)
 
-    async def migrate(self, uri: str) -> None:
+    async def migrate(self, uri: str, *, resume: bool = False) -> None:
+        if resume:
+            if self.status != "postcopy-paused":
+                raise ConfigError("migrate with resume=true needs postcopy-paused")
+            self.calls.append(("migrate-resume", uri))
+            self._set_status("postcopy-recover-setup")
+            return
         self.migrate_entered.set()
         if self.migrate_gate is not None:
             await self.migrate_gate.wait()
         self.calls.append(("migrate", uri))
         self._set_status("active")
+
+    def migrate_pause(self) -> None:
+        if self.status not in ("postcopy-active", "postcopy-recover"):
+            raise ConfigError("migrate-pause needs postcopy-active or postcopy-recover")
+        self.calls.append(("migrate-pause", None))
+        self._set_status("postcopy-paused")
+
+    async def migrate_recover(self, uri: str) -> None:
+        if self.status != "postcopy-paused":
+            raise ConfigError("migrate-recover needs postcopy-paused")
+        self.calls.append(("migrate-recover", uri))
 
     async def migrate_incoming(self, uri: str) -> None:
         self.calls.append(("migrate_incoming", uri))

@@ -242,7 +242,7 @@ async def test_migrate_uri_and_channels_conflicts(engine: FakeEngine) -> None:
             },
             "not supported",
         ),
-        ({"uri": "unix:/p", "resume": True}, "not supported"),
+        ({"uri": "unix:/p", "resume": True}, "needs postcopy-paused"),
     ]
     for arguments, fragment in cases:
         with pytest.raises(QmpError) as info:

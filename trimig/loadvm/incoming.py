@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from .. import codec
-from .._trio import open_nursery
+from .._trio import open_nursery, sole_error
 from ..channel import MigrationChannel
 from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import (
@@ -35,7 +35,16 @@ from ..snapshot.eager import load_eagerly
 from ..snapshot.file import open_snapshot
 from ..snapshot.lazy import LazyRestore
 from ..status import DESTINATION, EventCallback, StatusHolder, StatusMachine
-from ..transports import ByteStream, FileAddress, Listener, listen, parse_uri, set_channel_timeout
+from ..trace import trace
+from ..transports import (
+    ByteStream,
+    FileAddress,
+    Listener,
+    listen,
+    parse_uri,
+    set_channel_timeout,
+    shutdown_stream,
+)
 from .postcopy import PostcopyIncoming
 from .ram_loader import RamLoader
 from .reader import ReturnPathWriter
@@ -98,6 +107,11 @@ class IncomingMigration(StatusHolder):
         self.socket_address: str | None = None
         #: postcopy-* statistics, once postcopy ended.
         self.postcopy_stats: dict[str, object] = {}
+        #: The main stream's decoder (a recovery's new channel continues its stream).
+        self._decoder: codec.StreamDecoder | None = None
+        #: The main stream now (migrate-pause shuts it down).
+        self._stream: ByteStream | None = None
+        self._pause_requested = False
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
@@ -175,6 +189,7 @@ class IncomingMigration(StatusHolder):
         """
         self._set_status(MigrationStatus.SETUP)
         self.start_ns = time.monotonic_ns()
+        self._stream = stream
         try:
             try:
                 await self._prepare()
@@ -209,12 +224,7 @@ class IncomingMigration(StatusHolder):
                     await stream.aclose()
         except BaseException as exc:
             if self._guest_runs_here():
-                await self._pause(exc)
-                if isinstance(exc, Exception):
-                    raise MigrationPaused(
-                        f"postcopy broke after the guest started here: {self.error_desc}"
-                    ) from exc
-                raise
+                self._pause(exc)
             await self._fail(exc)
             if isinstance(exc, Exception):
                 raise MigrationFailed(f"incoming migration failed: {self.error_desc}") from exc
@@ -256,11 +266,99 @@ class IncomingMigration(StatusHolder):
             raise postcopy.error
         await postcopy.finish()
 
-    async def _pause(self, exc: BaseException) -> None:
-        """After RUN the guest exists only in two halves: stop here, paused, and say so."""
-        self.error_desc = str(exc) or type(exc).__name__
+    def _pause(self, exc: BaseException) -> None:
+        """After RUN the guest exists only in two halves: stop here, paused, and say so
+        (raise MigrationPaused, or re-raise a cancellation). Every postcopy task has
+        ended; what a recovery needs stays."""
+        if self._pause_requested:
+            self.error_desc = "paused by migrate-pause"
+        else:
+            self.error_desc = str(sole_error(exc)) or type(sole_error(exc)).__name__
+        self._pause_requested = False
         log.error("postcopy paused: %s", self.error_desc)
+        if self._postcopy is not None:
+            self._postcopy.paused()
         self._set_status(MigrationStatus.POSTCOPY_PAUSED)
+        if isinstance(exc, Exception):
+            raise MigrationPaused(
+                f"postcopy broke after the guest started here: {self.error_desc}"
+            ) from exc
+        raise exc
+
+    def pause(self) -> None:
+        """migrate-pause: shut the main stream down on purpose (as QEMU does); the
+        migration then pauses, ready for a recovery."""
+        status = self.status.value
+        if status not in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+            raise ConfigError(
+                "migrate-pause needs postcopy-active or postcopy-recover; the incoming "
+                f"migration is {status.value}"
+            )
+        self._pause_requested = True
+        if self._stream is not None:
+            shutdown_stream(self._stream)
+
+    async def recover(self, stream: ByteStream, *, listener: Listener | None = None) -> None:
+        """Postcopy recovery over ``stream``, a new connection from the source (accepted
+        after migrate-recover; ``listener`` accepts its urgent channel). Completed on
+        return; MigrationPaused (back in postcopy-paused, ready for another) if the
+        handshake fails or the link breaks again.
+
+        The handshake (docs/postcopy.md, "Recovery"): the new channel continues the main
+        stream without a header; each RECV_BITMAP is answered with the block's received
+        bitmap, POSTCOPY_RESUME with RESUME_ACK(1) and the requests still waiting."""
+        postcopy, decoder = self._postcopy, self._decoder
+        status = self.status.value
+        if status is not MigrationStatus.POSTCOPY_PAUSED or postcopy is None or decoder is None:
+            raise ConfigError(
+                "postcopy recovery needs a paused postcopy (postcopy-paused); the incoming "
+                f"migration is {status.value}"
+            )
+        self._set_status(MigrationStatus.POSTCOPY_RECOVER)
+        self._stream = stream
+        try:
+            try:
+                channel = MigrationChannel(stream)
+                channel.receive_timeout = self.parameters.channel_timeout
+                set_channel_timeout(stream, self.parameters.channel_timeout)
+                return_path = self._return_path = ReturnPathWriter(channel.return_path())
+                decoder = self._decoder = decoder.successor()
+                async with open_nursery() as nursery:
+                    await self._recovery_handshake(decoder, channel, return_path)
+                    self.error_desc = ""  # recovered: the pause's reason is history
+                    self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+                    await postcopy.resume(nursery, channel, decoder, return_path, listener)
+                    await self._finish_postcopy(postcopy)
+                    await return_path.send(codec.encode_rp_shut(0))
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.postcopy_stats = postcopy.statistics()
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                    await stream.aclose()
+        except BaseException as exc:
+            self._pause(exc)
+        self.end_ns = time.monotonic_ns()
+        self._set_status(MigrationStatus.COMPLETED)
+
+    async def _recovery_handshake(
+        self, decoder: codec.StreamDecoder, channel: MigrationChannel, return_path: ReturnPathWriter
+    ) -> None:
+        """Answer each RECV_BITMAP with the block's received bitmap, until POSTCOPY_RESUME."""
+        assert self._ram is not None
+        while True:
+            event = await next_event(decoder, channel)
+            if isinstance(event, codec.RecvBitmap):
+                bitmap = self._ram.received.block(event.block).to_le_bytes()
+                await return_path.send(codec.encode_rp_recv_bitmap(event.block, bitmap))
+            elif isinstance(event, codec.PostcopyResume):
+                trace("postcopy_recover_resume")
+                return
+            elif isinstance(event, codec.ChannelClosed):
+                raise TransportError("the source closed the new channel during the recovery")
+            else:
+                raise RemoteProtocolError(
+                    f"unexpected {type(event).__name__} in the postcopy recovery handshake"
+                )
 
     def _guest_runs_here(self) -> bool:
         """Postcopy ran the guest here: a failure now pauses, and sends no SHUT."""
@@ -307,6 +405,7 @@ class IncomingMigration(StatusHolder):
             local_page_sizes={block.name: block.page_size for block in self.blocks}
         )
         ram = self._ram = RamLoader(self.blocks)
+        self._decoder = decoder
         while True:
             event = await next_event(decoder, channel)
             if isinstance(event, codec.RamPages):

@@ -179,7 +179,12 @@ class PostcopyIncoming:
         self.placer = PagePlacer(
             self._uffd, guest_blocks, received, channels=3, on_placed=self.faults.pages_placed
         )
-        assert self._helpers is not None
+        await self._serve(channel, decoder)
+        self._listening.set()
+
+    async def _serve(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
+        """Start the fault handler (among the helpers) and the main listener."""
+        assert self._helpers is not None and self.faults is not None
         if self._return_path.threadsafe:
             await self._helpers.start(
                 functools.partial(run_in_thread, self._serve_faults, urgent=True)
@@ -189,7 +194,56 @@ class PostcopyIncoming:
         # Made here, before the listener owns the main decoder: same blocks (MEM_SIZE).
         self._urgent_decoder = decoder.ram_channel_decoder()
         self._nursery.start_soon(self._listen_main, channel, decoder)
-        self._listening.set()
+
+    # -- pause and recovery -------------------------------------------------------------
+
+    def paused(self) -> None:
+        """The channels broke after RUN and every postcopy task has ended: drop the host
+        pages half gathered on the main and urgent channels (never marked received, they
+        are sent again after a recovery). The uffd, the received bitmap and the requests
+        still waiting stay: the guest blocks on its missing pages until then."""
+        if self.placer is not None:
+            self.placer.reset_channel(MAIN_CHANNEL)
+            self.placer.reset_channel(PREEMPT_CHANNEL)
+
+    async def resume(
+        self,
+        nursery: trio.Nursery,
+        channel: MigrationChannel,
+        decoder: codec.StreamDecoder,
+        return_path: ReturnPathWriter,
+        listener: Listener | None,
+    ) -> None:
+        """Postcopy recovery, on POSTCOPY_RESUME: RESUME_ACK(1), every request still
+        waiting sent again (the source lost its queue), then the postcopy tasks start
+        again in ``nursery`` on the new channels (the urgent one accepted on ``listener``)."""
+        assert self.faults is not None
+        self._nursery = nursery
+        self._return_path = return_path
+        self._listener = listener
+        self.done = trio.Event()
+        self.error = None
+        self._helpers_scope = trio.CancelScope()
+        self._helpers_done = trio.Event()
+        self._urgent_accepted = False
+        self._urgent_ended = trio.Event()
+        await return_path.send(codec.encode_rp_resume_ack())
+        received = self.ram.received
+        waiting = [
+            request
+            for request in self.faults.outstanding()
+            if not received.is_received(request.block, request.start, request.length)
+        ]
+        for request in waiting:  # each names its block: the source forgot the last one
+            await return_path.send(
+                codec.encode_rp_req_pages(request.start, request.length, request.block)
+            )
+        self._last_requested_block = None
+        trace("postcopy_resume", requests_sent_again=len(waiting))
+        await nursery.start(self._supervise_helpers)
+        if listener is not None:
+            self._start_helper(self._accept_urgent_channel, listener)
+        await self._serve(channel, decoder)
 
     async def _attach_guest(self, registered: list[tuple[Userfaultfd, list[int]]]) -> None:
         """Attach the guest's blocks for postcopy and take its MISSING userfaultfd."""

@@ -34,8 +34,17 @@ class EngineControl(Protocol):
     def query_parameters(self) -> dict[str, Any]:
         """Every parameter and its current value."""
 
-    async def migrate(self, uri: str) -> None:
-        """Start an outgoing migration to ``uri`` in the engine's nursery; return at once."""
+    async def migrate(self, uri: str, *, resume: bool = False) -> None:
+        """Start an outgoing migration to ``uri`` in the engine's nursery; return at once.
+        With ``resume``: recover a paused postcopy over a new connection to ``uri``."""
+
+    def migrate_pause(self) -> None:
+        """``migrate-pause``: break a running postcopy's channels on purpose (either side);
+        ConfigError unless postcopy-active or postcopy-recover."""
+
+    async def migrate_recover(self, uri: str) -> None:
+        """``migrate-recover`` (destination): listen on ``uri`` for the source's recovery;
+        return once listening. ConfigError unless postcopy-paused."""
 
     async def migrate_incoming(self, uri: str) -> None:
         """Start listening on ``uri`` for an incoming migration; return once listening."""

@@ -163,10 +163,17 @@ async def _query_version(engine: EngineControl, args: dict[str, Any]) -> Any:
 
 
 async def _migrate(engine: EngineControl, args: dict[str, Any]) -> Any:
-    uri = migration_uri(args)
-    if args.get("resume"):
-        raise QmpError(GENERIC_ERROR, "postcopy recovery ('resume') is not supported by trimig")
-    await engine.migrate(uri)
+    await engine.migrate(migration_uri(args), resume=bool(args.get("resume")))
+    return {}
+
+
+async def _migrate_pause(engine: EngineControl, args: dict[str, Any]) -> Any:
+    engine.migrate_pause()
+    return {}
+
+
+async def _migrate_recover(engine: EngineControl, args: dict[str, Any]) -> Any:
+    await engine.migrate_recover(str(args["uri"]))
     return {}
 
 
@@ -284,6 +291,8 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = _table(
     CommandSpec("query-migrate-parameters", _NO_ARGUMENTS, _query_migrate_parameters),
     CommandSpec("migrate-start-postcopy", _NO_ARGUMENTS, _migrate_start_postcopy),
     CommandSpec("migrate_cancel", _NO_ARGUMENTS, _migrate_cancel),
+    CommandSpec("migrate-pause", _NO_ARGUMENTS, _migrate_pause),
+    CommandSpec("migrate-recover", Struct({"uri": Member(String())}), _migrate_recover),
     CommandSpec("query-migrate", _NO_ARGUMENTS, _query_migrate),
     CommandSpec("query-status", _NO_ARGUMENTS, _query_status),
     CommandSpec("stop", _NO_ARGUMENTS, _stop),

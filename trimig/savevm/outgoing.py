@@ -19,7 +19,12 @@ import trio
 from .. import codec
 from .._trio import open_nursery, sole_error
 from ..channel import MigrationChannel, RateLimiter
-from ..codec.constants import PING_AFTER_DISCARD, PING_AFTER_PACKAGE, QEMU_VM_PING_PACKAGED_LOADED
+from ..codec.constants import (
+    PING_AFTER_DISCARD,
+    PING_AFTER_PACKAGE,
+    QEMU_VM_PING_PACKAGED_LOADED,
+    RESUME_ACK_VALUE,
+)
 from ..errors import (
     ConfigError,
     MigrationFailed,
@@ -30,11 +35,11 @@ from ..errors import (
 )
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
-from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
+from ..postcopy import PageBitmap, PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
 from ..status import GUEST_ON_DESTINATION, SOURCE, EventCallback, StatusHolder, StatusMachine
 from ..trace import trace
-from ..transports import ByteStream, FileStream, connect, set_channel_timeout
+from ..transports import ByteStream, FileStream, connect, set_channel_timeout, shutdown_stream
 from . import convergence
 from .mapped_ram import MappedRamWriter, check_transport, configuration
 from .postcopy import RequestServed, UrgentSender, discard_commands, package, send_background
@@ -96,6 +101,15 @@ class OutgoingMigration(StatusHolder):
         #: Set by PONG(4), or by a page request while the destination loads the device
         #: state: the background stream may go.
         self._background_released = trio.Event()
+        #: Bytes moved on the channels of earlier connections (postcopy recovery).
+        self._bytes_before = 0
+        #: migrate-pause asked for the pause (the streams were shut down on purpose).
+        self._pause_requested = False
+        #: The recovery handshake: the destination's received bitmaps by block, and
+        #: the events set once all came and once RESUME_ACK came.
+        self._received_bitmaps: dict[str, bytes] = {}
+        self._bitmaps_received = trio.Event()
+        self._resume_acked = trio.Event()
 
     # -- control -----------------------------------------------------------------------
 
@@ -111,6 +125,31 @@ class OutgoingMigration(StatusHolder):
         self.parameters.max_bandwidth = bytes_per_second
         self._limiter.set_rate(bytes_per_second)
 
+    def pause(self) -> None:
+        """migrate-pause: break the channels of a running postcopy on purpose (QEMU shuts
+        the socket down); the migration then pauses, ready for ``recover``."""
+        status = self.status.value
+        if status not in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+            raise ConfigError(
+                "migrate-pause needs postcopy-active or postcopy-recover; the outgoing "
+                f"migration is {status.value}"
+            )
+        self._pause_requested = True
+        for channel in (self._channel, self._urgent):
+            if channel is not None:
+                shutdown_stream(channel.stream)
+
+    def begin_recovery(self) -> None:
+        """The synchronous start of ``recover`` (migrate resume=true): postcopy-paused ->
+        postcopy-recover-setup, or ConfigError naming the state the migration is in."""
+        status = self.status.value
+        if status is not MigrationStatus.POSTCOPY_PAUSED:
+            raise ConfigError(
+                "migrate with resume=true needs a paused postcopy (postcopy-paused); the "
+                f"outgoing migration is {status.value}"
+            )
+        self._set_status(MigrationStatus.POSTCOPY_RECOVER_SETUP)
+
     def query(self) -> dict[str, Any]:
         """query-migrate's MigrationInfo for this migration."""
         self.stats.transferred = self._bytes_moved()
@@ -120,7 +159,8 @@ class OutgoingMigration(StatusHolder):
 
     def _bytes_moved(self) -> int:
         """Bytes moved so far: every channel, and pages written one-sided (QEMU's transferred)."""
-        moved = self._channel.bytes_sent if self._channel is not None else 0
+        moved = self._bytes_before
+        moved += self._channel.bytes_sent if self._channel is not None else 0
         if self._ram is not None:
             moved += self._ram.one_sided_bytes
         if self._urgent_sender is not None:
@@ -202,8 +242,7 @@ class OutgoingMigration(StatusHolder):
                                 exc, expected=self._uses_return_path and not self._postcopy_running
                             )
                             raise
-                    if self._work.cancelled_caught and self._return_path.error is not None:
-                        raise self._return_path.error
+                    self._raise_if_broken()
                     nursery.cancel_scope.cancel()
             finally:
                 if self._ram is not None:
@@ -222,13 +261,7 @@ class OutgoingMigration(StatusHolder):
                 # The guest now runs on the destination: never resume it here.
                 if dirty_log is not None:
                     dirty_log.close()
-                self.stats.error_desc = str(exc) or type(exc).__name__
-                self._set_status(MigrationStatus.POSTCOPY_PAUSED)
-                if isinstance(exc, Exception):
-                    raise MigrationPaused(
-                        f"postcopy to {uri} broke after the switch: {self.stats.error_desc}"
-                    ) from exc
-                raise
+                self._pause(exc, uri)
             await self._recover_source(dirty_log)
             if isinstance(sole_error(exc), trio.Cancelled):
                 self._set_status(MigrationStatus.CANCELLED)
@@ -251,6 +284,137 @@ class OutgoingMigration(StatusHolder):
                 await self.guest.untrack_dirty()
             if dirty_log is not None:
                 dirty_log.close()
+
+    def _completed(self) -> None:
+        self.stats.end_ns = time.monotonic_ns()
+        elapsed = max(self.stats.end_ns - self.stats.start_ns, 1) / 1e9
+        self.stats.mbps = self.stats.transferred * 8 / elapsed / 1e6
+        self._set_status(MigrationStatus.COMPLETED)
+
+    def _raise_if_broken(self) -> None:
+        """After the work scope: raise why it was cancelled (the return path failed, or
+        migrate-pause shut the channels down)."""
+        if not self._work.cancelled_caught:
+            return
+        if self._return_path.error is not None:
+            raise self._return_path.error
+        if self._pause_requested:
+            raise TransportError("paused by migrate-pause")
+
+    def _pause(self, exc: BaseException, uri: str) -> None:
+        """After the switch: postcopy-paused (the guest lives in two halves) and raise
+        MigrationPaused, or re-raise a cancellation."""
+        if self._pause_requested:
+            reason = "paused by migrate-pause"
+        else:
+            reason = str(sole_error(exc)) or type(sole_error(exc)).__name__
+        self._pause_requested = False
+        self.stats.error_desc = reason
+        self._urgent_sender = None  # its channel is gone: the return-path thread must not use it
+        self._set_status(MigrationStatus.POSTCOPY_PAUSED)
+        log.warning("postcopy to %s paused: %s", uri, reason)
+        if isinstance(exc, Exception):
+            raise MigrationPaused(f"postcopy to {uri} broke after the switch: {reason}") from exc
+        raise exc
+
+    # -- postcopy recovery ---------------------------------------------------------------
+
+    async def recover(self, uri: str) -> None:
+        """Resume a paused postcopy over a new connection to ``uri`` (QEMU's migrate with
+        resume=true). Returns once the migration completed; raises MigrationPaused (the
+        migration back in postcopy-paused, ready for another attempt) if the connection or
+        the handshake fails or the link breaks again.
+
+        The handshake (docs/postcopy.md, "Recovery"): RECV_BITMAP for each block, the
+        destination's received bitmaps, every page not received dirty again; the urgent
+        channel reconnected; POSTCOPY_RESUME, RESUME_ACK(1); then the background stream
+        goes on where it is and the destination re-sends the requests it still waits for.
+        """
+        if self.status.value is MigrationStatus.POSTCOPY_PAUSED:
+            self.begin_recovery()
+        if self.status.value is not MigrationStatus.POSTCOPY_RECOVER_SETUP or self._ram is None:
+            raise ConfigError(f"no paused postcopy to recover ({self.status.value.value})")
+        for old in (self._channel, self._urgent):
+            if old is not None:
+                self._bytes_before += old.bytes_sent
+        self._channel = self._urgent = None
+        try:
+            stream = await self._connect(uri)
+            try:
+                self._channel = channel = MigrationChannel(stream)
+                self._set_status(MigrationStatus.POSTCOPY_RECOVER)
+                self._return_path = SourceReturnPath(self)
+                self._work = trio.CancelScope()
+                self._received_bitmaps = {}
+                self._bitmaps_received = trio.Event()
+                self._resume_acked = trio.Event()
+                async with open_nursery() as nursery:
+                    await nursery.start(self._return_path.read, channel)
+                    with self._work:
+                        await self._resume_postcopy(channel, self._ram, uri)
+                    self._raise_if_broken()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                    if self._urgent is not None:
+                        await self._urgent.aclose()
+                    if self._channel is not None:
+                        await self._channel.aclose()
+                    else:
+                        await stream.aclose()
+        except BaseException as exc:
+            forget_locals(exc)
+            self._pause(exc, uri)
+        self._completed()
+
+    async def _resume_postcopy(self, channel: MigrationChannel, ram: RamSaver, uri: str) -> None:
+        for block in self.blocks:
+            channel.put(codec.encode_recv_bitmap(block.name))
+        await channel.flush()
+        with trio.move_on_after(SHUT_TIMEOUT) as bound:
+            await self._bitmaps_received.wait()
+        if bound.cancelled_caught:
+            raise TransportError(
+                f"the destination sent no received bitmaps within {SHUT_TIMEOUT:g} s"
+            )
+        for block in self.blocks:
+            npages = block.size // codec.TARGET_PAGE_SIZE
+            received = PageBitmap.from_le_bytes(self._received_bitmaps[block.name], npages)
+            # Every page not received is sent again, those lost in flight included.
+            ram.dirty[block.name][:] = ~received.bits
+        ram.encoder.reset()  # the first record on the new channel names its block
+        ram.move_cursor(self.blocks[0].name, 0)
+        trace("postcopy_recover_bitmaps", dirty_pages=ram.dirty_pages)
+        if self.capabilities.postcopy_preempt:
+            self._urgent = MigrationChannel(await self._connect(uri))
+        self._urgent_sender = UrgentSender(ram, self._urgent)
+        channel.put(codec.encode_postcopy_resume())
+        await channel.flush()
+        with trio.move_on_after(SHUT_TIMEOUT) as bound:
+            await self._resume_acked.wait()
+        if bound.cancelled_caught:
+            raise TransportError(f"the destination sent no RESUME_ACK within {SHUT_TIMEOUT:g} s")
+        self.stats.error_desc = ""  # recovered: the pause's reason is history
+        self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+        log.info("postcopy to %s resumed: %d pages to send", uri, ram.dirty_pages)
+        await self._postcopy_stream(channel, ram, self._urgent_sender, hold=None)
+
+    def received_bitmap(self, event: codec.RpRecvBitmap) -> None:
+        if self.status.value is not MigrationStatus.POSTCOPY_RECOVER:
+            raise RemoteProtocolError("a received bitmap outside postcopy recovery")
+        names = {block.name for block in self.blocks}
+        if event.block not in names:
+            raise RemoteProtocolError(f"received bitmap of unknown RAM block {event.block!r}")
+        self._received_bitmaps[event.block] = event.bitmap
+        if len(self._received_bitmaps) == len(names):
+            self._bitmaps_received.set()
+
+    def resume_acked(self, value: int) -> None:
+        if self.status.value is not MigrationStatus.POSTCOPY_RECOVER:
+            raise RemoteProtocolError("RESUME_ACK outside postcopy recovery")
+        if value != RESUME_ACK_VALUE:
+            raise RemoteProtocolError(f"RESUME_ACK with value {value} (expected 1)")
+        self._resume_acked.set()
 
     async def _connect(self, uri: str) -> ByteStream:
         """Connect to ``uri`` within x-channel-timeout, the stream bounded by it too."""
@@ -479,6 +643,19 @@ class OutgoingMigration(StatusHolder):
         # them would compete with the destination's switch-over for its CPU. A request
         # before PONG(0x42) ends the hold at once (_request_taken): it comes from a device
         # load that reads guest memory, which only the background stream brings fast.
+        await self._postcopy_stream(channel, ram, urgent_sender, hold=self._background_released)
+
+    async def _postcopy_stream(
+        self,
+        channel: MigrationChannel,
+        ram: RamSaver,
+        urgent_sender: UrgentSender,
+        *,
+        hold: trio.Event | None,
+    ) -> None:
+        """The rest of postcopy on ``channel``: the background stream (held until ``hold``
+        is set), then the end. After the switch and after each recovery."""
+        assert self._requests is not None
         self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
         postcopy_start = self._bytes_moved()
         await send_background(
@@ -490,10 +667,11 @@ class OutgoingMigration(StatusHolder):
             section_id=RAM_SECTION_ID,
             flush_bytes=FLUSH_BYTES,
             slice_seconds=ITERATION_SLICE,
-            hold=self._background_released,
+            hold=hold,
         )
-        # Complete only once the guest runs there.
-        await self._return_path.pong(PING_AFTER_PACKAGE).wait()
+        if hold is not None:
+            # Complete only once the guest runs there (after a recovery it does).
+            await self._return_path.pong(PING_AFTER_PACKAGE).wait()
         # The end (docs/postcopy.md, "The end"): no page is dirty, so every page is on a
         # channel. End the urgent one first (a request read from now on sends nothing: its
         # page is on the main channel), then the main one; the destination reads both to
@@ -506,7 +684,7 @@ class OutgoingMigration(StatusHolder):
         await channel.flush()
         self.stats.remaining = 0
         await self._return_path.wait_for_shut()
-        self.stats.postcopy_bytes = self._bytes_moved() - postcopy_start
+        self.stats.postcopy_bytes += self._bytes_moved() - postcopy_start
         self.stats.transferred = self._bytes_moved()
 
     async def _save_state_into(self, saved: list[bytes]) -> None:

@@ -65,6 +65,13 @@ class ReturnPathOwner(Protocol):
     def cancel_work(self) -> None:
         """The return path failed while the migration works: stop the work."""
 
+    def received_bitmap(self, event: codec.RpRecvBitmap) -> None:
+        """Postcopy recovery: the destination's received bitmap of one block
+        (RemoteProtocolError outside recovery or for an unknown block)."""
+
+    def resume_acked(self, value: int) -> None:
+        """Postcopy recovery: RESUME_ACK ``value`` came (RemoteProtocolError unless 1)."""
+
 
 class SourceReturnPath:
     """The source's end of the return path: its reader, the PONGs and the SHUT."""
@@ -172,6 +179,12 @@ class SourceReturnPath:
         if isinstance(event, codec.Pong):
             self._owner.pong_received(event.value)
             self.pong(event.value).set()
+            return
+        if isinstance(event, codec.RpRecvBitmap):
+            self._owner.received_bitmap(event)
+            return
+        if isinstance(event, codec.ResumeAck):
+            self._owner.resume_acked(event.value)
             return
         if isinstance(event, codec.ChannelClosed):
             raise TransportError("the destination closed the return path without SHUT")

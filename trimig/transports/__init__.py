@@ -11,6 +11,7 @@ from trimig.transports.base import (
     Listener,
     RegionRegistry,
     set_channel_timeout,
+    shutdown_stream,
 )
 from trimig.transports.endpoints import connect, listen
 from trimig.transports.exec_ import PipeStream
@@ -53,4 +54,5 @@ __all__ = [
     "memory_stream_pair",
     "parse_uri",
     "set_channel_timeout",
+    "shutdown_stream",
 ]

@@ -190,6 +190,15 @@ def set_channel_timeout(stream: object, seconds: float | None) -> bool:
     return True
 
 
+def shutdown_stream(stream: object) -> None:
+    """Shut both directions of ``stream`` down now, from any task (QEMU's migrate-pause):
+    its readers see the end, its writers fail; closing is still its owner's job. A
+    stream without ``shutdown`` is left alone (only socket streams are paused this way)."""
+    shutdown = getattr(stream, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
 def check_receive_buffer(buffer: memoryview) -> None:
     """Refuse an empty receive buffer: a 0 return must only ever mean EOF."""
     if memoryview(buffer).nbytes == 0:

@@ -123,6 +123,12 @@ class SocketStream:
                 raise transport_error(f"closing the sending side of {self._peer}", error) from error
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def shutdown(self) -> None:
+        """Shut both directions down (migrate-pause): readers see EOF, writers fail."""
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(stdlib_socket.SHUT_RDWR)
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
