@@ -443,6 +443,13 @@ async def test_errors_in_every_state_keep_the_socket_up(start_engine: StartEngin
             await _expect_error(src, "migrate-start-postcopy", None, "no outgoing migration")
             await _expect_error(dst, "migrate", {"uri": SINK_URI}, "no guest")
             await _expect_error(dst, "cont", None, "no guest")
+            # Postcopy recovery commands name the state they need and the engine's.
+            await _expect_error(src, "migrate-pause", None, "needs a running postcopy")
+            await _expect_error(src, "migrate", {"uri": SINK_URI, "resume": True}, "migration none")
+            await _expect_error(
+                dst, "migrate-recover", {"uri": "tcp:127.0.0.1:0"}, "needs a paused incoming"
+            )
+            await _expect_error(dst, "migrate-recover", {}, "'uri' is missing")
             await _expect_error(dst, "migrate-incoming", {"uri": "tcp:256.0.0.1:0"})
             await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})  # still allowed
             await _expect_error(dst, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"}, "already")
@@ -453,6 +460,13 @@ async def test_errors_in_every_state_keep_the_socket_up(start_engine: StartEngin
             await _wait_status(src, "active")
             await _expect_error(src, "migrate", {"uri": SINK_URI}, "while a migration is running")
             await _expect_error(src, "migrate-start-postcopy", None, "postcopy-ram")
+            await _expect_error(src, "migrate-pause", None, "the outgoing migration is active")
+            await _expect_error(
+                src,
+                "migrate",
+                {"uri": SINK_URI, "resume": True},
+                "needs a paused postcopy (postcopy-paused); the outgoing migration is active",
+            )
             await _expect_error(
                 src, "migrate-set-capabilities", EVENTS_ON, "while a migration is running"
             )
