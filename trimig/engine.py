@@ -24,7 +24,7 @@ from .objects import ObjectRegistry
 from .qmp.api import EngineEvent
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
-from .transports import FileAddress, Listener, TcpAddress, UnixAddress, listen, parse_uri
+from .transports import FileAddress, Listener, TcpAddress, UnixAddress, parse_uri
 from .transports.tls import check_client_settings
 
 log = logging.getLogger("trimig.engine")
@@ -235,7 +235,8 @@ class Engine:
                 "migrate-recover needs a paused incoming postcopy (postcopy-paused); the "
                 f"engine is {self._state_words()}"
             )
-        listener = await listen(uri)
+        parse_uri(uri)
+        listener = await incoming.recovery_listener(uri)
         if self._recovery_scope is not None:
             self._recovery_scope.cancel()
         self.incoming_address = str(listener.address)

@@ -298,6 +298,11 @@ class IncomingMigration(StatusHolder):
         if self._stream is not None:
             shutdown_stream(self._stream)
 
+    async def recovery_listener(self, uri: str) -> Listener:
+        """migrate-recover: listen on ``uri`` for the source's recovery connections, with
+        this migration's listen options (TLS)."""
+        return await listen(uri, **self._listen_options)
+
     async def recover(self, stream: ByteStream, *, listener: Listener | None = None) -> None:
         """Postcopy recovery over ``stream``, a new connection from the source (accepted
         after migrate-recover; ``listener`` accepts its urgent channel). Completed on
