@@ -38,8 +38,10 @@ PLANS = {
 
 
 @pytest.mark.parametrize("name", list(PLANS))
-def test_postcopy_survives_cuts_through_qmp(name: str) -> None:
+def test_postcopy_survives_cuts_through_qmp(name: str, request: pytest.FixtureRequest) -> None:
     plan = PLANS[name]
+    if plan.huge != "0":
+        request.getfixturevalue("hugepages")  # both engines' 4 MiB hugetlb blocks
     result = migrate_with_cuts(plan)
     assert result.ok, result.describe()
     # Every cut landed in postcopy and was recovered from (the runs are slow enough).
