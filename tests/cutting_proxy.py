@@ -6,7 +6,8 @@ stdin, answering ``ok COMMAND`` once done:
 
 * ``hole``: the network goes silent. Every connection stops being forwarded, in both
   directions, without being closed (the peers' kernels see a live socket that takes
-  nothing once its buffers are full); connections accepted while down are held the same.
+  nothing once its buffers are full); connections accepted while down wait, and go
+  through once the network is ``up`` again (as a retried SYN would).
 * ``hole-up`` / ``hole-down``: only the connections' first direction (the one the
   connecting side sends: the migration stream) or the other (the return path) goes silent.
 * ``reset``: every connection is reset (RST to both peers), and connections accepted
@@ -57,6 +58,8 @@ class _Proxy:
         self.target = target
         self.state = "up"
         self.connections: list[_Connection] = []
+        self.pending: list[_Connection] = []
+        self._nursery: trio.Nursery | None = None
         self.accepted = 0
 
     async def _connect_target(self) -> trio.socket.SocketType:
@@ -72,6 +75,7 @@ class _Proxy:
 
     async def serve(self, listener: trio.socket.SocketType) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while True:
                 client, _ = await listener.accept()
                 self.accepted += 1
@@ -81,8 +85,10 @@ class _Proxy:
                     continue
                 self.connections.append(connection)
                 if self.state.startswith("hole"):
-                    connection.silent = [True, True]
-                    continue  # held open, never read
+                    # A connect during the outage: it goes through once the network is
+                    # back (as a retried SYN would), forwarded from ``up`` on.
+                    self.pending.append(connection)
+                    continue
                 nursery.start_soon(self._forward_connection, connection)
 
     async def _forward_connection(self, connection: _Connection) -> None:
@@ -138,9 +144,14 @@ class _Proxy:
             for connection in self.connections:
                 connection.reset()
             self.connections = []
+            self.pending = []
             self.state = "reset"
         elif line == "up":
             self.state = "up"
+            assert self._nursery is not None
+            for connection in self.pending:
+                self._nursery.start_soon(self._forward_connection, connection)
+            self.pending = []
         elif line.startswith("target "):
             self.target = line.split(None, 1)[1]
         else:

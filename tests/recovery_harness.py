@@ -45,6 +45,10 @@ class RecoveryPlan:
     cuts: tuple[tuple[float, str], ...] = ((0.5, "hole"),)
     #: A recovery attempt that fails first (the source resumes to a dead address).
     failed_attempt: bool = False
+    #: x-postcopy-auto-recover on both engines: no QMP recovery, the proxy only comes
+    #: back up (after ``outage`` seconds) and the engines re-establish the channels.
+    auto: bool = False
+    outage: float = 0.5
 
     @classmethod
     def random(cls, seed: int, *, cuts: int | None = None) -> RecoveryPlan:
@@ -187,7 +191,12 @@ async def _run(plan: RecoveryPlan, directory: str) -> RecoveryResult:
         for client in (d, s):
             await client.execute("migrate-set-capabilities", {"capabilities": caps})
             await client.execute(
-                "migrate-set-parameters", {"x-channel-timeout": CHANNEL_TIMEOUT_MS}
+                "migrate-set-parameters",
+                {
+                    "x-channel-timeout": CHANNEL_TIMEOUT_MS,
+                    "x-postcopy-auto-recover": 20 if plan.auto else 0,
+                    "x-postcopy-recover-backoff": 200,
+                },
             )
         # A slow precopy, then a slow background stream: most pages are still to come
         # when the cuts land.
@@ -212,7 +221,15 @@ async def _run(plan: RecoveryPlan, directory: str) -> RecoveryResult:
             await _wait_status(s, {"postcopy-paused"}, PAUSE_BOUND, f"source after {how}")
             await _wait_status(d, {"postcopy-paused"}, PAUSE_BOUND, f"destination after {how}")
             result.pauses.append(round(time.monotonic() - cut_at, 2))
-            await _recover(s, d, proxy, result, directory)
+            if plan.auto:
+                await asyncio.sleep(plan.outage)
+                proxy.send("up")  # the network comes back: the engines recover by themselves
+                done = {"postcopy-active", "completed"}
+                await _wait_status(s, done, PAUSE_BOUND, "source recovering by itself")
+                await _wait_status(d, done, PAUSE_BOUND, "destination recovering by itself")
+                result.recoveries += 1
+            else:
+                await _recover(s, d, proxy, result, directory)
         remaining = max(5.0, deadline - time.monotonic())
         result.source = await _wait_status(s, {"completed"}, remaining, "source completing")
         result.destination = await _wait_status(d, {"completed"}, 30, "destination completing")

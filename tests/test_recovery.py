@@ -34,6 +34,11 @@ PLANS = {
         huge="4M",
         cuts=((0.2, "pause-source"), (0.2, "pause-destination"), (0.2, "hole")),
     ),
+    # x-postcopy-auto-recover: no recovery command at all; the network goes silent for a
+    # while, then resets, and the engines re-establish the channels themselves.
+    "tcp-preempt-auto": RecoveryPlan(
+        seed=13, preempt=True, transport="tcp", cuts=((0.3, "hole"), (0.2, "reset")), auto=True
+    ),
 }
 
 

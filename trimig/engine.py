@@ -24,6 +24,7 @@ from .objects import ObjectRegistry
 from .qmp.api import EngineEvent
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
+from .savevm.recovery import survive
 from .transports import FileAddress, Listener, TcpAddress, UnixAddress, parse_uri
 from .transports.tls import check_client_settings
 
@@ -268,10 +269,13 @@ class Engine:
         with trio.CancelScope() as scope:
             self._migration_scope = scope
             try:
-                if resume:
-                    await outgoing.recover(uri)
-                else:
-                    await outgoing.run(uri)
+                await survive(
+                    outgoing,
+                    uri,
+                    attempts=self.parameters.x_postcopy_auto_recover,
+                    backoff=self.parameters.x_postcopy_recover_backoff / 1000,
+                    resume=resume,
+                )
             except Exception as exc:
                 log.warning("migration to %s failed: %s", uri, exc)
             else:

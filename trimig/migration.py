@@ -135,6 +135,12 @@ class MigrationParameters:
     #: (precopy: the migration fails; postcopy: both sides pause). Also TCP_USER_TIMEOUT and
     #: the keepalive of tcp channels. trimig's own parameter.
     x_channel_timeout: int = 30_000
+    #: Automatic postcopy recovery: after a pause, this many consecutive attempts to
+    #: re-establish the channels by themselves (the source reconnects to the same address,
+    #: the destination accepts on its listener); 0 = off, as QEMU. trimig's own parameter.
+    x_postcopy_auto_recover: int = 0
+    #: ms before the first automatic attempt, doubling after each failed one (to 10 s).
+    x_postcopy_recover_backoff: int = 500
     #: TLS: the tls-creds-x509 object's id ("" = plaintext), the host name the
     #: destination's certificate must match ("" = the tcp host) and the authz object the
     #: destination checks the source's certificate subject against ("" = any).
@@ -150,6 +156,8 @@ class MigrationParameters:
         "x-postcopy-after-passes": (0, 1 << 20),
         "x-postcopy-auto-passes": (0, 1 << 20),
         "x-channel-timeout": (0, 86_400_000),
+        "x-postcopy-auto-recover": (0, 1 << 20),
+        "x-postcopy-recover-backoff": (0, 600_000),
     }
     _BOOLEANS: tuple[str, ...] = ()
     _STRINGS = ("tls-creds", "tls-hostname", "tls-authz")

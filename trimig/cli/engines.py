@@ -197,6 +197,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from ..demo import running_guest
     from ..errors import MigrationFailed, MigrationPaused, TrimigError
     from ..savevm.outgoing import OutgoingMigration
+    from ..savevm.recovery import survive
     from ..transports import parse_uri
 
     address = parse_uri(args.uri)  # a bad URI is an error before any guest starts
@@ -222,7 +223,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             error: Exception | None = None
             async with progress_shown(outgoing.query):
                 try:
-                    await outgoing.run(args.uri)
+                    # With --postcopy, survive network breaks (x-postcopy-auto-recover).
+                    await survive(
+                        outgoing,
+                        args.uri,
+                        attempts=parameters.x_postcopy_auto_recover,
+                        backoff=parameters.x_postcopy_recover_backoff / 1000,
+                    )
                 except (MigrationFailed, MigrationPaused) as exc:
                     error = exc
             info = outgoing.query()

@@ -61,6 +61,15 @@ def add_migration_options(parser: argparse.ArgumentParser) -> None:
         help="ms a channel may move nothing before the peer counts as dead "
         "(x-channel-timeout; 0 = off; default 30000)",
     )
+    parser.add_argument(
+        "--auto-recover",
+        type=int,
+        default=10,
+        metavar="N",
+        help="with --postcopy: after a network break, re-establish the channels by "
+        "themselves, up to N failed attempts in a row (x-postcopy-auto-recover; 0 = off, "
+        "default 10)",
+    )
     add_json_option(parser, "print the result as one JSON object")
 
 
@@ -77,6 +86,7 @@ def migration_settings(
         capabilities.set("postcopy-ram", True)
         capabilities.set("postcopy-preempt", not args.no_preempt)
         parameters.set("x-postcopy-after-passes", 1)
+        parameters.set("x-postcopy-auto-recover", args.auto_recover)
     return capabilities, parameters
 
 

@@ -112,6 +112,8 @@ class IncomingMigration(StatusHolder):
         #: The main stream now (migrate-pause shuts it down).
         self._stream: ByteStream | None = None
         self._pause_requested = False
+        #: Recoveries that brought postcopy back to postcopy-active.
+        self.recoveries = 0
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
@@ -177,10 +179,34 @@ class IncomingMigration(StatusHolder):
             except BaseException as exc:
                 await self._fail(exc)
                 raise
-            await self.run(stream, listener=listener)
+            try:
+                await self.run(stream, listener=listener)
+            except MigrationPaused as exc:
+                await self._recover_automatically(listener, exc)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 await listener.aclose()
+
+    async def _recover_automatically(self, listener: Listener, error: MigrationPaused) -> None:
+        """x-postcopy-auto-recover: after a pause, take the source's next connections on
+        the same listener as recovery attempts, up to that many consecutive failed ones
+        (one that got postcopy running again restores the budget). Raises the last
+        MigrationPaused once the budget is spent (at once with none)."""
+        failed, attempts = 0, self.parameters.x_postcopy_auto_recover
+        while failed < attempts:
+            stream = await listener.accept()
+            if self.status.value is not MigrationStatus.POSTCOPY_PAUSED:
+                await stream.aclose()  # an operator's migrate-recover took over
+                return
+            before = self.recoveries
+            try:
+                await self.recover(stream, listener=listener)
+                return
+            except MigrationPaused as exc:
+                error = exc
+            failed = 0 if self.recoveries > before else failed + 1
+            log.warning("automatic recovery attempt failed (%d of %d): %s", failed, attempts, error)
+        raise error
 
     async def run(self, stream: ByteStream, *, listener: Listener | None = None) -> None:
         """Load a migration from an accepted stream. Completed on return; else raises.
@@ -331,6 +357,7 @@ class IncomingMigration(StatusHolder):
                 async with open_nursery() as nursery:
                     await self._recovery_handshake(decoder, channel, return_path)
                     self.error_desc = ""  # recovered: the pause's reason is history
+                    self.recoveries += 1
                     self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
                     await postcopy.resume(nursery, channel, decoder, return_path, listener)
                     await self._finish_postcopy(postcopy)

@@ -23,7 +23,6 @@ from ..codec.constants import (
     PING_AFTER_DISCARD,
     PING_AFTER_PACKAGE,
     QEMU_VM_PING_PACKAGED_LOADED,
-    RESUME_ACK_VALUE,
 )
 from ..errors import (
     ConfigError,
@@ -35,7 +34,7 @@ from ..errors import (
 )
 from ..guest.host import GuestProcess
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus, SourceStats
-from ..postcopy import PageBitmap, PageRequest, PageRequestQueue, dump_bitmap
+from ..postcopy import PageRequest, PageRequestQueue, dump_bitmap
 from ..ram_blocks import RamBlock
 from ..status import GUEST_ON_DESTINATION, SOURCE, EventCallback, StatusHolder, StatusMachine
 from ..trace import trace
@@ -44,6 +43,7 @@ from . import convergence
 from .mapped_ram import MappedRamWriter, check_transport, configuration
 from .postcopy import RequestServed, UrgentSender, discard_commands, package, send_background
 from .ram_saver import DirtyLog, RamSaver, send_part
+from .recovery import ResumeHandshake
 from .return_path import SHUT_TIMEOUT, SourceReturnPath
 
 log = logging.getLogger("trimig.savevm")
@@ -105,11 +105,10 @@ class OutgoingMigration(StatusHolder):
         self._bytes_before = 0
         #: migrate-pause asked for the pause (the streams were shut down on purpose).
         self._pause_requested = False
-        #: The recovery handshake: the destination's received bitmaps by block, and
-        #: the events set once all came and once RESUME_ACK came.
-        self._received_bitmaps: dict[str, bytes] = {}
-        self._bitmaps_received = trio.Event()
-        self._resume_acked = trio.Event()
+        #: The handshake of the recovery attempt under way.
+        self._handshake: ResumeHandshake | None = None
+        #: Recoveries that brought postcopy back to postcopy-active.
+        self.recoveries = 0
 
     # -- control -----------------------------------------------------------------------
 
@@ -345,9 +344,8 @@ class OutgoingMigration(StatusHolder):
                 self._set_status(MigrationStatus.POSTCOPY_RECOVER)
                 self._return_path = SourceReturnPath(self)
                 self._work = trio.CancelScope()
-                self._received_bitmaps = {}
-                self._bitmaps_received = trio.Event()
-                self._resume_acked = trio.Event()
+                timeout = SHUT_TIMEOUT + (self.parameters.channel_timeout or 0)
+                self._handshake = ResumeHandshake(self.blocks, timeout=timeout)
                 async with open_nursery() as nursery:
                     await nursery.start(self._return_path.read, channel)
                     with self._work:
@@ -368,53 +366,27 @@ class OutgoingMigration(StatusHolder):
         self._completed()
 
     async def _resume_postcopy(self, channel: MigrationChannel, ram: RamSaver, uri: str) -> None:
-        for block in self.blocks:
-            channel.put(codec.encode_recv_bitmap(block.name))
-        await channel.flush()
-        with trio.move_on_after(SHUT_TIMEOUT) as bound:
-            await self._bitmaps_received.wait()
-        if bound.cancelled_caught:
-            raise TransportError(
-                f"the destination sent no received bitmaps within {SHUT_TIMEOUT:g} s"
-            )
-        for block in self.blocks:
-            npages = block.size // codec.TARGET_PAGE_SIZE
-            received = PageBitmap.from_le_bytes(self._received_bitmaps[block.name], npages)
-            # Every page not received is sent again, those lost in flight included.
-            ram.dirty[block.name][:] = ~received.bits
-        ram.encoder.reset()  # the first record on the new channel names its block
-        ram.move_cursor(self.blocks[0].name, 0)
-        trace("postcopy_recover_bitmaps", dirty_pages=ram.dirty_pages)
+        assert self._handshake is not None
+        await self._handshake.sync_bitmaps(channel, ram)
         if self.capabilities.postcopy_preempt:
             self._urgent = MigrationChannel(await self._connect(uri))
         self._urgent_sender = UrgentSender(ram, self._urgent)
-        channel.put(codec.encode_postcopy_resume())
-        await channel.flush()
-        with trio.move_on_after(SHUT_TIMEOUT) as bound:
-            await self._resume_acked.wait()
-        if bound.cancelled_caught:
-            raise TransportError(f"the destination sent no RESUME_ACK within {SHUT_TIMEOUT:g} s")
+        await self._handshake.resume(channel)
         self.stats.error_desc = ""  # recovered: the pause's reason is history
+        self.recoveries += 1
         self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
         log.info("postcopy to %s resumed: %d pages to send", uri, ram.dirty_pages)
         await self._postcopy_stream(channel, ram, self._urgent_sender, hold=None)
 
     def received_bitmap(self, event: codec.RpRecvBitmap) -> None:
-        if self.status.value is not MigrationStatus.POSTCOPY_RECOVER:
+        if self.status.value is not MigrationStatus.POSTCOPY_RECOVER or not self._handshake:
             raise RemoteProtocolError("a received bitmap outside postcopy recovery")
-        names = {block.name for block in self.blocks}
-        if event.block not in names:
-            raise RemoteProtocolError(f"received bitmap of unknown RAM block {event.block!r}")
-        self._received_bitmaps[event.block] = event.bitmap
-        if len(self._received_bitmaps) == len(names):
-            self._bitmaps_received.set()
+        self._handshake.received_bitmap(event)
 
     def resume_acked(self, value: int) -> None:
-        if self.status.value is not MigrationStatus.POSTCOPY_RECOVER:
+        if self.status.value is not MigrationStatus.POSTCOPY_RECOVER or not self._handshake:
             raise RemoteProtocolError("RESUME_ACK outside postcopy recovery")
-        if value != RESUME_ACK_VALUE:
-            raise RemoteProtocolError(f"RESUME_ACK with value {value} (expected 1)")
-        self._resume_acked.set()
+        self._handshake.resume_acked(value)
 
     async def _connect(self, uri: str) -> ByteStream:
         """Connect to ``uri`` within x-channel-timeout, the stream bounded by it too."""
