@@ -20,7 +20,7 @@ from trimig.kernel.allocation import HugetlbAllocationMap
 from trimig.kernel.memory import HUGE_PAGE_SIZE, punch_hole
 from trimig.migration import SourceStats
 from trimig.ram_blocks import RamBlock, RamBlockSpec, create_blocks
-from trimig.savevm.ram_saver import WINDOW_PAGES, RamSaver
+from trimig.savevm.ram_saver import WINDOW_PAGES, RamSaver, seek_hole_pages
 from trimig.transports import SocketStream
 
 PAGE = 4096
@@ -31,6 +31,9 @@ class NoWrites:
 
     def collect(self, dirty: dict[str, np.ndarray]) -> int:
         return 0
+
+    def hole_pages(self, block: RamBlock) -> np.ndarray:
+        return seek_hole_pages(block)
 
 
 def is_hole(block: RamBlock, page: int) -> bool:

@@ -145,21 +145,25 @@ class RamBlock(MappedBlock):
             -1, TARGET_PAGE_SIZE
         )
 
-    def data_ranges(self) -> Iterator[tuple[int, int]]:
-        """Yield the [start, end) byte ranges of the memfd that hold data (not holes).
+    def data_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Yield the [start, end) byte ranges of the memfd that hold data (not holes), within
+        ``[start, end)`` (default: all of it).
 
         Holes read as zero; reading them through a mapping would allocate them,
         so scanners skip them with SEEK_DATA/SEEK_HOLE instead.
         """
-        offset = 0
-        while offset < self.size:
+        limit = self.size if end is None else min(end, self.size)
+        offset = start
+        while offset < limit:
             try:
-                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+                data = os.lseek(self.fd, offset, os.SEEK_DATA)
             except OSError:  # ENXIO: no data past offset
                 return
-            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
-            yield start, end
-            offset = end
+            if data >= limit:
+                return
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), limit)
+            yield data, hole
+            offset = hole
 
     def close(self) -> None:
         """Unmap and close. Views of ``pages`` must be gone first."""

@@ -68,6 +68,12 @@ class PagemapScanner(OwnedFd):
         """Like :meth:`take_written`, but leaves the pages as they are (read-only scan)."""
         return self._scan(start, end, _ffi.PM_SCAN_CHECK_WPASYNC)
 
+    def present(self, start: int, end: int) -> np.ndarray:
+        """The pages of ``[start, end)`` mapped present in the process's page tables, as
+        :meth:`take_written` returns ranges (a read-only scan; no registration needed).
+        For a shared file mapping a present page is in the file's page cache."""
+        return self._scan(start, end, 0, category=_ffi.PAGE_IS_PRESENT)
+
     def protect(self, start: int, end: int) -> None:
         """Write-protect every page of ``[start, end)`` (populated or not) without reporting
         anything: starts (or restarts) dirty tracking without the userfaultfd."""
@@ -88,10 +94,14 @@ class PagemapScanner(OwnedFd):
                 return
             arg.start = arg.walk_end
 
-    def _scan(self, start: int, end: int, flags: int) -> np.ndarray:
+    def _scan(
+        self, start: int, end: int, flags: int, *, category: int = _ffi.PAGE_IS_WRITTEN
+    ) -> np.ndarray:
         self._check(start, end)
         arg = self._arg
         arg.flags = flags
+        arg.category_mask = category
+        arg.return_mask = category
         arg.start = start
         arg.end = end
         vector = self._vector

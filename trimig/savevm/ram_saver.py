@@ -45,6 +45,9 @@ WINDOW_PAGES = 512
 WINDOW_BYTES = WINDOW_PAGES * TARGET_PAGE_SIZE
 #: zero_pages samples the first line of every this many pages of a run to guess a zero run.
 _ZERO_SAMPLE_STRIDE = 64
+#: The hole map asks SEEK_DATA only about the gaps between the pages the guest has mapped
+#: present; past this many gaps one SEEK walk over the whole memfd is cheaper.
+_MAX_SEEK_GAPS = 64
 
 
 def ranges_to_pages(ranges: np.ndarray, base: int, npages: int) -> np.ndarray:
@@ -76,6 +79,7 @@ class DirtyLog:
         self._uffd = uffd
         self._scanner = PagemapScanner(guest_pid)
         self._blocks = list(zip(blocks, addresses, strict=True))
+        self._addresses = {block.name: address for block, address in self._blocks}
 
     def collect(self, dirty: dict[str, np.ndarray]) -> int:
         """OR the pages written since the last call into ``dirty``; return how many were new."""
@@ -87,6 +91,20 @@ class DirtyLog:
             newly += int(len(pages) - np.count_nonzero(bitmap[pages]))
             bitmap[pages] = True
         return newly
+
+    def hole_pages(self, block: RamBlock) -> np.ndarray:
+        """One bool per target page of a shmem ``block``: a hole in its memfd, read now.
+
+        A page the guest maps present is in the memfd's page cache, so data: one
+        PAGEMAP_SCAN finds those, and SEEK_DATA/SEEK_HOLE (which count a swapped-out
+        shmem page as data) decide only the pages between them. A page can only be
+        called a hole by SEEK, as before; the scan saves the walk over every allocated
+        page (15-20 ms per GiB).
+        """
+        address = self._addresses[block.name]
+        ranges = self._scanner.present(address, address + block.size)
+        present = (ranges.astype(np.int64) - address) // TARGET_PAGE_SIZE
+        return seek_hole_pages(block, present)
 
     def close(self) -> None:
         """Stop reading the log; the guest unregisters its side with ``untrack_dirty``."""
@@ -291,7 +309,7 @@ class RamSaver:
                 # hugetlbfs has no SEEK_HOLE: ask which huge pages the file still holds.
                 gone = self.holds_data[block.name] & ~self._allocated(block)
             else:
-                holes = self._holes[block.name] = _hole_pages(block)
+                holes = self._holes[block.name] = dirty_log.hole_pages(block)
                 gone = self.holds_data[block.name] & holes
             if gone.any():
                 newly += int(np.count_nonzero(gone & ~dirty))
@@ -396,12 +414,28 @@ def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
     return zero
 
 
-def _hole_pages(block: RamBlock) -> np.ndarray:
+def seek_hole_pages(block: RamBlock, present: np.ndarray | None = None) -> np.ndarray:
     """One bool per target page: a hole in the block's memfd (SEEK_DATA/SEEK_HOLE, which
-    count a swapped-out shmem page as data)."""
-    holes = np.ones(block.spec.target_pages, dtype=bool)
-    for start, end in block.data_ranges():
-        holes[start // TARGET_PAGE_SIZE : -(-end // TARGET_PAGE_SIZE)] = False
+    count a swapped-out shmem page as data).
+
+    ``present``: (n, 2) sorted, disjoint [start, end) page ranges known to hold data; then
+    only the gaps between them are asked (all of the memfd if there are many gaps).
+    """
+    npages = block.spec.target_pages
+    holes = np.ones(npages, dtype=bool)
+    if present is None or len(present) >= _MAX_SEEK_GAPS:
+        gaps = [(0, npages)]
+    else:
+        known = np.clip(present, 0, npages).tolist()
+        bounds = [0, *(page for run in known for page in run), npages]
+        gaps = [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2)]
+        for start, end in known:
+            holes[start:end] = False
+    for first, last in gaps:
+        if first >= last:
+            continue
+        for start, end in block.data_ranges(first * TARGET_PAGE_SIZE, last * TARGET_PAGE_SIZE):
+            holes[start // TARGET_PAGE_SIZE : -(-end // TARGET_PAGE_SIZE)] = False
     return holes
 
 

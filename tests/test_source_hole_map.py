@@ -1,0 +1,56 @@
+"""The source's hole map (DirtyLog.hole_pages): pages the guest maps present are data, the
+rest is decided by SEEK_DATA/SEEK_HOLE. It must say exactly what a SEEK walk of the whole
+memfd says, above all never "hole" for a page that holds data. A real guest process, its
+real page tables, real holes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import trio
+
+from trimig.demo import running_guest
+from trimig.guest.host import workload_command
+from trimig.kernel.memory import punch_hole
+from trimig.ram_blocks import RamBlockSpec
+from trimig.savevm import ram_saver
+from trimig.savevm.ram_saver import DirtyLog, seek_hole_pages
+
+PAGE = 4096
+PAGES = 2048
+
+
+@pytest.mark.parametrize("many_gaps", [False, True], ids=["few-gaps", "many-gaps"])
+async def test_hole_map_matches_a_full_seek_walk(
+    many_gaps: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if many_gaps:  # the fallback: one SEEK walk over everything
+        monkeypatch.setattr(ram_saver, "_MAX_SEEK_GAPS", 2)
+    command = workload_command(fill="random", dirty_rate="4K")
+    async with running_guest([RamBlockSpec("pc.ram", PAGES * PAGE)], command) as (guest, blocks):
+        [block] = blocks
+        await guest.stop()
+        uffd, addresses = await guest.track_dirty()
+        log = DirtyLog(guest.pid, blocks, addresses, uffd)
+        try:
+            # Holes: the guest's page tables lose them too.
+            for first, count in ((10, 1), (100, 37), (1500, 300), (PAGES - 5, 5)):
+                punch_hole(block.fd, first * PAGE, count * PAGE)
+            # Data the guest does not map: written into the file after a punch (its page
+            # table entry stays empty). The scan must leave these to SEEK, which says data.
+            for page in (101, 120, 1600, PAGES - 1):
+                os.pwrite(block.fd, b"\x5a" * PAGE, page * PAGE)
+            expected = seek_hole_pages(block)
+            assert not expected[[101, 120, 1600, PAGES - 1]].any()
+            assert expected[[10, 100, 136, 1500, 1799, PAGES - 2]].all()
+            holes = log.hole_pages(block)
+            np.testing.assert_array_equal(holes, expected)
+            # And the scan did see the pages the guest maps (the point of it).
+            present = log._scanner.present(addresses[0], addresses[0] + block.size)
+            assert len(present) >= 3
+        finally:
+            with trio.CancelScope(shield=True):
+                await guest.untrack_dirty()
+            log.close()
