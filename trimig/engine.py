@@ -294,10 +294,25 @@ class Engine:
         engine accepts migrate-incoming again (QEMU would exit, with exit-on-error).
         """
         if not self._incoming_allowed:
-            if self._run_state == "inmigrate":
-                raise ConfigError("an incoming migration has already been started")
-            raise ConfigError("migrate-incoming needs an engine started with --incoming defer")
+            if isinstance(
+                self.migration, IncomingMigration
+            ) and self.migration.status.value not in (
+                MigrationStatus.NONE,
+                MigrationStatus.FAILED,
+                MigrationStatus.COMPLETED,
+            ):
+                raise ConfigError(
+                    f"an incoming migration has already been started (it is "
+                    f"{self.migration.status.value.value})"
+                )
+            if not self._guest_left():
+                raise ConfigError(
+                    "migrate-incoming needs an engine without a guest (started with --incoming "
+                    f"defer, or whose guest migrated away); the engine is {self._state_words()}"
+                )
         parse_uri(uri)
+        if self._guest_left():
+            await self._release_departed_guest()
         tls = self.objects.tls_settings(self.parameters.query(), incoming=True)
         self._incoming_allowed = False
         incoming = IncomingMigration(
@@ -316,6 +331,26 @@ class Engine:
         except Exception:
             self._incoming_allowed = True
             raise
+
+    def _guest_left(self) -> bool:
+        """The guest migrated away from here (its outgoing migration completed to a
+        destination, not a file): the engine may receive a new one."""
+        return (
+            isinstance(self.migration, OutgoingMigration)
+            and self.migration.status.value is MigrationStatus.COMPLETED
+            and not self._saved_to_file
+        )
+
+    async def _release_departed_guest(self) -> None:
+        """Close the process and free the RAM of a guest that runs elsewhere now."""
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if self.guest is not None:
+                await self.guest.aclose()
+        self.guest = None
+        for block in self.blocks:
+            block.close()
+        self.blocks = []
+        self._run_state = "inmigrate"
 
     async def _run_incoming(
         self,
