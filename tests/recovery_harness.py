@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import subprocess
 import tempfile
@@ -16,7 +17,7 @@ import time
 from typing import Any
 
 import attrs
-from adversarial_harness import _connect, _Engine, guest_command
+from adversarial_harness import TRIMIG, _connect, _Engine, guest_command
 from cutting_proxy import CuttingProxy
 from qemu.qmp import QMPClient
 
@@ -49,6 +50,9 @@ class RecoveryPlan:
     #: back up (after ``outage`` seconds) and the engines re-establish the channels.
     auto: bool = False
     outage: float = 0.5
+    #: Recover with the CLI (trimig recover / trimig migrate --qmp --resume / trimig
+    #: info verify) instead of QMP commands.
+    via_cli: bool = False
 
     @classmethod
     def random(cls, seed: int, *, cuts: int | None = None) -> RecoveryPlan:
@@ -78,6 +82,8 @@ class RecoveryResult:
     failed_attempts: int = 0
     error: str = ""
     stderr: str = ""
+    #: The engines' QMP socket paths (source, destination), for the CLI.
+    paths: tuple[str, str] = ("", "")
 
     @property
     def ok(self) -> bool:
@@ -135,7 +141,10 @@ async def _recover(
     """QEMU's recovery: migrate-recover on the destination, the proxy forwarding to it
     again, migrate resume=true on the source; both back in postcopy-active (or done)."""
     listen = _listen_uri(result.plan, directory, f"recover{result.recoveries}")
-    await d.execute("migrate-recover", {"uri": listen})
+    if result.plan.via_cli:
+        await _trimig("recover", result.paths[1], listen)
+    else:
+        await d.execute("migrate-recover", {"uri": listen})
     proxy.send(f"target {await _listening(d, listen)}")
     proxy.send("up")
     if result.plan.failed_attempt and not result.failed_attempts:
@@ -143,14 +152,30 @@ async def _recover(
         await s.execute("migrate", {"uri": "tcp:127.0.0.1:1", "resume": True})
         await _wait_status(s, {"postcopy-paused"}, PAUSE_BOUND, "source after a failed attempt")
         result.failed_attempts += 1
-    await s.execute("migrate", {"uri": proxy.uri, "resume": True})
+    if result.plan.via_cli:
+        await _trimig("migrate", proxy.uri, "--qmp", result.paths[0], "--resume")
+    else:
+        await s.execute("migrate", {"uri": proxy.uri, "resume": True})
     done = {"postcopy-active", "completed"}
     await _wait_status(s, done, PAUSE_BOUND, "source recovering")
     await _wait_status(d, done, PAUSE_BOUND, "destination recovering")
     result.recoveries += 1
 
 
-async def _cut(s: QMPClient, d: QMPClient, proxy: CuttingProxy, how: str) -> bool:
+async def _trimig(*arguments: str) -> dict[str, Any]:
+    """Run ``trimig ARGUMENTS... --json`` (a control command); its JSON output."""
+    process = await asyncio.create_subprocess_exec(
+        *TRIMIG, *arguments, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    if process.returncode != 0:
+        raise AssertionError(f"trimig {' '.join(arguments)} failed: {err.decode()}")
+    return dict(json.loads(out.decode() or "{}"))
+
+
+async def _cut(
+    s: QMPClient, d: QMPClient, proxy: CuttingProxy, how: str, result: RecoveryResult
+) -> bool:
     """Cut; False if the migration completed before (nothing to cut)."""
     if await _status(s) == "completed":
         return False
@@ -159,7 +184,10 @@ async def _cut(s: QMPClient, d: QMPClient, proxy: CuttingProxy, how: str) -> boo
         return True
     client = s if how == "pause-source" else d
     try:
-        await client.execute("migrate-pause")
+        if result.plan.via_cli:
+            await _trimig("pause", result.paths[0 if how == "pause-source" else 1])
+        else:
+            await client.execute("migrate-pause")
     except Exception as exc:  # it completed meanwhile
         if "completed" in str(exc):
             return False
@@ -178,6 +206,7 @@ async def _run(plan: RecoveryPlan, directory: str) -> RecoveryResult:
     dst = _Engine(directory, "dst", [*layout, "--incoming", "defer"], guest)
     src = _Engine(directory, "src", layout, guest)
     proxy: CuttingProxy | None = None
+    result.paths = (src.path, dst.path)
     clients: list[QMPClient] = []
     try:
         d = await _connect(dst, deadline)
@@ -216,7 +245,7 @@ async def _run(plan: RecoveryPlan, directory: str) -> RecoveryResult:
         for delay, how in plan.cuts:
             await asyncio.sleep(delay)
             cut_at = time.monotonic()
-            if not await _cut(s, d, proxy, how):
+            if not await _cut(s, d, proxy, how, result):
                 break
             await _wait_status(s, {"postcopy-paused"}, PAUSE_BOUND, f"source after {how}")
             await _wait_status(d, {"postcopy-paused"}, PAUSE_BOUND, f"destination after {how}")
@@ -234,7 +263,10 @@ async def _run(plan: RecoveryPlan, directory: str) -> RecoveryResult:
         result.source = await _wait_status(s, {"completed"}, remaining, "source completing")
         result.destination = await _wait_status(d, {"completed"}, 30, "destination completing")
         await asyncio.sleep(0.2)  # the moved guest goes on writing there
-        result.verify = dict(await d.execute("x-guest-verify"))
+        if plan.via_cli:
+            result.verify = await _trimig("info", "verify", dst.path)
+        else:
+            result.verify = dict(await d.execute("x-guest-verify"))
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         for name, client in (("source", clients[1:2]), ("destination", clients[:1])):

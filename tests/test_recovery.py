@@ -39,6 +39,11 @@ PLANS = {
     "tcp-preempt-auto": RecoveryPlan(
         seed=13, preempt=True, transport="tcp", cuts=((0.3, "hole"), (0.2, "reset")), auto=True
     ),
+    # The CLI: trimig pause, trimig recover on the destination, trimig migrate --qmp --resume on the
+    # source, trimig info verify at the end.
+    "tcp-cli": RecoveryPlan(
+        seed=14, preempt=False, transport="tcp", cuts=((0.3, "pause-destination"),), via_cli=True
+    ),
 }
 
 

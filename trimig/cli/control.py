@@ -6,6 +6,10 @@
   JSON when it parses (``state=true``, ``downtime-limit=300``) and as text otherwise.
 * ``info {migrate,status,capabilities,parameters} PATH``: readable tables; ``info bitmaps
   PATH``: the migration's page bitmaps as text (x-dump-bitmaps).
+* ``info verify PATH``: the guest checks its memory (x-guest-verify).
+* ``pause PATH`` (migrate-pause), ``recover PATH URI`` (migrate-recover, on the
+  destination) and ``migrate --qmp PATH URI --resume`` (migrate resume=true, on the
+  source): postcopy recovery.
 * ``start-postcopy PATH``, ``cancel PATH``, and ``trimig migrate --qmp PATH URI`` (standalone,
   ``python -m trimig.cli.control migrate PATH URI``).
 * ``--wait SECONDS`` on every command: retry connecting while the engine is still starting.
@@ -129,6 +133,7 @@ def add_control_commands(subparsers: Any, *, include_migrate: bool = False) -> N
         migrate = subparsers.add_parser("migrate", help="start an outgoing migration")
         migrate.add_argument("path", help="QMP socket of the source engine")
         migrate.add_argument("uri", help="destination, e.g. tcp:HOST:PORT, unix:PATH, exec:CMD")
+        add_resume_option(migrate)
         _add_common_flags(migrate)
         migrate.set_defaults(handler=_client_command(_migrate))
 
@@ -136,6 +141,22 @@ def add_control_commands(subparsers: Any, *, include_migrate: bool = False) -> N
     postcopy.add_argument("path", help="QMP socket of the source engine")
     _add_common_flags(postcopy)
     postcopy.set_defaults(handler=_client_command(_simple("migrate-start-postcopy")))
+
+    pause = subparsers.add_parser(
+        "pause", help="break a running postcopy's channels on purpose (migrate-pause)"
+    )
+    pause.add_argument("path", help="QMP socket of the engine (source or destination)")
+    _add_common_flags(pause)
+    pause.set_defaults(handler=_client_command(_simple("migrate-pause")))
+
+    recover = subparsers.add_parser(
+        "recover",
+        help="listen for the source's recovery of a paused postcopy (migrate-recover)",
+    )
+    recover.add_argument("path", help="QMP socket of the destination engine")
+    recover.add_argument("uri", help="where to listen, e.g. tcp:HOST:PORT or unix:PATH")
+    _add_common_flags(recover)
+    recover.set_defaults(handler=_client_command(_recover))
 
     cancel = subparsers.add_parser("cancel", help="cancel the running migration")
     cancel.add_argument("path", help="QMP socket of the source engine")
@@ -162,9 +183,18 @@ def run_control_command(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def migrate_over_qmp(path: str, uri: str, *, as_json: bool = False) -> int:
-    """``trimig migrate --qmp PATH URI``: have the engine at ``path`` migrate to ``uri``."""
-    args = argparse.Namespace(path=path, uri=uri, json=as_json, wait=0.0)
+def add_resume_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="recover a paused postcopy over a new connection to URI (migrate resume=true)",
+    )
+
+
+def migrate_over_qmp(path: str, uri: str, *, as_json: bool = False, resume: bool = False) -> int:
+    """``trimig migrate --qmp PATH URI [--resume]``: have the engine at ``path`` migrate to
+    ``uri`` (or, with ``resume``, recover its paused postcopy over it)."""
+    args = argparse.Namespace(path=path, uri=uri, json=as_json, wait=0.0, resume=resume)
     return _client_command(_migrate)(args)
 
 
@@ -228,12 +258,30 @@ def _simple(command: str) -> ClientAction:
 
 
 async def _migrate(client: QmpClient, args: argparse.Namespace) -> int:
-    result = await client.execute("migrate", {"uri": args.uri})
+    resume = bool(getattr(args, "resume", False))
+    arguments: dict[str, Any] = {"uri": args.uri, **({"resume": True} if resume else {})}
+    result = await client.execute("migrate", arguments)
     if args.json:
         print_json(result)
+    elif resume:
+        print(f"recovery of the paused postcopy over {args.uri} started")
     else:
         print(f"migration to {args.uri} started")
     return 0
+
+
+async def _recover(client: QmpClient, args: argparse.Namespace) -> int:
+    result = await client.execute("migrate-recover", {"uri": args.uri})
+    if args.json:
+        print_json(result)
+    else:
+        print(f"listening for the recovery on {args.uri}")
+    return 0
+
+
+def _format_verify(result: Any) -> str:
+    verdict = "yes" if result.get("verified") else "NO"
+    return f"verified: {verdict}\ndetail:   {result.get('detail', '')}"
 
 
 # --- info ------------------------------------------------------------------------------------
@@ -245,6 +293,7 @@ _INFO_COMMANDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "capabilities": ("query-migrate-capabilities", format_capabilities),
     "parameters": ("query-migrate-parameters", format_parameters),
     "bitmaps": ("x-dump-bitmaps", format_bitmaps),
+    "verify": ("x-guest-verify", _format_verify),
 }
 
 

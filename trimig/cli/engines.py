@@ -77,6 +77,7 @@ def add_engine_commands(sub: Any) -> None:
     migrate.add_argument(
         "--qmp", metavar="PATH", help="drive the engine serving QMP at PATH instead"
     )
+    control.add_resume_option(migrate)
 
     # Each starts a guest; all but `run` (set over QMP) take the migration options.
     for parser, handler in (
@@ -193,7 +194,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                 "--tls-creds with --qmp: the engine's TLS is its own (trimig run --tls-creds, "
                 "or object-add and migrate-set-parameters tls-creds)"
             )
-        return control.migrate_over_qmp(args.qmp, args.uri, as_json=args.json)
+        return control.migrate_over_qmp(args.qmp, args.uri, as_json=args.json, resume=args.resume)
+    if args.resume:
+        raise ConfigError("--resume recovers a paused postcopy of an engine: give --qmp PATH")
     from ..demo import running_guest
     from ..errors import MigrationFailed, MigrationPaused, TrimigError
     from ..savevm.outgoing import OutgoingMigration
