@@ -30,8 +30,8 @@ from trimig.savevm.outgoing import OutgoingMigration
 from trimig.transports import FileAddress, parse_uri
 
 TRIMIG = [sys.executable, "-m", "trimig.cli"]
-LAYOUT = ["--ram", "32M", "--huge", "8M"]
-TOTAL = (32 + 8) << 20
+LAYOUT = ["--ram", "16M", "--huge", "4M"]
+TOTAL = (16 + 4) << 20
 MiB = 1 << 20
 
 
@@ -86,7 +86,7 @@ def test_cli_adversarial_snapshot_then_eager_and_lazy_restore(tmp_path: Any) -> 
     after the restored guest wrote on."""
     path = str(tmp_path / "guest.snap")
     offset = "64K"
-    guest = guest_command(seed=12, rate=3000.0)
+    guest = guest_command(seed=12, rate=1000.0)
     code, saved, stderr = trimig(
         "snapshot", path, "--offset", offset, "--keep-running", *LAYOUT, "--", *guest
     )
@@ -166,7 +166,8 @@ def test_bad_snapshot_files_name_the_offset(
         _corrupt(small_snapshot, bad, patch=(header, struct.pack(">I", 2)))
     else:
         _corrupt(small_snapshot, bad, patch=(header + 4, struct.pack(">Q", 65536)))
-    for lazy in ([], ["--lazy"]):
+    # Both restores check the file with the one reader; one lazy case shows it.
+    for lazy in ([], ["--lazy"]) if damage == "layout-version" else ([],):
         code, failed, stderr = trimig("restore", bad, "--ram", "16M", *lazy)
         assert code == 1, (failed, stderr)
         assert failed["status"] == "failed" and words in failed["error-desc"], failed
@@ -177,7 +178,7 @@ def test_bad_snapshot_files_name_the_offset(
 
 async def _qmp_save_and_restore(directory: str, lazy: bool) -> dict[str, Any]:
     deadline = time.monotonic() + DEADLINE
-    guest = guest_command(seed=21 + lazy, rate=2000.0)
+    guest = guest_command(seed=21 + lazy, rate=1000.0)
     path = os.path.join(directory, "qmp.snap")
     src = _Engine(directory, "src", LAYOUT, guest)
     dst = _Engine(directory, "dst", [*LAYOUT, "--incoming", "defer"], guest)

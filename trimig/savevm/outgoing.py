@@ -467,7 +467,9 @@ class OutgoingMigration(StatusHolder):
                 self._limiter,
                 section_id=RAM_SECTION_ID,
                 flush_bytes=FLUSH_BYTES,
-                slice_seconds=ITERATION_SLICE,
+                # A file has no return path to check nor postcopy to switch to: with
+                # mapped-ram (no records, PART is EOS only) one PART per pass will do.
+                slice_seconds=math.inf if ram.file_pages is not None else ITERATION_SLICE,
             )
             if not finished_pass:
                 continue

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..codec.constants import TARGET_PAGE_SIZE
+from ..kernel.iov import write_rows_at
 from ..ram_blocks import RamBlock
 from .file import Snapshot
 
@@ -30,13 +32,23 @@ def present_runs(present: np.ndarray) -> list[tuple[int, int]]:
 
 
 def load_eagerly(snapshot: Snapshot, blocks: Sequence[RamBlock]) -> int:
-    """Read every present page of ``snapshot`` into ``blocks``; return the pages read."""
+    """Read every present page of ``snapshot`` into ``blocks``; return the pages read.
+
+    A 4 KiB block is filled through its memfd (read into a bounce buffer, then pwritev),
+    which allocates each page as it fills it: through the mapping every page would first
+    be faulted in and zeroed. A hugetlb block (no write(2) on hugetlbfs) is read into
+    the mapping."""
     loaded = 0
+    bounce = np.empty((LOAD_CHUNK_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
     for block in blocks:
         source = snapshot.blocks[block.name]
         for start, end in present_runs(source.present):
             for first in range(start, end, LOAD_CHUNK_PAGES):
                 count = min(LOAD_CHUNK_PAGES, end - first)
-                snapshot.read_pages(source, first, block.pages[first : first + count])
+                if block.spec.hugetlb:
+                    snapshot.read_pages(source, first, block.pages[first : first + count])
+                else:
+                    snapshot.read_pages(source, first, bounce[:count])
+                    write_rows_at(block.fd, first * TARGET_PAGE_SIZE, bounce[:count])
                 loaded += count
     return loaded

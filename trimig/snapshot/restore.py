@@ -23,6 +23,9 @@ from .eager import load_eagerly
 from .file import open_snapshot
 from .lazy import LazyRestore
 
+#: How long a restored guest may take to report its first step (report()).
+FIRST_STEP_TIMEOUT = 5.0
+
 
 class Restore:
     """Restore ``path`` (a mapped-ram snapshot at ``offset``) into ``guest``, a guest
@@ -93,8 +96,11 @@ class Restore:
         }
         if self.end_ns:
             info["total-time"] = _ms(self.end_ns - self.start_ns)
-        status = await self.guest.query()
-        first = status.get("x-first-step")
+        first = None
+        with trio.move_on_after(FIRST_STEP_TIMEOUT):
+            # The guest may answer a query before its first step after cont has run.
+            while (first := (await self.guest.query()).get("x-first-step")) is None:
+                await trio.sleep(0.01)
         if first:
             info["x-time-to-first-step-ms"] = _ms(first["start-ns"] - self.start_ns)
             info["x-first-step-done-ms"] = _ms(first["end-ns"] - self.start_ns)
