@@ -84,3 +84,22 @@ def test_no_bandwidth_measured_yet() -> None:
     )
     assert decision.action is Action.CONTINUE
     assert decision.expected_downtime_ms == MiB * 1000
+
+
+def test_the_throttle_follows_qemus_steps() -> None:
+    from trimig.savevm.convergence import ThrottleSettings, next_throttle
+
+    settings = ThrottleSettings(initial=20, increment=10, maximum=35)
+    step = next_throttle(percentage=0, high_passes=0, dirtied=60, sent=100, settings=settings)
+    assert (step.percentage, step.high_passes) == (0, 1)  # once is not enough
+    step = next_throttle(percentage=0, high_passes=1, dirtied=60, sent=100, settings=settings)
+    assert (step.percentage, step.high_passes) == (20, 0)
+    step = next_throttle(percentage=20, high_passes=1, dirtied=60, sent=100, settings=settings)
+    assert step.percentage == 30
+    step = next_throttle(percentage=30, high_passes=1, dirtied=60, sent=100, settings=settings)
+    assert step.percentage == 35  # capped
+    calm = next_throttle(percentage=30, high_passes=1, dirtied=40, sent=100, settings=settings)
+    assert (calm.percentage, calm.high_passes) == (30, 1)  # under the threshold: unchanged
+    tail = ThrottleSettings(initial=20, increment=10, tailslow=True)
+    step = next_throttle(percentage=50, high_passes=1, dirtied=55, sent=100, settings=tail)
+    assert 50 < step.percentage < 60  # only what the ratio calls for

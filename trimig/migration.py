@@ -56,11 +56,13 @@ class MigrationStatus(enum.Enum):
 
 #: Capabilities trimig understands, in QEMU's QAPI order. Others are refused.
 CAPABILITY_NAMES = (
+    "auto-converge",
     "events",
     "postcopy-ram",
     "return-path",
     "postcopy-blocktime",
     "postcopy-preempt",
+    "dirty-limit",
     "mapped-ram",
     "x-lazy-restore",
 )
@@ -85,6 +87,11 @@ class MigrationCapabilities:
     #: pages in from the file (userfaultfd), a thread reading the rest (docs/snapshots.md).
     x_lazy_restore: bool = False
 
+    #: Throttle the guest process when precopy does not converge (see savevm/throttle.py).
+    auto_converge: bool = False
+    #: Limit the guest's dirty rate through the guest protocol (vcpu-dirty-limit).
+    dirty_limit: bool = False
+
     def set(self, name: str, state: bool) -> None:
         if name not in CAPABILITY_NAMES:
             raise ConfigError(
@@ -96,6 +103,11 @@ class MigrationCapabilities:
         if self.postcopy_preempt and not self.postcopy_ram:
             setattr(self, name.replace("-", "_"), not state)
             raise ConfigError("postcopy-preempt requires postcopy-ram")
+        if self.auto_converge and self.dirty_limit:
+            setattr(self, name.replace("-", "_"), not state)
+            raise ConfigError(
+                "dirty-limit conflicts with auto-converge, only one of them is available currently"
+            )
         if self.mapped_ram and self.postcopy_ram:
             setattr(self, name.replace("-", "_"), not state)
             raise ConfigError("Mapped-ram migration is incompatible with postcopy")
@@ -141,6 +153,16 @@ class MigrationParameters:
     x_postcopy_auto_recover: int = 0
     #: ms before the first automatic attempt, doubling after each failed one (to 10 s).
     x_postcopy_recover_backoff: int = 500
+    #: auto-converge (QEMU's names, defaults and ranges; percentages of the guest's CPU).
+    throttle_trigger_threshold: int = 50
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    cpu_throttle_tailslow: bool = False
+    max_cpu_throttle: int = 99
+    #: dirty-limit: MB/s the guest may dirty (QEMU's vcpu-dirty-limit; per guest here),
+    #: and the period in ms over which the limit is checked.
+    vcpu_dirty_limit: int = 1
+    x_vcpu_dirty_limit_period: int = 1000
     #: TLS: the tls-creds-x509 object's id ("" = plaintext), the host name the
     #: destination's certificate must match ("" = the tcp host) and the authz object the
     #: destination checks the source's certificate subject against ("" = any).
@@ -158,8 +180,14 @@ class MigrationParameters:
         "x-channel-timeout": (0, 86_400_000),
         "x-postcopy-auto-recover": (0, 1 << 20),
         "x-postcopy-recover-backoff": (0, 600_000),
+        "throttle-trigger-threshold": (1, 100),
+        "cpu-throttle-initial": (1, 99),
+        "cpu-throttle-increment": (1, 99),
+        "max-cpu-throttle": (1, 99),
+        "vcpu-dirty-limit": (1, 1 << 20),
+        "x-vcpu-dirty-limit-period": (1, 1000),
     }
-    _BOOLEANS: tuple[str, ...] = ()
+    _BOOLEANS = ("cpu-throttle-tailslow",)
     _STRINGS = ("tls-creds", "tls-hostname", "tls-authz")
 
     def set(self, name: str, value: Any) -> None:
@@ -227,6 +255,14 @@ class SourceStats:
     bandwidth: float = 0.0  # bytes/s, last measurement
     converging: bool = True
     non_converging_passes: int = 0
+    #: Why precopy does not converge (query-migrate's x-not-converging), "" when it does.
+    not_converging_reason: str = ""
+    #: auto-converge's throttle of the guest (percent) and dirty-limit's figures.
+    cpu_throttle_percentage: int = 0
+    dirty_limit_active: bool = False
+    dirty_limit_unsupported: bool = False
+    dirty_limit_throttle_time_per_round: int = 0
+    dirty_limit_ring_full_time: int = 0
     error_desc: str = ""
 
     def total_time_ms(self) -> int:
@@ -261,8 +297,15 @@ class SourceStats:
             "postcopy-bytes": self.postcopy_bytes,
         }
         if not self.converging:
-            info["x-not-converging"] = True
+            info["x-not-converging"] = self.not_converging_reason or "not converging"
             info["x-non-converging-passes"] = self.non_converging_passes
+        if self.cpu_throttle_percentage:
+            info["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+        if self.dirty_limit_active:
+            info["dirty-limit-throttle-time-per-round"] = self.dirty_limit_throttle_time_per_round
+            info["dirty-limit-ring-full-time"] = self.dirty_limit_ring_full_time
+        if self.dirty_limit_unsupported:
+            info["x-dirty-limit-unsupported"] = True
         if self.error_desc:
             info["error-desc"] = self.error_desc
         return info

@@ -80,6 +80,9 @@ FIELDS: dict[str, tuple[str, str]] = {
     "downtime": ("downtime", "ms"),
     "expected-downtime": ("expected downtime", "ms"),
     "cpu-throttle-percentage": ("cpu throttle", "%"),
+    "dirty-limit-throttle-time-per-round": ("dirty-limit throttle per round", "us"),
+    "dirty-limit-ring-full-time": ("dirty-limit ring full time", "us"),
+    "x-not-converging": ("not converging", "text"),
     "socket-address": ("socket address", "json"),
     "error-desc": ("error", "text"),
     "postcopy-blocktime": ("postcopy blocktime", "ms"),
@@ -254,6 +257,12 @@ def progress_line(info: dict[str, Any], passes: int | None = None) -> str:
         parts.append(f"{info['total-time'] / 1000:.1f} s")
     if "downtime" in info:
         parts.append(f"downtime {info['downtime']} ms")
+    elif "expected-downtime" in info:
+        parts.append(f"expected downtime {info['expected-downtime']} ms")
+    if info.get("cpu-throttle-percentage"):
+        parts.append(f"throttle {info['cpu-throttle-percentage']}%")
+    if isinstance(info.get("x-not-converging"), str) and info.get("status") == "active":
+        parts.append(f"not converging: {info['x-not-converging']}")
     if "error-desc" in info:
         parts.append(f"error: {info['error-desc']}")
     return "  ".join(parts)

@@ -332,6 +332,11 @@ class GuestProcess:
         reply, _ = await self._request(Command.QUERY, timeout=timeout)
         return reply
 
+    async def set_dirty_limit(self, bytes_per_second: int, *, timeout: float | None = None) -> None:
+        """Ask the guest to dirty at most ``bytes_per_second`` (0: no limit; dirty-limit).
+        GuestError if its program does not support a limit."""
+        await self._request(Command.SET_DIRTY_LIMIT, timeout=timeout, rate=bytes_per_second)
+
     async def ping(self, *, timeout: float | None = None) -> None:
         await self._request(Command.PING, timeout=timeout)
 

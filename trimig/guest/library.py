@@ -116,6 +116,15 @@ class GuestProgram:
     def on_notify(self, event: Event) -> None:
         """A migration event (``postcopy-start``/``postcopy-end``) arrived."""
 
+    def set_dirty_limit(self, bytes_per_second: int) -> bool:
+        """Dirty at most ``bytes_per_second`` from now on (0: no limit; the engine's
+        dirty-limit). Return False if the program cannot (the default): the request fails."""
+        return False
+
+    def dirty_limit_throttle_us(self) -> int:
+        """Microseconds spent waiting for the dirty limit so far (in ``query``'s reply)."""
+        return 0
+
 
 class Guest:
     """The guest's end of the control socket and the state the protocol gives it."""
@@ -288,6 +297,7 @@ class Guest:
             "discard_inhibited": self._discard_inhibited,
             "missing_registered": self._missing_registered,
             "dirty_tracked": self._dirty_uffd is not None,
+            "dirty-limit-throttle-us": request.program.dirty_limit_throttle_us(),
             "x-first-step": None
             if self._first_step is None
             else {
@@ -359,6 +369,14 @@ class Guest:
             self._cont_ns = time.monotonic_ns()
             self._first_step = None
         return {"running": True}
+
+    def _set_dirty_limit(self, request: _Request) -> dict[str, Any]:
+        limit = request.message.get("rate")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise GuestRequestError(f"rate must be an integer >= 0 (bytes/s), got {limit!r}")
+        if not request.program.set_dirty_limit(limit):
+            raise GuestRequestError("this guest program does not support a dirty limit")
+        return {}
 
     def _stop(self, request: _Request) -> dict[str, Any]:
         if self.running:
@@ -464,6 +482,7 @@ COMMANDS: Final[ReadOnlyMapping[Command, CommandSpec]] = {
     Command.NOTIFY: CommandSpec(Guest._notify),
     Command.CONT: CommandSpec(Guest._cont, _Needs.MEMORY),
     Command.STOP: CommandSpec(Guest._stop, _Needs.MEMORY),
+    Command.SET_DIRTY_LIMIT: CommandSpec(Guest._set_dirty_limit),
     Command.REGISTER_MISSING: CommandSpec(Guest._register_missing, _Needs.MEMORY),
     Command.UNREGISTER_MISSING: CommandSpec(Guest._unregister_missing, _Needs.MEMORY),
     Command.TRACK_DIRTY: CommandSpec(Guest._track_dirty, _Needs.MEMORY),

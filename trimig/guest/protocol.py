@@ -62,6 +62,7 @@ class Command(enum.StrEnum):
     QUERY = "query"
     PING = "ping"
     QUIT = "quit"
+    SET_DIRTY_LIMIT = "set-dirty-limit"
 
 
 class Event(enum.StrEnum):

@@ -142,11 +142,30 @@ class Workload(GuestProgram):
         self._counters: list[np.ndarray] = []  # per block: strided u64 view, one per page
         self._starts: list[int] = []  # global index of each block's first page
         self._page_count = 0
-        self._pages_per_second = dirty_rate / WORKLOAD_PAGE_SIZE
-        self._min_chunk = max(1.0, min(SWEEP_CHUNK_PAGES, self._pages_per_second * 0.01))
-        self._burst = max(self._min_chunk, self._pages_per_second * 0.02)
+        self._dirty_rate = dirty_rate
+        self._dirty_limit = 0
+        self._throttle_s = 0.0
+        self._set_rate(dirty_rate)
         self._tokens = 0.0
         self._last_refill = 0.0
+
+    def _set_rate(self, bytes_per_second: int) -> None:
+        self._pages_per_second = bytes_per_second / WORKLOAD_PAGE_SIZE
+        self._min_chunk = max(1.0, min(SWEEP_CHUNK_PAGES, self._pages_per_second * 0.01))
+        self._burst = max(self._min_chunk, self._pages_per_second * 0.02)
+
+    def set_dirty_limit(self, bytes_per_second: int) -> bool:
+        """The engine's dirty limit: the sweep goes no faster than it (nor than
+        ``--dirty-rate``); 0 lifts it."""
+        self._dirty_limit = bytes_per_second
+        rates = [rate for rate in (self._dirty_rate, bytes_per_second) if rate]
+        self._set_rate(min(rates) if rates else 0)
+        self._tokens = min(self._tokens, self._burst)
+        self._last_refill = time.monotonic()
+        return True
+
+    def dirty_limit_throttle_us(self) -> int:
+        return int(self._throttle_s * 1_000_000)
 
     # -- hooks ----------------------------------------------------------------------
 
@@ -186,7 +205,12 @@ class Workload(GuestProgram):
             )
             self._last_refill = now
             if self._tokens < self._min_chunk:
-                return (self._min_chunk - self._tokens) / self._pages_per_second
+                wait = (self._min_chunk - self._tokens) / self._pages_per_second
+                if self._dirty_limit and (
+                    not self._dirty_rate or self._dirty_limit < self._dirty_rate
+                ):
+                    self._throttle_s += wait  # waiting for the engine's limit
+                return wait
             pages = min(pages, int(self._tokens))
         block_index = bisect.bisect_right(self._starts, state.cursor) - 1
         local = state.cursor - self._starts[block_index]

@@ -85,3 +85,68 @@ def decide(
     if postcopy.enabled and postcopy.auto_passes and count >= postcopy.auto_passes:
         return decision(Action.POSTCOPY, Reason.NOT_CONVERGING_AUTO_POSTCOPY, False, count)
     return decision(Action.CONTINUE, Reason.NOT_CONVERGING, False, count)
+
+
+@dataclass(frozen=True)
+class ThrottleSettings:
+    """auto-converge's parameters (QEMU's names, in percent)."""
+
+    trigger_threshold: int = 50
+    initial: int = 20
+    increment: int = 10
+    tailslow: bool = False
+    maximum: int = 99
+
+
+@dataclass(frozen=True)
+class ThrottleStep:
+    #: The guest's CPU throttle after this pass, in percent (0: not throttled).
+    percentage: int
+    #: Passes in a row that dirtied more than the threshold, since the last change.
+    high_passes: int
+
+
+def next_throttle(
+    *, percentage: int, high_passes: int, dirtied: int, sent: int, settings: ThrottleSettings
+) -> ThrottleStep:
+    """QEMU's migration_trigger_throttle and mig_throttle_guest_down after one pass: when
+    the bytes dirtied in the pass exceed ``trigger_threshold`` % of the bytes sent, twice,
+    start at ``initial`` or add ``increment`` (with ``tailslow``, only what the ratio
+    calls for), capped at ``maximum``."""
+    threshold = sent * settings.trigger_threshold / 100
+    if dirtied <= threshold:
+        return ThrottleStep(percentage, high_passes)
+    high_passes += 1
+    if high_passes < 2:
+        return ThrottleStep(percentage, high_passes)
+    if percentage == 0:
+        return ThrottleStep(settings.initial, 0)
+    increment = settings.increment
+    if settings.tailslow:
+        cpu_now = 100 - percentage
+        cpu_ideal = cpu_now * (threshold / dirtied)
+        increment = max(1, min(int(cpu_now - cpu_ideal), settings.increment))
+    return ThrottleStep(min(percentage + increment, settings.maximum), 0)
+
+
+def not_converging_reason(
+    *,
+    dirty_rate: float,
+    bandwidth: float,
+    remaining: int,
+    threshold: float,
+    expected_downtime_ms: int,
+    downtime_limit_ms: int,
+    aids: str,
+) -> str:
+    """query-migrate's ``x-not-converging``: why precopy does not end, in one line.
+    ``aids`` names what is already helping ("auto-converge throttling 40%", "") ."""
+    mib = 1 << 20
+    reason = (
+        f"the guest dirties {dirty_rate / mib:.1f} MiB/s and {bandwidth / mib:.1f} MiB/s is "
+        f"sent: {remaining / mib:.1f} MiB remain, {threshold / mib:.1f} MiB fit in the "
+        f"{downtime_limit_ms} ms downtime limit (expected downtime {expected_downtime_ms} ms)"
+    )
+    if aids:
+        return f"{reason}; {aids}"
+    return f"{reason}; auto-converge, dirty-limit, postcopy or a larger downtime-limit would end it"

@@ -45,6 +45,7 @@ from .postcopy import RequestServed, UrgentSender, discard_commands, package, se
 from .ram_saver import DirtyLog, RamSaver, send_part
 from .recovery import ResumeHandshake
 from .return_path import SHUT_TIMEOUT, SourceReturnPath
+from .throttle import ConvergenceAids
 
 log = logging.getLogger("trimig.savevm")
 
@@ -109,6 +110,8 @@ class OutgoingMigration(StatusHolder):
         self._handshake: ResumeHandshake | None = None
         #: Recoveries that brought postcopy back to postcopy-active.
         self.recoveries = 0
+        #: auto-converge and dirty-limit (their task runs in run()'s nursery).
+        self._aids = ConvergenceAids(guest, self.capabilities, self.parameters)
 
     # -- control -----------------------------------------------------------------------
 
@@ -232,6 +235,7 @@ class OutgoingMigration(StatusHolder):
                 async with open_nursery() as nursery:
                     if self._uses_return_path:
                         await nursery.start(self._return_path.read, channel)
+                    await self._aids.start(nursery)  # lifted when the nursery ends
                     with self._work:
                         try:
                             await self._migrate(channel, dirty_log, nursery, uri)
@@ -404,6 +408,7 @@ class OutgoingMigration(StatusHolder):
         """After a failure before the switch: the guest runs on, untracked, as before."""
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
             try:
+                await self._aids.lift(self.stats)  # the guest runs at full speed again
                 if self._guest_stopped_by_us:
                     await self.guest.cont()
                     self._guest_stopped_by_us = False
@@ -494,6 +499,9 @@ class OutgoingMigration(StatusHolder):
             self.stats.mbps = self.stats.bandwidth * 8 / 1e6
             if self._on_event:
                 self._on_event("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
+            await self._aids.after_pass(
+                dirtied=newly * codec.TARGET_PAGE_SIZE, sent=sent, elapsed=elapsed, stats=self.stats
+            )
             decision = convergence.decide(
                 remaining=ram.remaining_bytes,
                 bandwidth=self.parameters.avail_switchover_bandwidth or self.stats.bandwidth,
@@ -511,6 +519,15 @@ class OutgoingMigration(StatusHolder):
             if decision.converging is not None:
                 self.stats.converging = decision.converging
                 self.stats.non_converging_passes = decision.non_converging_passes
+            self.stats.not_converging_reason = convergence.not_converging_reason(
+                dirty_rate=newly * codec.TARGET_PAGE_SIZE / elapsed,
+                bandwidth=self.stats.bandwidth,
+                remaining=ram.remaining_bytes,
+                threshold=decision.threshold,
+                expected_downtime_ms=decision.expected_downtime_ms,
+                downtime_limit_ms=self.parameters.downtime_limit,
+                aids=self._aids.describe(),
+            )
             if decision.action is convergence.Action.COMPLETE:
                 break
             if decision.action is convergence.Action.POSTCOPY:
@@ -534,6 +551,7 @@ class OutgoingMigration(StatusHolder):
     async def _stop_guest(self) -> None:
         """The switch-over begins (precopy's end, or postcopy's switch): the downtime
         starts, the guest stops (a STOP event), status ``device``."""
+        await self._aids.lift(self.stats)  # unthrottled before it is stopped
         self.stats.downtime_start_ns = time.monotonic_ns()
         self._guest_stopped_by_us = True  # before the await: a cancelled stop may have stopped it
         await self.guest.stop()
