@@ -52,7 +52,7 @@ RECEIVE_SIZE = 1 << 16
 #: Most plaintext bytes one receive_into asks the session for: ssl's read allocates what
 #: it is asked for, whatever a record holds (16 KiB), so a large buffer would cost a large
 #: allocation per record.
-RECEIVE_MAX = 1 << 18
+RECEIVE_MAX = 1 << 14
 
 #: QEMU's file names in a ``tls-creds-x509`` directory.
 CA_CERT = "ca-cert.pem"
