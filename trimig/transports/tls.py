@@ -354,7 +354,28 @@ class TlsStream:
         self._received_any = True
         count = len(data)
         buffer[:count] = data
-        return count
+        return count + self._drain(memoryview(buffer)[count:])
+
+    def _drain(self, rest: memoryview) -> int:
+        """Copy the records already decrypted or complete in the session's incoming buffer
+        into ``rest`` without waiting (one record per SSLStream call costs more than the
+        decryption). Stops at the first record not yet whole; errors are left to the next
+        receive. Uses trio's SSLObject, as SSLStream's own read would, under the receive
+        lock (no other receive runs)."""
+        ssl_object = getattr(self._ssl, "_ssl_object", None)
+        if not isinstance(ssl_object, ssl.SSLObject):
+            return 0
+        have = 0
+        while rest.nbytes - have >= RECEIVE_MAX:
+            try:
+                chunk = ssl_object.read(RECEIVE_MAX)
+            except ssl.SSLError:  # SSLWantReadError: no whole record left
+                break
+            if not chunk:
+                break
+            rest[have : have + len(chunk)] = chunk
+            have += len(chunk)
+        return have
 
     def _failure(self, action: str, error: BaseException) -> TransportError:
         if isinstance(error, trio.ClosedResourceError):
