@@ -126,10 +126,14 @@ def encode_ram_setup(section_id: int, blocks: Sequence[RamBlockInfo], *, postcop
         (
             encode_section_start(section_id, RAM_IDSTR, RAM_INSTANCE_ID, RAM_VERSION_ID),
             encode_mem_size(blocks, postcopy=postcopy),
-            encode_end_of_section(),
-            encode_section_footer(section_id),
+            encode_ram_section_close(section_id),
         )
     )
+
+
+def encode_ram_section_close(section_id: int) -> bytes:
+    """The close of every RAM section (START, PART or END): the body's EOS, the footer."""
+    return encode_end_of_section() + encode_section_footer(section_id)
 
 
 def encode_eof() -> bytes:

@@ -446,8 +446,7 @@ class OutgoingMigration(StatusHolder):
                     postcopy=self.capabilities.postcopy_ram,
                 )
             )
-        channel.put(codec.encode_end_of_section())
-        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
+        channel.put(codec.encode_ram_section_close(RAM_SECTION_ID))
         await channel.flush()
         if channel.stream.regions is not None and self._uses_return_path:
             # RDMA-shaped transport: the destination registers its blocks on MEM_SIZE.
@@ -574,8 +573,7 @@ class OutgoingMigration(StatusHolder):
                 await channel.flush()
         if ram.file_pages is not None:
             ram.file_pages.write_bitmaps()  # the last pages are in their slots
-        channel.put(codec.encode_end_of_section())
-        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
+        channel.put(codec.encode_ram_section_close(RAM_SECTION_ID))
         state = await self.guest.save_state()
         channel.put(codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state))
         channel.put(codec.encode_eof())
@@ -670,8 +668,7 @@ class OutgoingMigration(StatusHolder):
         # their ends before it sends SHUT.
         await urgent_sender.end()
         channel.put(codec.encode_section_end(RAM_SECTION_ID))
-        channel.put(codec.encode_end_of_section())
-        channel.put(codec.encode_section_footer(RAM_SECTION_ID))
+        channel.put(codec.encode_ram_section_close(RAM_SECTION_ID))
         channel.put(codec.encode_eof())
         await channel.flush()
         self.stats.remaining = 0

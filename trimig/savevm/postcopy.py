@@ -272,8 +272,7 @@ async def send_background(
         while (request := requests.get_nowait()) is not None:
             channel.put(codec.encode_section_part(section_id))
             urgent.queue_request(channel, request)
-            channel.put(codec.encode_end_of_section())
-            channel.put(codec.encode_section_footer(section_id))
+            channel.put(codec.encode_ram_section_close(section_id))
             await channel.flush()
     while ram.dirty_pages:
         channel.put(codec.encode_section_part(section_id))
@@ -295,8 +294,7 @@ async def send_background(
                     with trio.move_on_after(queued / limiter.rate):
                         await requests.wait_pending()
                 queued = 0
-        channel.put(codec.encode_end_of_section())
-        channel.put(codec.encode_section_footer(section_id))
+        channel.put(codec.encode_ram_section_close(section_id))
         await channel.flush()
         ram.stats.remaining = ram.remaining_bytes
 

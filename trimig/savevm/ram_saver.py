@@ -466,8 +466,7 @@ async def send_part(
             queued = 0
             if time.monotonic() >= deadline:
                 break
-    channel.put(codec.encode_end_of_section())
-    channel.put(codec.encode_section_footer(section_id))
+    channel.put(codec.encode_ram_section_close(section_id))
     await channel.flush()
     await limiter.wait(queued)
     return finished
