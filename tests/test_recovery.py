@@ -13,7 +13,14 @@ migration paused and retryable. The 100-run campaign with random cut points is
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+import time
+
 import pytest
+from adversarial_harness import TRIMIG, _json, _read_listening, guest_command
+from cutting_proxy import cutting_proxy
 from recovery_harness import PAUSE_BOUND, RecoveryPlan, migrate_with_cuts
 
 PLANS = {
@@ -60,3 +67,67 @@ def test_postcopy_survives_cuts_through_qmp(name: str, request: pytest.FixtureRe
     assert all(pause < PAUSE_BOUND for pause in result.pauses), result.pauses
     assert result.failed_attempts == int(plan.failed_attempt)
     assert result.verify["detail"].startswith("all "), result.verify
+
+
+def test_cli_postcopy_recovers_by_itself() -> None:
+    """``trimig incoming --postcopy`` and ``trimig migrate --postcopy`` (automatic recovery
+    on by default) through the proxy: it resets after the switch and then goes silent for
+    a while; nobody runs a recovery command, both processes end with the guest verified."""
+    options = ["--ram", "256M", "--postcopy", "--channel-timeout", "2000"]
+    guest = [*guest_command(15, 2000.0), "--lazy"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    deadline = time.monotonic() + 150
+    destination = subprocess.Popen(
+        [*TRIMIG, "incoming", "tcp:127.0.0.1:0", "--json", *options, "--", *guest],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    source: subprocess.Popen[str] | None = None
+    try:
+        address = _read_listening(destination, deadline)
+        with cutting_proxy("tcp:127.0.0.1:0", address) as proxy:
+            flags = [*options, "--", *guest]
+            source = subprocess.Popen(
+                [*TRIMIG, "migrate", proxy.uri, "--json", "--max-bandwidth", "64M", *flags],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            assert source.stdout is not None and source.stderr is not None
+            stderr = source.stderr
+            # Cut once the source's progress says the guest runs there (postcopy-active).
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(iter(stderr.readline, "")))
+            reader.start()
+            while not any(line.startswith("postcopy-active") for line in lines):
+                assert source.poll() is None and time.monotonic() < deadline, lines
+                time.sleep(0.02)
+            time.sleep(0.3)
+            proxy.send("reset")
+            time.sleep(0.5)
+            proxy.send("up")
+            time.sleep(1.0)
+            proxy.send("hole")
+            time.sleep(4.0)  # past x-channel-timeout: both sides pause
+            proxy.send("up")
+            source.wait(timeout=max(1.0, deadline - time.monotonic()))
+            reader.join(10)
+            out, err = source.stdout.read(), "".join(lines)
+            dest_out, dest_err = destination.communicate(
+                timeout=max(1.0, deadline - time.monotonic())
+            )
+        sent, received = _json(out), _json(dest_out)
+        report = f"source: {err[-3000:]}\ndestination: {dest_err[-3000:]}"
+        assert source.returncode == 0 and destination.returncode == 0, report
+        assert sent["status"] == "completed" and received["status"] == "completed", report
+        assert received["verified"], received
+        assert sent.get("x-postcopy-recoveries", 0) >= 1, report
+        assert received.get("x-postcopy-recoveries", 0) >= 1, report
+    finally:
+        for process in (source, destination):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(10)

@@ -125,6 +125,8 @@ class IncomingMigration(StatusHolder):
             info.update(self._lazy.statistics())
         if self.error_desc:
             info["error-desc"] = self.error_desc
+        if self.recoveries:
+            info["x-postcopy-recoveries"] = self.recoveries
         return info
 
     def dump_bitmaps(self) -> str:

@@ -157,7 +157,10 @@ class OutgoingMigration(StatusHolder):
         self.stats.transferred = self._bytes_moved()
         if self._ram is not None and self.status.value.is_running:
             self.stats.remaining = self._ram.remaining_bytes
-        return self.stats.query(self.status.value)
+        info = self.stats.query(self.status.value)
+        if self.recoveries:
+            info["x-postcopy-recoveries"] = self.recoveries
+        return info
 
     def _bytes_moved(self) -> int:
         """Bytes moved so far: every channel, and pages written one-sided (QEMU's transferred)."""
@@ -348,7 +351,9 @@ class OutgoingMigration(StatusHolder):
                 self._set_status(MigrationStatus.POSTCOPY_RECOVER)
                 self._return_path = SourceReturnPath(self)
                 self._work = trio.CancelScope()
-                timeout = SHUT_TIMEOUT + (self.parameters.channel_timeout or 0)
+                # The destination may take its x-channel-timeout to notice the break first.
+                channel_timeout = self.parameters.channel_timeout
+                timeout = 2 * channel_timeout + 5 if channel_timeout else SHUT_TIMEOUT
                 self._handshake = ResumeHandshake(self.blocks, timeout=timeout)
                 async with open_nursery() as nursery:
                     await nursery.start(self._return_path.read, channel)

@@ -71,7 +71,7 @@ class ResumeHandshake:
         for block in self._blocks:
             channel.put(codec.encode_recv_bitmap(block.name))
         await channel.flush()
-        await self._wait(self._bitmaps_received, "its received bitmaps")
+        await self._wait(self._bitmaps_received, "received bitmaps")
         for block in self._blocks:
             npages = block.size // codec.TARGET_PAGE_SIZE
             received = PageBitmap.from_le_bytes(self._bitmaps[block.name], npages)
