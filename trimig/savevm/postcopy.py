@@ -274,6 +274,9 @@ async def send_background(
             urgent.queue_request(channel, request)
             channel.put(codec.encode_ram_section_close(section_id))
             await channel.flush()
+    # The rate limit (max-postcopy-bandwidth) as the moment the next background window may
+    # go: requests are answered while it is waited for, and do not cut the wait short.
+    not_before = time.monotonic()
     while ram.dirty_pages:
         channel.put(codec.encode_section_part(section_id))
         deadline = time.monotonic() + slice_seconds
@@ -284,15 +287,18 @@ async def send_background(
                 if urgent.queue_request(channel, request):
                     await channel.flush()
                 continue
+            if time.monotonic() < not_before:
+                with trio.move_on_at(min(not_before, deadline)):
+                    await requests.wait_pending()
+                continue
             window = ram.next_dirty_window()
             if window is None:
                 break
             queued += ram.queue_window(channel, *window)
             if queued >= flush_bytes:
                 await channel.flush()
-                if limiter.rate and not requests.pending:
-                    with trio.move_on_after(queued / limiter.rate):
-                        await requests.wait_pending()
+                if limiter.rate:
+                    not_before = max(not_before, time.monotonic()) + queued / limiter.rate
                 queued = 0
         channel.put(codec.encode_ram_section_close(section_id))
         await channel.flush()
