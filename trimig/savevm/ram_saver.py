@@ -45,6 +45,8 @@ WINDOW_PAGES = 512
 WINDOW_BYTES = WINDOW_PAGES * TARGET_PAGE_SIZE
 #: zero_pages samples the first line of every this many pages of a run to guess a zero run.
 _ZERO_SAMPLE_STRIDE = 64
+#: The staging "buffer" of a window with nothing to read (no data page comes from it).
+_NO_PAGES = np.empty((0, TARGET_PAGE_SIZE), dtype=np.uint8)
 #: The hole map asks SEEK_DATA only about the gaps between the pages the guest has mapped
 #: present; past this many gaps one SEEK walk over the whole memfd is cheaper.
 _MAX_SEEK_GAPS = 64
@@ -226,8 +228,10 @@ class RamSaver:
         self.sent[block.name][pages] = True
         holes = self._holes.get(block.name)
         is_zero = holes[pages] if holes is not None else np.zeros(len(pages), dtype=bool)
-        staging = self._staging.take(channel)
         present = pages[~is_zero]
+        # A buffer only for a window with pages to read: one of holes queues a few bytes
+        # of ZERO records, and many of them go out between two flushes.
+        staging = self._staging.take(channel) if len(present) else _NO_PAGES
         if len(present):
             _read_pages(block, first_page, present, staging)
             is_zero[~is_zero] = zero_pages(staging, present - first_page)
