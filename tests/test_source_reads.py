@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from trimig.channel import MigrationChannel
-from trimig.kernel.allocation import HugetlbAllocationMap
 from trimig.kernel.memory import HUGE_PAGE_SIZE, punch_hole
 from trimig.kernel.uffd import Feature, Mode, Userfaultfd
+from trimig.kernel.witness import DiscardWitness
 from trimig.migration import SourceStats
 from trimig.ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from trimig.savevm.ram_saver import WINDOW_PAGES, DirtyLog, RamSaver, seek_hole_pages
@@ -92,22 +92,32 @@ async def test_a_page_punched_while_queued_stays_a_hole_and_goes_again() -> None
         assert np.flatnonzero(saver.dirty["ram"]).tolist() == victims
         await send_all(saver)
         assert saver.stats.duplicate == len(victims)  # they went as ZERO
+        saver.close()
     finally:
         block.close()
 
 
-@pytest.mark.usefixtures("hugepages")
-def test_hugetlb_allocation_map_allocates_nothing() -> None:
-    (block,) = create_blocks([RamBlockSpec("huge", 4 * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE)])
+@pytest.mark.parametrize("hugetlb", [False, True], ids=["shmem", "hugetlb"])
+def test_the_discard_witness_allocates_nothing_and_sees_every_punch(
+    hugetlb: bool, request: pytest.FixtureRequest
+) -> None:
+    page = HUGE_PAGE_SIZE if hugetlb else PAGE
+    if hugetlb:
+        request.getfixturevalue("hugepages")
+    (block,) = create_blocks([RamBlockSpec("b", 4 * page, page if hugetlb else PAGE)])
     try:
         block.pages[0, 0] = 1
-        block.pages[2 * (HUGE_PAGE_SIZE // PAGE), 0] = 1
+        block.pages[2 * (page // PAGE), 0] = 1
         blocks_before = os.fstat(block.fd).st_blocks
-        with HugetlbAllocationMap(block.fd, block.size, block.page_size) as probe:
-            assert probe.allocated().tolist() == [True, False, True, False]
+        with DiscardWitness(block.fd, block.size, block.page_size, hugetlb=hugetlb) as witness:
+            witness.watch(0, block.size)  # pages 1 and 3 are holes: skipped, not allocated
             assert os.fstat(block.fd).st_blocks == blocks_before
-            punch_hole(block.fd, 0, HUGE_PAGE_SIZE)
-            assert probe.allocated().tolist() == [False, False, True, False]
+            assert witness.watched().tolist() == [[0, page], [2 * page, 3 * page]]
+            punch_hole(block.fd, 0, page)
+            assert not block.pages[0].any()  # read back in: a fresh zero page, no hole
+            assert witness.watched().tolist() == [[2 * page, 3 * page]]
+            witness.watch(0, block.size)  # watching again maps what the file holds now
+            assert witness.watched().tolist() == [[0, page], [2 * page, 3 * page]]
     finally:
         block.close()
 
@@ -132,16 +142,12 @@ async def test_a_hugetlb_page_punched_while_queued_goes_again() -> None:
         block.close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open race (docs/correctness.md): a discard followed by a read alone"
-)
 async def test_a_page_punched_then_only_read_goes_again() -> None:
     """The guest punches a page the log protected, then reads it: the read faults a fresh
     zero page in, write-protected as the old one was (the punch left a uffd-wp marker), so
-    the log has no write and the memfd no hole, and the destination would keep the old
-    data. Not closed yet: this pins the race (strict: it fails once it is closed, so the
-    mark goes then). Even the page-frame number can stay the same: the kernel hands the
-    freed page straight back to the fault."""
+    the log has no write and the memfd no hole; even the page-frame number can stay the
+    same (the kernel hands the freed page straight back to the fault). Only the witness
+    mapping, whose entry the punch removed, tells: the page goes again, as ZERO."""
     (block,) = create_blocks([RamBlockSpec("ram", WINDOW_PAGES * PAGE)])
     uffd = Userfaultfd.create()
     try:
@@ -160,7 +166,12 @@ async def test_a_page_punched_then_only_read_goes_again() -> None:
             assert not is_hole(block, 7)
             assert saver.sync(log) == 1
             assert np.flatnonzero(saver.dirty["ram"]).tolist() == [7]
+            duplicates = saver.stats.duplicate
+            await send_all(saver)
+            assert saver.stats.duplicate == duplicates + 1
+            assert saver.sync(log, final=True) == 0
         finally:
+            saver.close()
             log.close()
     finally:
         block.close()

@@ -8,8 +8,9 @@ It is what a new user would write, and it is built to catch lost pages:
 * **It writes at random.** While running, each *step* writes ``--words`` 64-bit words at
   pseudo-random offsets anywhere in RAM (some of the values zero), and one step in
   eight also does a page operation: fill a page, zero it, or discard its host page
-  (``fallocate(PUNCH_HOLE)``; while discards are inhibited it writes zeros over the
-  host page instead, which leaves memory the same).
+  (``fallocate(PUNCH_HOLE)``, every other one then read back without a write; while
+  discards are inhibited it writes zeros over the host page instead, which leaves
+  memory the same).
 * **The journal is the device state.** Every step is a pure function of (seed, step
   number), so ``{"seed", "steps", ...}`` is enough to recompute the exact memory the
   guest must hold: ``expected_memory`` replays the layout and every step. ``load-state``
@@ -396,7 +397,16 @@ class AdversarialGuest:
         return True
 
     def _discard(self, first: int, end: int) -> bool:
-        return False if self.discard_inhibited else self._punch(first, end)
+        """Punch the host page out; for every other host page, then *read* it back (a
+        fresh zero page, still write-protected: no write for the dirty log to see)."""
+        if self.discard_inhibited:
+            return False
+        self._punch(first, end)
+        if (first // (end - first)) % 2:
+            view, local = self.memory._block(first)  # type: ignore[union-attr]
+            if view[local : local + end - first : WORDS_PER_PAGE].any():
+                raise AssertionError(f"word {first}: a punched page reads as data")
+        return True
 
     def cmd_register_missing(self, message: dict[str, Any], fds: list[int]) -> Any:
         self._attached()

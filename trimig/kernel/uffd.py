@@ -379,6 +379,29 @@ class Userfaultfd(OwnedFd):
 
         return self._fill("UFFDIO_CONTINUE", issue, address, length, page_size, skip_existing=True)
 
+    def map_from_file(self, address: int, length: int, *, page_size: int = PAGE_SIZE) -> int:
+        """UFFDIO_CONTINUE over a MINOR-registered range, skipping the file's holes
+        (EFAULT) and pages already mapped (EEXIST): maps what the file holds, allocates
+        nothing, wakes nobody. Returns the bytes newly mapped."""
+        _check_range("UFFDIO_CONTINUE", address, length, page_size)
+        arg = ffi.new("struct uffdio_continue *", {"mode": _ffi.UFFDIO_CONTINUE_MODE_DONTWAKE})
+
+        def issue(offset: int, remaining: int) -> tuple[int, int]:
+            arg.range.start = address + offset
+            arg.range.len = remaining
+            arg.mapped = 0
+            return _ioctl(self._fd, _ffi.UFFDIO_CONTINUE, arg), arg.mapped
+
+        return self._fill(
+            "UFFDIO_CONTINUE",
+            issue,
+            address,
+            length,
+            page_size,
+            skip_existing=True,
+            skip_holes=True,
+        )
+
     def page_in_file(self, address: int, page_size: int) -> bool:
         """UFFDIO_CONTINUE of the one page at ``address`` of a MINOR-registered mapping:
         True if the file holds the page (it is mapped now, or already was), False where
@@ -495,9 +518,11 @@ class Userfaultfd(OwnedFd):
         page_size: int,
         *,
         skip_existing: bool,
+        skip_holes: bool = False,
     ) -> int:
         """Drive a placing ioctl over the whole range: continue after partial progress,
-        retry EAGAIN without progress a bounded number of times, skip present pages."""
+        retry EAGAIN without progress a bounded number of times, skip present pages
+        (``skip_existing``) and, for UFFDIO_CONTINUE, pages the file lacks (``skip_holes``)."""
         self.fileno()
         offset = 0
         placed = 0
@@ -512,7 +537,9 @@ class Userfaultfd(OwnedFd):
                 stalls = 0
                 continue
             error = -result
-            if error == errno_codes.EEXIST and skip_existing:
+            if (error == errno_codes.EEXIST and skip_existing) or (
+                error == errno_codes.EFAULT and skip_holes
+            ):
                 offset += page_size
                 continue
             if error == errno_codes.EAGAIN and stalls < EAGAIN_RETRIES:

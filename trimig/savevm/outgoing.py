@@ -568,7 +568,7 @@ class OutgoingMigration(StatusHolder):
     ) -> None:
         """Stop the guest, send what is left and the device state, and hand over."""
         await self._stop_guest()
-        ram.sync(dirty_log)  # exact: the guest is stopped
+        ram.sync(dirty_log, final=True)  # exact: the guest is stopped
         self.stats.dirty_sync_count += 1
         bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
@@ -612,7 +612,7 @@ class OutgoingMigration(StatusHolder):
             # The guest saves its state while the dirty log is synced and the discards built.
             nursery.start_soon(self._save_state_into, saved)
             await trio.lowlevel.checkpoint()  # the save-state request goes out now
-            ram.sync(dirty_log)  # exact: the guest is stopped
+            ram.sync(dirty_log, final=True)  # exact: the guest is stopped
             self.stats.dirty_sync_count += 1
             ram.encoder.reset()
             discards = discard_commands(ram)

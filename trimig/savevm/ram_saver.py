@@ -15,6 +15,12 @@ zeros) with nothing left to say it changed. pread allocates nothing and copies e
 from one page-cache page. The codec then builds a gather array whose page entries point
 into the staging buffer (an IoVector): no Python object per page, and the zero check
 reads the very bytes that go out.
+
+Discards are found by a :class:`~trimig.kernel.witness.DiscardWitness` per block: each
+data page is *watched* (mapped into the engine's untouched witness mapping) before it is
+read, and a punch unmaps it there for good, so a sync finds every page discarded after
+it was read, even one the guest has read back in since (a fresh zero page, still
+write-protected: no write in the log, no hole in the file).
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ from ..channel import MigrationChannel, RateLimiter
 from ..codec import RamRecordEncoder
 from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import KernelError, TransportError
-from ..kernel.allocation import HugetlbAllocationMap
 from ..kernel.iov import IoVector, read_at
 from ..kernel.pagemap import PagemapScanner
 from ..kernel.uffd import Userfaultfd
+from ..kernel.witness import DiscardWitness
 from ..migration import SourceStats
 from ..ram_blocks import RamBlock
 from ..transports.base import RegionRegistry
@@ -143,9 +149,11 @@ class RamSaver:
         #: (queue_window then queues no records at all).
         self.file_pages: MappedRamWriter | None = None
         self._staging = StagingBuffers()
-        #: Per hugetlb block, the probe that finds its punched huge pages (made at the
-        #: first sync).
-        self._allocation: dict[str, HugetlbAllocationMap] = {}
+        #: Per block, the witness of its discards (made at the first sync) and the pages
+        #: watched in it. Gone after the final sync: the guest no longer runs.
+        self._witnesses: dict[str, DiscardWitness] = {}
+        self._final_sync_done = False
+        self._watched = {b.name: np.zeros(b.spec.target_pages, dtype=bool) for b in self.blocks}
 
     async def attach_regions(self, regions: RegionRegistry) -> None:
         """From now on write data pages one-sided into the destination's blocks.
@@ -233,6 +241,9 @@ class RamSaver:
         # of ZERO records, and many of them go out between two flushes.
         staging = self._staging.take(channel) if len(present) else _NO_PAGES
         if len(present):
+            witness = self._witnesses.get(block.name)
+            if witness is not None:
+                self._watch(witness, block, present)
             _read_pages(block, first_page, present, staging)
             is_zero[~is_zero] = zero_pages(staging, present - first_page)
         self.holds_data[block.name][pages] = ~is_zero
@@ -291,7 +302,7 @@ class RamSaver:
             self.one_sided_bytes += count * TARGET_PAGE_SIZE
         return moved
 
-    def sync(self, dirty_log: DirtyLog) -> int:
+    def sync(self, dirty_log: DirtyLog, *, final: bool = False) -> int:
         """Bring the dirty bitmap up to date; return how many pages became dirty.
 
         Takes the pages written since the last sync from the kernel log (which protects
@@ -299,41 +310,79 @@ class RamSaver:
         makes the hole map safe to send ZERO from without reading the page: a page that
         is a hole when the map is read and is written afterwards is in the next sync's
         log. Pages the guest discarded (``fallocate(PUNCH_HOLE)``, which the write log
-        does not see) after we sent their data become dirty here, so their ZERO goes out
-        (shmem: SEEK_HOLE; hugetlb: :class:`HugetlbAllocationMap`; both truthful because
-        this engine reads pages with pread, which never fills a hole again);
-        one discarded after this call is found by the next one, and the last sync, with
-        the guest stopped, is exact. Call it with the guest stopped before the last
-        pages go, and before any page goes (to start the log afresh).
+        does not see) after we read their data become dirty here, so they go again: the
+        witness no longer maps them (whether they are still holes or the guest has read
+        a fresh zero page in since); a page discarded after this call is found by the
+        next one. Call it before any page goes (to start the log afresh and the
+        witnesses), and with ``final`` once the guest is stopped for good: that sync is
+        exact, and nothing is watched after it.
         """
+        if self._final_sync_done:
+            raise RuntimeError("RamSaver.sync after the final sync")
+        if not self._witnesses and not final:
+            self._start_witnesses()
         newly = dirty_log.collect(self.dirty)
         for block in self.blocks:
             dirty = self.dirty[block.name]
-            if block.spec.hugetlb:
-                # hugetlbfs has no SEEK_HOLE: ask which huge pages the file still holds.
-                gone = self.holds_data[block.name] & ~self._allocated(block)
-            else:
+            gone = self.holds_data[block.name] & self._discarded(block)
+            if not block.spec.hugetlb:  # hugetlbfs has no SEEK_HOLE; its pages are read
                 holes = self._holes[block.name] = dirty_log.hole_pages(block)
-                gone = self.holds_data[block.name] & holes
+                gone |= self.holds_data[block.name] & holes
             if gone.any():
                 newly += int(np.count_nonzero(gone & ~dirty))
                 dirty |= gone
+        if final:
+            self._final_sync_done = True
+            self.close()
         return newly
 
-    def _allocated(self, block: RamBlock) -> np.ndarray:
-        """One bool per target page of a hugetlb block: its huge page is in the file."""
-        probe = self._allocation.get(block.name)
-        if probe is None:
-            probe = self._allocation[block.name] = HugetlbAllocationMap(
-                block.fd, block.size, block.page_size
-            )
-        return np.repeat(probe.allocated(), block.page_size // TARGET_PAGE_SIZE)
+    def _start_witnesses(self) -> None:
+        try:
+            for block in self.blocks:
+                self._witnesses[block.name] = DiscardWitness(
+                    block.fd, block.size, block.page_size, hugetlb=block.spec.hugetlb
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def _watch(self, witness: DiscardWitness, block: RamBlock, pages: np.ndarray) -> None:
+        """Watch the host pages holding ``pages`` (sorted target pages about to be read)
+        that are not watched yet, one call per run of them."""
+        watched = self._watched[block.name]
+        pages = pages[~watched[pages]]
+        if len(pages) == 0:
+            return
+        per_host = block.page_size // TARGET_PAGE_SIZE
+        if per_host > 1:
+            first = pages[0] // per_host * per_host  # a window is one huge page
+            pages = np.arange(first, first + per_host)
+        watched[pages] = True
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        starts = np.concatenate(([pages[0]], pages[breaks])).tolist()
+        ends = (np.concatenate((pages[breaks - 1], [pages[-1]])) + 1).tolist()
+        for start, end in zip(starts, ends, strict=True):
+            witness.watch(start * TARGET_PAGE_SIZE, (end - start) * TARGET_PAGE_SIZE)
+
+    def _discarded(self, block: RamBlock) -> np.ndarray:
+        """One bool per target page: watched, and unmapped from the witness since (so
+        no longer watched)."""
+        watched = self._watched[block.name]
+        witness = self._witnesses.get(block.name)
+        if witness is None:
+            return np.zeros(len(watched), dtype=bool)
+        still = np.zeros(len(watched), dtype=bool)
+        for start, end in (witness.watched() // TARGET_PAGE_SIZE).tolist():
+            still[start:end] = True
+        discarded = watched & ~still
+        watched &= still
+        return discarded
 
     def close(self) -> None:
-        """Release the hugetlb allocation probes (the staging buffers go with the object)."""
-        for probe in self._allocation.values():
-            probe.close()
-        self._allocation.clear()
+        """Stop watching for discards (the staging buffers go with the object)."""
+        for witness in self._witnesses.values():
+            witness.close()
+        self._witnesses.clear()
 
 
 class StagingBuffers:
