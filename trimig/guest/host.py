@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -30,6 +31,7 @@ from .._trio import open_nursery
 from ..errors import GuestError, exit_status
 from ..kernel.uffd import Userfaultfd
 from ..ram_blocks import MappedBlock
+from ..trace import trace
 from . import protocol
 from .protocol import Command, Event, Role
 from .workload import workload_arguments
@@ -412,6 +414,7 @@ class GuestProcess:
             self._next_id += 1
             request_id = self._next_id
             data = protocol.encode_message(protocol.request(command, request_id, **fields))
+            sent_ns = time.monotonic_ns()
             try:
                 await self._sock.sendmsg([data], protocol.ancillary_for(fds))
             except OSError as error:
@@ -430,6 +433,7 @@ class GuestProcess:
                 # the fds it carried are ours to close.
                 protocol.close_fds(reply_fds)
                 raise
+            trace("guest_reply", cmd=command, us=(time.monotonic_ns() - sent_ns) // 1000)
             if scope.cancelled_caught:
                 self._unresponsive = True
                 since = " of the last progress of its memory" if progress is not None else ""

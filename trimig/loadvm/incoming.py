@@ -470,6 +470,7 @@ class IncomingMigration(StatusHolder):
             elif isinstance(event, codec.PostcopyRamDiscard):
                 self._require_postcopy(event).discard(event)
             elif isinstance(event, codec.Packaged):
+                trace("postcopy_package", length=len(event.blob))
                 await self._load_package(event.blob, channel, decoder)
                 return
             elif isinstance(event, codec.Ping) and self._return_path is not None:
@@ -579,10 +580,12 @@ class IncomingMigration(StatusHolder):
                 # The load may read memory that is still arriving: its deadline counts
                 # from the last page placed, not from the request.
                 await self.guest.load_state(event.data, progress=postcopy.pages_placed)
+                trace("postcopy_state_loaded")
             elif isinstance(event, codec.PostcopyRun):
                 if self._device_state is None:
                     raise RemoteProtocolError("POSTCOPY_RUN before the guest's device state")
                 await postcopy.run_guest()
+                trace("postcopy_guest_running")
                 self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
                 if self._on_event:
                     self._on_event("RESUME", {})

@@ -181,6 +181,7 @@ class PostcopyIncoming:
         )
         await self._serve(channel, decoder)
         self._listening.set()
+        trace("postcopy_listening")
 
     async def _serve(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
         """Start the fault handler (among the helpers) and the main listener."""
@@ -248,13 +249,16 @@ class PostcopyIncoming:
     async def _attach_guest(self, registered: list[tuple[Userfaultfd, list[int]]]) -> None:
         """Attach the guest's blocks for postcopy and take its MISSING userfaultfd."""
         await self.guest.attach(self.blocks, "postcopy")
+        trace("postcopy_guest_attached")
         registered.append(await self.guest.register_missing())
+        trace("postcopy_guest_registered")
 
     async def run_guest(self) -> None:
         """POSTCOPY_RUN: the guest runs here from now on, faulting in what is missing."""
         self.state.on_run()
         trace("postcopy_run")
         await self.guest.notify("postcopy-start")
+        trace("postcopy_guest_notified")
         await self.guest.cont()
         self._running.set()
 

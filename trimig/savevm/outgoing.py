@@ -604,7 +604,9 @@ class OutgoingMigration(StatusHolder):
         urgent_sender = self._urgent_sender = UrgentSender(ram, self._urgent)
         ram.detach_regions()  # postcopy pages are placed atomically by the destination
         self.stats.precopy_bytes = self._bytes_moved()
+        trace("postcopy_switch")
         await self._stop_guest()
+        trace("postcopy_guest_stopped")
         bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
         saved: list[bytes] = []
@@ -621,6 +623,7 @@ class OutgoingMigration(StatusHolder):
             trace("postcopy_discard", commands=len(discards), dirty_pages=ram.dirty_pages)
             channel.put(codec.encode_ping(PING_AFTER_DISCARD))
         state = saved[0]
+        trace("postcopy_state_saved")
         device = codec.encode_device_section(GUEST_SECTION_ID, "guest", 0, 1, state)
         self._return_path.check()
         # postcopy-device: until PONG(0x42) says the destination loaded the package (and is
@@ -708,6 +711,7 @@ class OutgoingMigration(StatusHolder):
     def pong_received(self, value: int) -> None:
         if value == QEMU_VM_PING_PACKAGED_LOADED and self._package_sent:
             # The point of no return: the destination runs the guest now (_postcopy_running).
+            trace("postcopy_package_loaded")
             self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
         elif value == PING_AFTER_PACKAGE and self._package_sent:
             self.stats.downtime_ns = time.monotonic_ns() - self.stats.downtime_start_ns
