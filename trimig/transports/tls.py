@@ -10,7 +10,15 @@ authenticated alike. The handshake is finished, within ``TLS_HANDSHAKE_TIMEOUT``
 
 A refusal raises :class:`TlsError` naming the reason: the peer's certificate is signed by
 a foreign CA, not valid for the host name, expired; the peer does not speak TLS; the
-source's certificate subject is not on the allow-list.
+source's certificate subject is not on the allow-list. A failed handshake sends its alert,
+so the other side names the reason too. The allow-list is checked once the handshake is
+complete, before the destination sends its TLS 1.3 session tickets; a TLS 1.3 source waits
+for one (TLS_ACCEPT_TIMEOUT) before it calls the channel up, so a refused source learns it
+in ``connect``, not from a later send that finds the connection closed.
+
+The handshake and the records are stdlib ssl's ``SSLObject`` over memory BIOs
+(:mod:`trimig.transports.tls_session`) driven here from trio; trio's ``SSLStream`` costs
+a scheduler round per 16 KiB record, which made TLS 4x slower than plaintext.
 
 :class:`TlsStream` has no ``fileno``: the OS-thread fast paths (``threads.stream_fd``)
 serve only streams whose fd carries their bytes raw, so they use its trio methods.
@@ -23,6 +31,7 @@ found: the migration stream and the return path have their own end markers (EOF,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 from collections.abc import Callable, Sequence
@@ -40,19 +49,21 @@ from trimig.transports.base import (
     RegionRegistry,
     set_channel_timeout,
 )
+from trimig.transports.tls_session import RECORD, TlsSession
 from trimig.transports.uri import Address, TcpAddress
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a handshake may take before the connection is refused."""
 TLS_CLOSE_TIMEOUT = 2.0
 """Seconds aclose() waits to send close_notify before closing the transport anyway."""
-#: Bytes joined into one TLS write (records are 16 KiB; fewer, larger writes cost less).
-SEND_CHUNK = 1 << 20
-RECEIVE_SIZE = 1 << 16
-#: Most plaintext bytes one receive_into asks the session for: ssl's read allocates what
-#: it is asked for, whatever a record holds (16 KiB), so a large buffer would cost a large
-#: allocation per record.
-RECEIVE_MAX = 1 << 14
+TLS_ACCEPT_TIMEOUT = 2.0
+"""Seconds a TLS 1.3 source waits after its handshake for the destination's session
+ticket, the sign that its certificate was accepted (a destination that sends no tickets
+costs this much once per channel)."""
+#: Most ciphertext bytes one receive takes from the transport (many records).
+RAW_RECEIVE = 1 << 20
+#: What a refusal after the handshake most likely means.
+REFUSED_HINT = "is this side's certificate subject on its tls-authz allow-list?"
 
 #: QEMU's file names in a ``tls-creds-x509`` directory.
 CA_CERT = "ca-cert.pem"
@@ -189,6 +200,16 @@ def subject_name(certificate: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
+#: What the alert a peer sends about our certificate means.
+ALERT_MEANINGS = {
+    "UNKNOWN_CA": "our certificate: it is not signed by a CA it trusts",
+    "CERTIFICATE_EXPIRED": "our certificate: it has expired",
+    "BAD_CERTIFICATE": "our certificate as bad",
+    "CERTIFICATE_REQUIRED": "the session: it needs a certificate from us",
+    "ACCESS_DENIED": "our certificate: access denied",
+}
+
+
 def describe_failure(error: BaseException, peer: str, *, handshake: bool = True) -> str:
     """Why a handshake or session with ``peer`` ("the destination", "the source") failed."""
     cause: BaseException | None = error
@@ -221,7 +242,13 @@ def describe_failure(error: BaseException, peer: str, *, handshake: bool = True)
         ):
             return f"{peer} does not speak TLS (a plaintext peer: is tls-creds set on both sides?)"
         if "ALERT" in reason:
-            return f"{peer} refused the TLS session ({reason.lower().replace('_', ' ')})"
+            alert = reason.lower().replace("_", " ")
+            why = ALERT_MEANINGS.get(reason.rsplit("_ALERT_", 1)[-1])
+            return (
+                f"{peer} refused {why} ({alert})"
+                if why
+                else f"{peer} refused the TLS session ({alert})"
+            )
         if isinstance(cause, ssl.SSLEOFError):
             return _closed(peer, handshake)
         return f"TLS with {peer} failed: {cause.reason or cause}"
@@ -237,51 +264,33 @@ def _closed(peer: str, handshake: bool) -> str:
     )
 
 
-class _Transport(trio.abc.HalfCloseableStream):
-    """A ByteStream as the trio Stream that SSLStream encrypts over."""
-
-    def __init__(self, inner: ByteStream) -> None:
-        self.inner = inner
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_buffers([data])
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        buffer = bytearray(max_bytes or RECEIVE_SIZE)
-        count = await self.inner.receive_into(memoryview(buffer))
-        return bytes(buffer[:count])
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 class TlsStream:
     """A ByteStream whose bytes travel TLS-encrypted over another ByteStream.
 
-    Made by :func:`tls_client` or :class:`TlsListener`, handshake done. ``peer_subject``
-    is the peer certificate's subject (empty when the peer sent none). A client stream
-    (``refused_hint``) that ends before the destination sent a byte says it was refused
-    after the handshake, the way a destination ends a client not on its allow-list.
+    Made by :func:`tls_client` or :class:`TlsListener`, handshake done: a
+    :class:`~trimig.transports.tls_session.TlsSession` driven from trio. A send encrypts
+    the whole batch (many records per C call) and sends the ciphertext in large pieces; a
+    receive takes up to RAW_RECEIVE bytes of ciphertext at a time and decrypts every whole
+    record straight into the caller's buffer. ``peer_subject`` is the peer certificate's
+    subject (empty when the peer sent none). A client stream whose destination has not
+    shown that it accepted this side (no session ticket, no byte) names a likely refusal
+    of its certificate when the session ends or breaks.
     """
 
-    def __init__(self, ssl_stream: trio.SSLStream, transport: _Transport, *, peer: str) -> None:
-        self._ssl = ssl_stream
-        self._inner = transport.inner
+    def __init__(
+        self, session: TlsSession, inner: ByteStream, *, peer: str, accepted: bool = True
+    ) -> None:
+        self._session = session
+        self._inner = inner
         self._peer = peer
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
-        self._received_any = False
-        self._eof_received = False
+        self._raw = bytearray(RAW_RECEIVE)
+        self._held = b""  # plaintext received while waiting for a session ticket
         self._eof_sent = False
         self._closed = False
-        self.refused_hint = False
-        certificate = ssl_stream.getpeercert()
+        self._accepted = accepted
+        certificate = session.ssl_object.getpeercert()
         self.peer_subject = subject_name(certificate) if certificate else ""
 
     @property
@@ -302,84 +311,100 @@ class TlsStream:
 
     @property
     def cipher(self) -> str:
-        cipher = self._ssl.cipher()
+        cipher = self._session.ssl_object.cipher()
         return f"{cipher[1]} {cipher[0]}" if cipher else ""
 
     async def send_buffers(self, buffers: Sequence[GatherItem]) -> None:
         if self._eof_sent:
             raise TransportError(f"sending on TLS to {self._peer} after send_eof()")
-        views = flatten(buffers)
         async with self._send_lock:
-            chunk: list[Any] = []
-            size = 0
-            for view in views:
-                chunk.append(view)
-                size += (
-                    len(view) if isinstance(view, bytes | bytearray) else memoryview(view).nbytes
-                )
-                if size >= SEND_CHUNK:
-                    await self._send(b"".join(chunk))
-                    chunk, size = [], 0
-            if chunk:
-                await self._send(b"".join(chunk))
-            elif not views:
-                await trio.lowlevel.checkpoint()
-
-    async def _send(self, data: bytes) -> None:
-        try:
-            await self._ssl.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as error:
-            raise self._failure("sending", error) from error
+            try:
+                pieces = self._session.encrypt(flatten(buffers))
+                if not pieces:
+                    await trio.lowlevel.checkpoint()
+                for piece in pieces:
+                    await self._inner.send_buffers([piece])
+            except (TransportError, ssl.SSLError) as error:
+                raise self._failure("sending", error) from error
 
     async def receive_into(self, buffer: memoryview) -> int:
-        if memoryview(buffer).nbytes == 0:
+        view = memoryview(buffer).cast("B")
+        if view.nbytes == 0:
             raise TransportError("receive_into needs a non-empty buffer (0 means EOF)")
         async with self._receive_lock:
-            if self._eof_received:
+            if self._held:
+                count = min(len(self._held), view.nbytes)
+                view[:count] = self._held[:count]
+                self._held = self._held[count:]
                 await trio.lowlevel.checkpoint()
-                return 0
+                return count
             try:
-                data = await self._ssl.receive_some(min(memoryview(buffer).nbytes, RECEIVE_MAX))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as error:
+                count = await self._receive(view)
+            except (TransportError, ssl.SSLError) as error:
                 raise self._failure("receiving", error) from error
-        if not data:
-            self._eof_received = True
-            if self.refused_hint and not self._received_any:
-                raise TlsError(
-                    f"{self._peer} ended the TLS session before sending anything: it refused "
-                    "this connection (is this side's certificate subject on its tls-authz "
-                    "allow-list?)"
-                )
-            return 0
-        self._received_any = True
-        count = len(data)
-        buffer[:count] = data
-        return count + self._drain(memoryview(buffer)[count:])
+        if count == 0 and not self._accepted:
+            raise TlsError(
+                f"{self._peer} ended the TLS session before sending anything: it refused "
+                f"this connection ({REFUSED_HINT})"
+            )
+        self._accepted = True
+        return count
 
-    def _drain(self, rest: memoryview) -> int:
-        """Copy the records already decrypted or complete in the session's incoming buffer
-        into ``rest`` without waiting (one record per SSLStream call costs more than the
-        decryption). Stops at the first record not yet whole; errors are left to the next
-        receive. Uses trio's SSLObject, as SSLStream's own read would, under the receive
-        lock (no other receive runs)."""
-        ssl_object = getattr(self._ssl, "_ssl_object", None)
-        if not isinstance(ssl_object, ssl.SSLObject):
-            return 0
-        have = 0
-        while rest.nbytes - have >= RECEIVE_MAX:
-            try:
-                chunk = ssl_object.read(RECEIVE_MAX)
-            except ssl.SSLError:  # SSLWantReadError: no whole record left
-                break
-            if not chunk:
-                break
-            rest[have : have + len(chunk)] = chunk
-            have += len(chunk)
-        return have
+    async def _receive(self, view: memoryview) -> int:
+        """Plaintext into ``view`` (0 at the end), receiving ciphertext as needed."""
+        session = self._session
+        received_any = False
+        while True:
+            count = session.read_into(view)
+            if (
+                session.output_pending
+                and not session.ended  # (its alert about the end is not sent)
+                and not self._eof_sent
+                and not self._send_lock.locked()
+            ):
+                async with self._send_lock:  # a post-handshake answer (a key update)
+                    await self._inner.send_buffers([session.take_output()])
+            if count is not None:
+                if not received_any:
+                    await trio.lowlevel.checkpoint()
+                return count
+            received = await self._inner.receive_into(memoryview(self._raw))
+            received_any = True
+            session.feed(memoryview(self._raw)[:received])
+
+    async def wait_accepted(self, timeout: float) -> None:
+        """(Client, TLS 1.3.) Wait up to ``timeout`` seconds for the destination to show
+        that it accepted this side's certificate: a session ticket (a TLS 1.3 server sends
+        one once it has checked the client, and trimig's checks the allow-list first) or
+        its first bytes. A destination that ends the session first refused this side; one
+        that sends no tickets at all is trusted after ``timeout``."""
+        session = self._session
+        with trio.move_on_after(timeout):
+            while not session.has_ticket():
+                buffer = memoryview(bytearray(RECORD))
+                try:
+                    count = await self._receive(buffer)
+                except (TransportError, ssl.SSLError) as error:
+                    reason = describe_failure(error, self._peer, handshake=False)
+                    if not isinstance(error, ssl.SSLError):  # no alert: guess
+                        reason += f" (did it refuse this connection? {REFUSED_HINT})"
+                    raise TlsError(
+                        f"TLS with {self._peer} failed right after the handshake: {reason}"
+                    ) from error
+                if count == 0:
+                    raise TlsError(
+                        f"{self._peer} ended the TLS session right after the handshake: it "
+                        f"refused this connection ({REFUSED_HINT})"
+                    )
+                self._held += bytes(buffer[:count])
+            self._accepted = True
 
     def _failure(self, action: str, error: BaseException) -> TransportError:
-        if isinstance(error, trio.ClosedResourceError):
-            return TransportError(f"{action} on TLS to {self._peer} failed: closed locally")
+        if isinstance(error, TransportError) and not self._accepted:
+            return TlsError(
+                f"{action} on TLS to {self._peer} failed before it sent anything: {error} "
+                f"(did it refuse this connection? {REFUSED_HINT})"
+            )
         reason = describe_failure(error, self._peer, handshake=False)
         return TlsError(f"{action} on TLS to {self._peer} failed: {reason}")
 
@@ -395,8 +420,13 @@ class TlsStream:
             return
         self._closed = True
         try:
-            with trio.move_on_after(TLS_CLOSE_TIMEOUT):
-                await self._ssl.aclose()
+            if not self._eof_sent and not self._send_lock.locked():
+                with trio.move_on_after(TLS_CLOSE_TIMEOUT):
+                    alert = self._session.close_notify()
+                    if alert:
+                        await self._inner.send_buffers([alert])
+        except TransportError:
+            pass  # the transport is gone already: nothing to say goodbye on
         finally:
             await self._inner.aclose()
 
@@ -444,42 +474,78 @@ def check_tls_transport(address: Address) -> None:
 
 
 async def tls_client(stream: ByteStream, settings: TlsSettings, address: Address) -> TlsStream:
-    """Run the client handshake over ``stream`` (closed on failure); a TlsStream to use."""
+    """Run the client handshake over ``stream`` (closed on failure) and, on TLS 1.3, wait
+    for the destination to accept this side (:meth:`TlsStream.wait_accepted`); a TlsStream
+    to use."""
     credentials = settings.credentials
     try:
         check_client_settings(settings, address)
         hostname = _client_hostname(settings, address)
-        transport = _Transport(stream)
-        ssl_stream = trio.SSLStream(
-            transport, credentials.context, server_hostname=hostname, https_compatible=True
-        )
-        await _handshake(ssl_stream, "the destination", address)
-        tls = TlsStream(ssl_stream, transport, peer="the destination")
-        tls.refused_hint = True
+        session = TlsSession(credentials.context, server_side=False, server_hostname=hostname)
+        with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+            await _handshake(session, stream, "the destination", address)
+        tls = TlsStream(session, stream, peer="the destination", accepted=False)
+        if session.ssl_object.version() == "TLSv1.3":
+            await tls.wait_accepted(TLS_ACCEPT_TIMEOUT)
         return tls
+    except trio.TooSlowError:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise _too_slow("the destination", address) from None
     except BaseException:
         with trio.CancelScope(shield=True):
             await stream.aclose()
         raise
 
 
-async def _handshake(ssl_stream: trio.SSLStream, peer: str, address: Address) -> None:
+def _too_slow(peer: str, address: Address) -> TlsError:
+    return TlsError(
+        f"TLS handshake with {peer} on {address.uri} took more than "
+        f"{TLS_HANDSHAKE_TIMEOUT:g} s (a plaintext peer waiting for us to speak first?)"
+    )
+
+
+async def _handshake(
+    session: TlsSession,
+    stream: ByteStream,
+    peer: str,
+    address: Address,
+    *,
+    before_last_flight: Callable[[], None] | None = None,
+) -> None:
+    """Drive ``session``'s handshake over ``stream``. ``before_last_flight`` runs once the
+    handshake is complete, before its last messages (a TLS 1.3 server's session tickets)
+    are sent; what it raises refuses the peer. A failed handshake sends its alert (the
+    peer learns why) and raises TlsError naming the reason."""
+    raw = memoryview(bytearray(RECORD))
     try:
-        with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-            await ssl_stream.do_handshake()
-    except trio.TooSlowError:
-        raise TlsError(
-            f"TLS handshake with {peer} on {address.uri} took more than "
-            f"{TLS_HANDSHAKE_TIMEOUT:g} s (a plaintext peer waiting for us to speak first?)"
-        ) from None
-    except (trio.BrokenResourceError, ssl.SSLError, TransportError) as error:
+        while True:
+            try:
+                done = session.handshake_step()
+            except ssl.SSLError:
+                with trio.move_on_after(TLS_CLOSE_TIMEOUT), contextlib.suppress(TransportError):
+                    if session.output_pending:  # the alert
+                        await stream.send_buffers([session.take_output()])
+                raise
+            if done and before_last_flight is not None:
+                before_last_flight()
+            if session.output_pending:
+                await stream.send_buffers([session.take_output()])
+            if done:
+                return
+            session.feed(raw[: await stream.receive_into(raw)])
+    except (ssl.SSLError, TransportError) as error:
+        if isinstance(error, TlsError):
+            raise
         raise TlsError(
             f"TLS handshake with {peer} on {address.uri} failed: {describe_failure(error, peer)}"
         ) from error
 
 
 class TlsListener(ListenerBase):
-    """A Listener whose accept() returns a TlsStream once the source is authenticated."""
+    """A Listener whose accept() returns a TlsStream once the source is authenticated and
+    on the allow-list (checked before the session tickets go out: a TLS 1.3 source waits
+    for one to know it was let in)."""
 
     def __init__(self, inner: Listener, settings: TlsSettings) -> None:
         credentials = settings.credentials
@@ -498,32 +564,38 @@ class TlsListener(ListenerBase):
     async def accept(self) -> ByteStream:
         stream = await self._inner.accept()
         try:
-            transport = _Transport(stream)
-            ssl_stream = trio.SSLStream(
-                transport,
-                self._settings.credentials.context,
-                server_side=True,
-                https_compatible=True,
+            session = TlsSession(
+                self._settings.credentials.context, server_side=True, server_hostname=None
             )
-            await _handshake(ssl_stream, "the source", self.address)
-            tls = TlsStream(ssl_stream, transport, peer="the source")
-            self._authorize(tls)
-            return tls
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await _handshake(
+                    session,
+                    stream,
+                    "the source",
+                    self.address,
+                    before_last_flight=lambda: self._authorize(session),
+                )
+            return TlsStream(session, stream, peer="the source")
+        except trio.TooSlowError:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise _too_slow("the source", self.address) from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             raise
 
-    def _authorize(self, tls: TlsStream) -> None:
+    def _authorize(self, session: TlsSession) -> None:
         lookup = self._settings.authz
         if lookup is None:
             return
         authz = lookup()
-        if not authz.allows(tls.peer_subject):
+        certificate = session.ssl_object.getpeercert()
+        subject = subject_name(certificate) if certificate else ""
+        if not authz.allows(subject):
             raise TlsError(
                 f"TLS on {self.address.uri}: the source's certificate subject "
-                f"{tls.peer_subject or '(none)'!r} is not on the allow-list {authz.id!r} "
-                "(tls-authz)"
+                f"{subject or '(none)'!r} is not on the allow-list {authz.id!r} (tls-authz)"
             )
 
     async def aclose(self) -> None:
