@@ -69,22 +69,37 @@ def _is_cgroup2(path: str) -> bool:
     return os.path.exists(os.path.join(path, "cgroup.controllers"))
 
 
-def open_cpu_cgroup(pid: int, name: str) -> CpuCgroup | None:
+def _cgroup2_mount(root: str) -> str | None:
+    """The cgroup v2 hierarchy: ``root`` itself (unified), or ``root/unified`` (the hybrid
+    layout, v1 controllers beside it)."""
+    for mount in (root, os.path.join(root, "unified")):
+        if _is_cgroup2(mount):
+            return mount
+    return None
+
+
+def open_cpu_cgroup(
+    pid: int, name: str, *, root: str = CGROUP_ROOT, versions: tuple[int, ...] = (2, 1)
+) -> CpuCgroup | None:
     """Move ``pid`` into a new cgroup ``name`` beside its own with a CPU controller, or
-    None where that cannot be done (no controller, no permission, read-only cgroupfs)."""
+    None where that cannot be done (no controller, no permission, read-only cgroupfs).
+    Tries the cgroup ``versions`` in order: v2 needs the ``cpu`` controller enabled in the
+    parent's ``cgroup.subtree_control`` (a hybrid system may have bound it to v1)."""
     try:
         groups = _cgroup_of(pid)
     except OSError:
         return None
     candidates: list[tuple[str, str, int]] = []
-    if _is_cgroup2(CGROUP_ROOT) and "" in groups:
-        candidates.append((CGROUP_ROOT, groups[""], 2))
+    unified = _cgroup2_mount(root)
+    if unified is not None and "" in groups:
+        candidates.append((unified, groups[""], 2))
     for controllers, path in groups.items():
         if "cpu" in controllers.split(","):
-            mount = os.path.join(CGROUP_ROOT, controllers)
+            mount = os.path.join(root, controllers)
             if not os.path.isdir(mount):
-                mount = os.path.join(CGROUP_ROOT, "cpu")
+                mount = os.path.join(root, "cpu")
             candidates.append((mount, path, 1))
+    candidates = [c for version in versions for c in candidates if c[2] == version]
     for mount, path, version in candidates:
         parent = os.path.join(mount, path.lstrip("/"))
         if version == 2:

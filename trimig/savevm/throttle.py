@@ -36,12 +36,20 @@ DIRTY_RING_PAGES = 4096
 class GuestThrottle:
     """auto-converge: the guest process's CPU throttle, decided after each pass."""
 
-    def __init__(self, pid: int, settings: ThrottleSettings, *, use_cgroup: bool = True) -> None:
+    def __init__(
+        self,
+        pid: int,
+        settings: ThrottleSettings,
+        *,
+        use_cgroup: bool = True,
+        cgroup_versions: tuple[int, ...] = (2, 1),
+    ) -> None:
         self.pid = pid
         self.settings = settings
         self.percentage = 0
         self._high_passes = 0
         self._use_cgroup = use_cgroup
+        self._cgroup_versions = cgroup_versions
         self._changed = trio.Event()
         self._lifted = False
         self._cgroup: CpuCgroup | None = None
@@ -82,7 +90,9 @@ class GuestThrottle:
         cgroup: CpuCgroup | None = None
         try:
             if self._use_cgroup:
-                cgroup = self._cgroup = open_cpu_cgroup(self.pid, f"trimig-throttle-{self.pid}")
+                cgroup = self._cgroup = open_cpu_cgroup(
+                    self.pid, f"trimig-throttle-{self.pid}", versions=self._cgroup_versions
+                )
             self.method = f"cgroup-v{cgroup.version}" if cgroup else "signals"
             task_status.started()
             if cgroup is not None:
