@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import trio
 
 from .. import codec
-from .._trio import open_nursery, sole_error
+from .._trio import open_nursery
 from ..channel import MigrationChannel
 from ..codec.constants import QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import (
@@ -28,13 +27,12 @@ from ..errors import (
 )
 from ..guest.host import GuestProcess
 from ..loops import feed_from_channel, next_event
-from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus
+from ..migration import MigrationStatus
 from ..postcopy import PostcopyState
-from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
+from ..ram_blocks import RamBlock
 from ..snapshot.eager import load_eagerly
 from ..snapshot.file import open_snapshot
 from ..snapshot.lazy import LazyRestore
-from ..status import DESTINATION, EventCallback, StatusHolder, StatusMachine
 from ..trace import trace
 from ..transports import (
     ByteStream,
@@ -43,15 +41,15 @@ from ..transports import (
     listen,
     parse_uri,
     set_channel_timeout,
-    shutdown_stream,
 )
+from .destination_state import CLEANUP_TIMEOUT
 from .postcopy import PostcopyIncoming
 from .ram_loader import RamLoader
 from .reader import ReturnPathWriter
+from .recovery import PostcopyRecovery
 
 log = logging.getLogger("trimig.loadvm")
 
-CLEANUP_TIMEOUT = 10.0
 #: Without a return path, how long the source may take to end the stream after its EOF.
 END_OF_STREAM_TIMEOUT = 10.0
 KNOWN_DEVICE_SECTIONS = ("guest",)
@@ -67,53 +65,12 @@ _IGNORED_EVENTS = (
 )
 
 
-class IncomingMigration(StatusHolder):
-    """Receives one migration into fresh RAM blocks and starts the guest on them."""
+class IncomingMigration(PostcopyRecovery):
+    """Receives one migration into fresh RAM blocks and starts the guest on them.
 
-    def __init__(
-        self,
-        specs: Sequence[RamBlockSpec],
-        *,
-        guest_command: Sequence[str] | None = None,
-        capabilities: MigrationCapabilities | None = None,
-        parameters: MigrationParameters | None = None,
-        listen_options: dict[str, Any] | None = None,
-        on_event: EventCallback | None = None,
-        prepared: tuple[GuestProcess, list[RamBlock]] | None = None,
-    ) -> None:
-        """``prepared``: a guest process already started (not attached) and fresh blocks
-        of ``specs``, which this migration then owns (as it owns the ones it would make):
-        an engine waiting for a migration starts them ahead, as QEMU's ``-incoming`` starts
-        its VM, so no start-up falls inside the migration."""
-        self.specs = list(specs)
-        self.guest_command = guest_command
-        self.capabilities = capabilities or MigrationCapabilities()
-        self.parameters = parameters or MigrationParameters()
-        #: QEMU's status, moved only along status.DESTINATION (an illegal move is our bug).
-        self._status = StatusMachine(DESTINATION, "destination", self._status_changed)
-        self.guest: GuestProcess | None = prepared[0] if prepared else None
-        self.blocks: list[RamBlock] = list(prepared[1]) if prepared else []
-        self.error_desc = ""
-        self.start_ns = 0
-        self.end_ns = 0
-        self._listen_options = listen_options or {}
-        self._on_event = on_event
-        self._device_state: bytes | None = None
-        self._return_path: ReturnPathWriter | None = None
-        self._postcopy: PostcopyIncoming | None = None
-        self._ram: RamLoader | None = None
-        self._lazy: LazyRestore | None = None
-        #: The real listening address (QEMU's socket-address), once listening.
-        self.socket_address: str | None = None
-        #: postcopy-* statistics, once postcopy ended.
-        self.postcopy_stats: dict[str, object] = {}
-        #: The main stream's decoder (a recovery's new channel continues its stream).
-        self._decoder: codec.StreamDecoder | None = None
-        #: The main stream now (migrate-pause shuts it down).
-        self._stream: ByteStream | None = None
-        self._pause_requested = False
-        #: Recoveries that brought postcopy back to postcopy-active.
-        self.recoveries = 0
+    Built in layers (destination_state.py): its state and the steps every path takes
+    (DestinationState), pause and recovery (PostcopyRecovery); here listening,
+    query-migrate, ``run`` and the reading of the stream."""
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
@@ -189,27 +146,6 @@ class IncomingMigration(StatusHolder):
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 await listener.aclose()
 
-    async def _recover_automatically(self, listener: Listener, error: MigrationPaused) -> None:
-        """x-postcopy-auto-recover: after a pause, take the source's next connections on
-        the same listener as recovery attempts, up to that many consecutive failed ones
-        (one that got postcopy running again restores the budget). Raises the last
-        MigrationPaused once the budget is spent (at once with none)."""
-        failed, attempts = 0, self.parameters.x_postcopy_auto_recover
-        while failed < attempts:
-            stream = await listener.accept()
-            if self.status.value is not MigrationStatus.POSTCOPY_PAUSED:
-                await stream.aclose()  # an operator's migrate-recover took over
-                return
-            before = self.recoveries
-            try:
-                await self.recover(stream, listener=listener)
-                return
-            except MigrationPaused as exc:
-                error = exc
-            failed = 0 if self.recoveries > before else failed + 1
-            log.warning("automatic recovery attempt failed (%d of %d): %s", failed, attempts, error)
-        raise error
-
     async def run(self, stream: ByteStream, *, listener: Listener | None = None) -> None:
         """Load a migration from an accepted stream. Completed on return; else raises.
 
@@ -281,155 +217,6 @@ class IncomingMigration(StatusHolder):
                         self._on_event("RESUME", {})
         self.end_ns = time.monotonic_ns()
         self._set_status(MigrationStatus.COMPLETED)
-
-    async def _prepare(self) -> None:
-        """Create the RAM blocks and start the guest process (once)."""
-        if self.guest is None:
-            self.blocks = create_blocks(self.specs)
-            self.guest = await GuestProcess.start(self.guest_command)
-
-    async def _finish_postcopy(self, postcopy: PostcopyIncoming) -> None:
-        await postcopy.done.wait()
-        if postcopy.error is not None:
-            raise postcopy.error
-        await postcopy.finish()
-
-    def _pause(self, exc: BaseException) -> None:
-        """After RUN the guest exists only in two halves: stop here, paused, and say so
-        (raise MigrationPaused, or re-raise a cancellation). Every postcopy task has
-        ended; what a recovery needs stays."""
-        if self._pause_requested:
-            self.error_desc = "paused by migrate-pause"
-        else:
-            self.error_desc = str(sole_error(exc)) or type(sole_error(exc)).__name__
-        self._pause_requested = False
-        log.error("postcopy paused: %s", self.error_desc)
-        if self._postcopy is not None:
-            self._postcopy.paused()
-        self._set_status(MigrationStatus.POSTCOPY_PAUSED)
-        if isinstance(exc, Exception):
-            raise MigrationPaused(
-                f"postcopy broke after the guest started here: {self.error_desc}"
-            ) from exc
-        raise exc
-
-    def pause(self) -> None:
-        """migrate-pause: shut the main stream down on purpose (as QEMU does); the
-        migration then pauses, ready for a recovery."""
-        status = self.status.value
-        if status not in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
-            raise ConfigError(
-                "migrate-pause needs postcopy-active or postcopy-recover; the incoming "
-                f"migration is {status.value}"
-            )
-        self._pause_requested = True
-        if self._stream is not None:
-            shutdown_stream(self._stream)
-
-    async def recovery_listener(self, uri: str) -> Listener:
-        """migrate-recover: listen on ``uri`` for the source's recovery connections, with
-        this migration's listen options (TLS)."""
-        return await listen(uri, **self._listen_options)
-
-    async def recover(self, stream: ByteStream, *, listener: Listener | None = None) -> None:
-        """Postcopy recovery over ``stream``, a new connection from the source (accepted
-        after migrate-recover; ``listener`` accepts its urgent channel). Completed on
-        return; MigrationPaused (back in postcopy-paused, ready for another) if the
-        handshake fails or the link breaks again.
-
-        The handshake (docs/postcopy.md, "Recovery"): the new channel continues the main
-        stream without a header; each RECV_BITMAP is answered with the block's received
-        bitmap, POSTCOPY_RESUME with RESUME_ACK(1) and the requests still waiting."""
-        postcopy, decoder = self._postcopy, self._decoder
-        status = self.status.value
-        if status is not MigrationStatus.POSTCOPY_PAUSED or postcopy is None or decoder is None:
-            raise ConfigError(
-                "postcopy recovery needs a paused postcopy (postcopy-paused); the incoming "
-                f"migration is {status.value}"
-            )
-        self._set_status(MigrationStatus.POSTCOPY_RECOVER)
-        self._stream = stream
-        try:
-            try:
-                channel = MigrationChannel(stream)
-                channel.receive_timeout = self.parameters.channel_timeout
-                set_channel_timeout(stream, self.parameters.channel_timeout)
-                return_path = self._return_path = ReturnPathWriter(channel.return_path())
-                decoder = self._decoder = decoder.successor()
-                async with open_nursery() as nursery:
-                    await self._recovery_handshake(decoder, channel, return_path)
-                    self.error_desc = ""  # recovered: the pause's reason is history
-                    self.recoveries += 1
-                    self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
-                    await postcopy.resume(nursery, channel, decoder, return_path, listener)
-                    await self._finish_postcopy(postcopy)
-                    await return_path.send(codec.encode_rp_shut(0))
-                    nursery.cancel_scope.cancel()
-            finally:
-                self.postcopy_stats = postcopy.statistics()
-                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                    await stream.aclose()
-        except BaseException as exc:
-            self._pause(exc)
-        self.end_ns = time.monotonic_ns()
-        self._set_status(MigrationStatus.COMPLETED)
-
-    async def _recovery_handshake(
-        self, decoder: codec.StreamDecoder, channel: MigrationChannel, return_path: ReturnPathWriter
-    ) -> None:
-        """Answer each RECV_BITMAP with the block's received bitmap, until POSTCOPY_RESUME."""
-        assert self._ram is not None
-        while True:
-            event = await next_event(decoder, channel)
-            if isinstance(event, codec.RecvBitmap):
-                bitmap = self._ram.received.block(event.block).to_le_bytes()
-                await return_path.send(codec.encode_rp_recv_bitmap(event.block, bitmap))
-            elif isinstance(event, codec.PostcopyResume):
-                trace("postcopy_recover_resume")
-                return
-            elif isinstance(event, codec.ChannelClosed):
-                raise TransportError("the source closed the new channel during the recovery")
-            else:
-                raise RemoteProtocolError(
-                    f"unexpected {type(event).__name__} in the postcopy recovery handshake"
-                )
-
-    def _guest_runs_here(self) -> bool:
-        """Postcopy ran the guest here: a failure now pauses, and sends no SHUT."""
-        return self._postcopy is not None and self._postcopy.state.state >= PostcopyState.RUNNING
-
-    async def _send_shut_failed(self) -> None:
-        """SHUT(1) on the return path, if one is open (QEMU's destination does the same on
-        a failed load), while the connection is still up."""
-        if self._return_path is None:
-            return
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            try:
-                await self._return_path.send(codec.encode_rp_shut(1))
-            except Exception:
-                log.debug("could not send SHUT(1)", exc_info=True)
-
-    async def _fail(self, exc: BaseException) -> None:
-        self.error_desc = str(exc) or type(exc).__name__
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            await self.aclose()
-        self._set_status(MigrationStatus.FAILED)
-
-    async def aclose(self) -> None:
-        """Stop the guest (if still ours) and free the blocks. Safe to call more than once."""
-        if self._lazy is not None:
-            self._lazy.close()
-        if self._postcopy is not None:
-            # Closing our uffd ends the registration: a guest blocked on a missing page
-            # (postcopy-paused) wakes and can be told to quit.
-            self._postcopy.close()
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            if self.guest is not None:
-                await self.guest.aclose()
-                self.guest = None
-        for block in self.blocks:
-            block.close()
-        self.blocks = []
 
     async def _load(
         self, channel: MigrationChannel, nursery: trio.Nursery, listener: Listener | None
@@ -600,11 +387,3 @@ class IncomingMigration(StatusHolder):
             return
         for block in self.blocks:
             await regions.register(block.name, block.fd, block.size, block.mapping.buffer)
-
-    async def _start_guest(self) -> None:
-        assert self.guest is not None and self._device_state is not None
-        await self.guest.attach(self.blocks, "incoming")
-        await self.guest.load_state(self._device_state)
-        await self.guest.cont()
-        if self._on_event:
-            self._on_event("RESUME", {})
