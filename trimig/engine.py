@@ -17,7 +17,7 @@ import trio
 
 from ._trio import open_nursery
 from .errors import ConfigError, MigrationPaused
-from .guest.host import GuestProcess
+from .guest.host import GuestProcess, close_guest
 from .loadvm.incoming import IncomingMigration
 from .migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from .objects import ObjectRegistry
@@ -97,21 +97,13 @@ class Engine:
     async def aclose(self) -> None:
         if self._migration_scope is not None:
             self._migration_scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            if self._prepared is not None:
-                guest, blocks = self._prepared
-                self._prepared = None
-                await guest.aclose()
-                for block in blocks:
-                    block.close()
-            if isinstance(self.migration, IncomingMigration):
+        if self._prepared is not None:
+            prepared, self._prepared = self._prepared, None
+            await close_guest(*prepared)
+        if isinstance(self.migration, IncomingMigration):
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self.migration.aclose()
-            if self.guest is not None:
-                await self.guest.aclose()
-                self.guest = None
-        for block in self.blocks:
-            block.close()
-        self.blocks = []
+        await self._close_guest()
         for channel in list(self._subscribers):
             channel.close()
 
@@ -343,14 +335,14 @@ class Engine:
 
     async def _release_departed_guest(self) -> None:
         """Close the process and free the RAM of a guest that runs elsewhere now."""
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            if self.guest is not None:
-                await self.guest.aclose()
-        self.guest = None
-        for block in self.blocks:
-            block.close()
-        self.blocks = []
+        await self._close_guest()
         self._run_state = "inmigrate"
+
+    async def _close_guest(self) -> None:
+        """Close the engine's own guest and free its blocks (close_guest)."""
+        guest, blocks = self.guest, self.blocks
+        self.guest, self.blocks = None, []
+        await close_guest(guest, blocks)
 
     async def _run_incoming(
         self,

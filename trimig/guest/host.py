@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import IO, Any
@@ -526,6 +526,21 @@ class GuestProcess:
         if not self._socket_closed:
             self._socket_closed = True
             self._sock.close()
+
+
+#: The longest the close of a guest may take (GuestProcess.aclose bounds each step).
+GUEST_CLOSE_TIMEOUT = 10.0
+
+
+async def close_guest(guest: GuestProcess | None, blocks: Iterable[MappedBlock]) -> None:
+    """Close ``guest``'s process, then free ``blocks``, the RAM it mapped: the one
+    sequence for the guest an engine, a migration or a departed guest leaves behind.
+    Shielded and bounded; the blocks are freed even if the close timed out."""
+    with trio.CancelScope(shield=True), trio.move_on_after(GUEST_CLOSE_TIMEOUT):
+        if guest is not None:
+            await guest.aclose()
+    for block in blocks:
+        block.close()
 
 
 async def _defer_while_progressing(

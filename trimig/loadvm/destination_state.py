@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from .. import codec
-from ..guest.host import GuestProcess
+from ..guest.host import GuestProcess, close_guest
 from ..migration import MigrationCapabilities, MigrationParameters, MigrationStatus
 from ..postcopy import PostcopyState
 from ..ram_blocks import RamBlock, RamBlockSpec, create_blocks
@@ -39,6 +39,8 @@ CLEANUP_TIMEOUT = 10.0
 
 class DestinationState(StatusHolder):
     """One incoming migration's state (see the module's docstring for the layers)."""
+
+    _direction = "incoming"
 
     def __init__(
         self,
@@ -128,13 +130,9 @@ class DestinationState(StatusHolder):
             # Closing our uffd ends the registration: a guest blocked on a missing page
             # (postcopy-paused) wakes and can be told to quit.
             self._postcopy.close()
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            if self.guest is not None:
-                await self.guest.aclose()
-                self.guest = None
-        for block in self.blocks:
-            block.close()
-        self.blocks = []
+        guest, blocks = self.guest, self.blocks
+        self.guest, self.blocks = None, []
+        await close_guest(guest, blocks)
 
     async def _start_guest(self) -> None:
         assert self.guest is not None and self._device_state is not None
