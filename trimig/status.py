@@ -16,7 +16,7 @@ from typing import Any
 
 from trio_util import AsyncValue
 
-from .errors import LocalProtocolError
+from .errors import ConfigError, LocalProtocolError
 from .migration import MigrationStatus as S
 from .trace import trace
 
@@ -35,6 +35,10 @@ FINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 GUEST_ON_DESTINATION = frozenset(
     {S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER}
 )
+
+#: Where migrate-pause may break a postcopy's channels (QEMU's migrate_pause): running,
+#: or in the middle of a recovery.
+PAUSABLE = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER})
 
 
 def _table(moves: dict[S, set[S]]) -> Table:
@@ -130,6 +134,8 @@ class StatusHolder:
 
     _status: StatusMachine
     _on_event: EventCallback | None
+    #: How messages name the migration of this side ("outgoing", "incoming").
+    _direction: str
 
     @property
     def status(self) -> AsyncValue[S]:
@@ -138,6 +144,15 @@ class StatusHolder:
 
     def _set_status(self, status: S) -> None:
         self._status.move(status)
+
+    def _require_pausable(self) -> None:
+        """migrate-pause's precondition on either side: ConfigError naming the status."""
+        status = self.status.value
+        if status not in PAUSABLE:
+            raise ConfigError(
+                "migrate-pause needs postcopy-active or postcopy-recover; the "
+                f"{self._direction} migration is {status.value}"
+            )
 
     def _status_changed(self, old: S, new: S) -> None:
         if self._on_event:

@@ -57,12 +57,7 @@ class PostcopyRecovery(DestinationState):
     def pause(self) -> None:
         """migrate-pause: shut the main stream down on purpose (as QEMU does); the
         migration then pauses, ready for a recovery."""
-        status = self.status.value
-        if status not in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
-            raise ConfigError(
-                "migrate-pause needs postcopy-active or postcopy-recover; the incoming "
-                f"migration is {status.value}"
-            )
+        self._require_pausable()
         self._pause_requested = True
         if self._stream is not None:
             shutdown_stream(self._stream)

@@ -119,12 +119,7 @@ class PostcopyRecovery(PostcopySwitch):
     def pause(self) -> None:
         """migrate-pause: break the channels of a running postcopy on purpose (QEMU shuts
         the socket down); the migration then pauses, ready for ``recover``."""
-        status = self.status.value
-        if status not in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
-            raise ConfigError(
-                "migrate-pause needs postcopy-active or postcopy-recover; the outgoing "
-                f"migration is {status.value}"
-            )
+        self._require_pausable()
         self._pause_requested = True
         for channel in (self._channel, self._urgent):
             if channel is not None:

@@ -53,6 +53,8 @@ CLEANUP_TIMEOUT = 10.0
 class SourceState(StatusHolder):
     """One outgoing migration's state (see the module's docstring for the layers)."""
 
+    _direction = "outgoing"
+
     #: The destination's messages on this connection: PONGs, SHUT, page requests (read
     #: in the nursery of run() or recover(), which make a new one for each connection).
     _return_path: SourceReturnPath
