@@ -89,6 +89,7 @@ async def migration_once(ram: int, tls, postcopy: bool) -> dict:  # type: ignore
     if postcopy:
         capabilities.set("postcopy-ram", True)
         capabilities.set("postcopy-preempt", True)
+    cpu = time.process_time()
     result = await migrate_locally(
         default_block_specs(ram),
         transport="tcp",
@@ -99,7 +100,7 @@ async def migration_once(ram: int, tls, postcopy: bool) -> dict:  # type: ignore
         tls=tls,
     )
     assert result.ok, result.to_json()
-    return result.source
+    return result.source | {"cpu": time.process_time() - cpu}
 
 
 def main() -> None:
@@ -136,9 +137,12 @@ def main() -> None:
                 total_ms = statistics.median(info["total-time"] for info in infos)
                 mbps = statistics.median(info["ram"]["mbps"] for info in infos)
                 downtime = statistics.median(info["downtime"] for info in infos)
+                cpu = statistics.median(info["cpu"] for info in infos)
+                sent = statistics.median(info["ram"]["transferred"] for info in infos) / 2**20
                 print(
                     f"{kind} {name:5}  total {total_ms:.0f} ms  {mbps:.0f} Mbit/s  "
-                    f"downtime {downtime:.0f} ms"
+                    f"downtime {downtime:.0f} ms  {sent:.0f} MiB sent, engines' CPU "
+                    f"{cpu:.2f} s ({sent / cpu:.0f} MiB per CPU second)"
                 )
 
 

@@ -11,7 +11,7 @@ from test_conformance import receive_all
 from transport_pairs import Setup, connected
 
 from trimig.errors import KernelError, LocalProtocolError
-from trimig.kernel.iov import IoVector, flatten, write_rows_at
+from trimig.kernel.iov import GatherCopy, IoVector, flatten, write_rows_at
 from trimig.transports import IOV_MAX, SocketStream
 
 PAGE = 4096
@@ -122,3 +122,26 @@ def test_write_rows_at_reports_kernel_errors() -> None:
         os.close(read_end)
     with pytest.raises(LocalProtocolError, match="uint8 rows"):
         write_rows_at(0, 0, np.zeros((2, 4), dtype=np.uint16))
+
+
+@pytest.mark.parametrize("size", [999, 4095, 1 << 16, 1 << 20])
+def test_gather_copy_fills_buffers_in_order(size: int) -> None:
+    memory = np.random.default_rng(5).integers(0, 256, 1 << 20, dtype=np.uint8)
+    vector, expected = scattered_vector(memory, seed=6)
+    gather = GatherCopy([b"head", vector, memoryview(b"tail")])
+    want = b"head" + expected + b"tail"
+    assert gather.remaining == len(want)
+    buffer = memoryview(bytearray(size))
+    got = bytearray()
+    while gather.remaining:
+        count = gather.copy_into(buffer)
+        assert count == min(size, len(want) - len(got))
+        got += buffer[:count]
+    assert got == want
+    assert gather.copy_into(buffer) == 0
+
+
+def test_gather_copy_of_unmapped_memory_is_a_kernel_error() -> None:
+    entries = np.array([[4096, PAGE]], dtype=np.uint64)  # address 4096: never mapped
+    with pytest.raises(KernelError, match="process_vm_readv"):
+        GatherCopy([IoVector(entries, ())]).copy_into(memoryview(bytearray(PAGE)))

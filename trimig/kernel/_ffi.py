@@ -1,5 +1,5 @@
 """cffi declarations (ABI mode, no compiler): userfaultfd and PAGEMAP_SCAN structs, libc calls
-(the memory calls, and writev/pwritev over ``struct iovec`` arrays).
+(the memory calls, and writev/pwritev/process_vm_readv over ``struct iovec`` arrays).
 
 The layouts follow ``include/uapi/linux/userfaultfd.h`` and ``include/uapi/linux/fs.h``
 of Linux 6.18. ioctl request numbers are computed from the struct sizes with the
@@ -99,6 +99,9 @@ ffi.cdef(
     struct iovec { void *iov_base; size_t iov_len; };
     ssize_t writev(int fd, const struct iovec *iov, int iovcnt);
     ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, long offset);
+    ssize_t process_vm_readv(int pid, const struct iovec *local_iov, unsigned long liovcnt,
+                             const struct iovec *remote_iov, unsigned long riovcnt,
+                             unsigned long flags);
     """
 )
 

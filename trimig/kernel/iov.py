@@ -267,6 +267,43 @@ class GatherWrite:
         return True
 
 
+class GatherCopy:
+    """The bytes of ``items`` copied, in order, into contiguous buffers: for a stream that
+    must see its bytes whole (TLS encrypts one buffer at a time), without a Python object
+    per entry. :meth:`copy_into` fills a buffer with the next bytes; one
+    ``process_vm_readv(2)`` on this process per IOV_MAX entries does the gather (the
+    kernel's copy; cffi releases the GIL). Items must stay unchanged until done.
+    """
+
+    __slots__ = ("_batches", "remaining")
+
+    def __init__(self, items: Sequence[GatherItem]) -> None:
+        self._batches = _Iovecs(items)
+        #: Bytes not copied yet.
+        self.remaining = int(self._batches.entries[:, 1].sum())
+
+    def copy_into(self, buffer: memoryview) -> int:
+        """Copy the next bytes into ``buffer`` (writable, contiguous) until it is full or
+        nothing is left; the count. Raises KernelError."""
+        view = memoryview(buffer).cast("B")
+        pin = ffi.from_buffer(view, require_writable=True)
+        local = ffi.new("struct iovec *")
+        batches = self._batches
+        filled = 0
+        pid = os.getpid()
+        while filled < view.nbytes and self.remaining:
+            local.iov_base = pin + filled
+            local.iov_len = view.nbytes - filled
+            count = min(len(batches) - batches.index, IOV_MAX)
+            copied = libc.process_vm_readv(pid, local, 1, batches.iovecs + batches.index, count, 0)
+            if copied <= 0:  # 0: an entry's memory is not mapped
+                raise KernelError("process_vm_readv (a gather copy)", ffi.errno or errno.EFAULT)
+            batches.advance(int(copied))
+            self.remaining -= int(copied)
+            filled += int(copied)
+        return filled
+
+
 def write_rows_at(fd: int, offset: int, rows: np.ndarray) -> None:
     """Write the rows of a 2-D uint8 array (each row contiguous) back to back into the file
     ``fd`` at ``offset``, with pwritev: one call per IOV_MAX rows, no Python object per row.

@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from trimig.errors import ConfigError, TransportError
-from trimig.kernel.iov import GatherItem, flatten
+from trimig.kernel.iov import GatherCopy, GatherItem, IoVector
 from trimig.transports.base import (
     ByteStream,
     Listener,
@@ -49,7 +49,7 @@ from trimig.transports.base import (
     RegionRegistry,
     set_channel_timeout,
 )
-from trimig.transports.tls_session import RECORD, TlsSession
+from trimig.transports.tls_session import RECORD, WRITE_CHUNK, TlsSession
 from trimig.transports.uri import Address, TcpAddress
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -286,6 +286,7 @@ class TlsStream:
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._raw = bytearray(RAW_RECEIVE)
+        self._staging: memoryview | None = None  # pages gathered for encryption
         self._held = b""  # plaintext received while waiting for a session ticket
         self._eof_sent = False
         self._closed = False
@@ -319,13 +320,25 @@ class TlsStream:
             raise TransportError(f"sending on TLS to {self._peer} after send_eof()")
         async with self._send_lock:
             try:
-                pieces = self._session.encrypt(flatten(buffers))
-                if not pieces:
-                    await trio.lowlevel.checkpoint()
-                for piece in pieces:
-                    await self._inner.send_buffers([piece])
+                if not any(isinstance(item, IoVector) for item in buffers):
+                    await self._send_pieces(self._session.encrypt(buffers))  # type: ignore[arg-type]
+                    return
+                # Pages as iovec arrays: gathered by the kernel into one buffer at a time
+                # (a memoryview per page costs about twice as much).
+                gather = GatherCopy(buffers)
+                if self._staging is None:
+                    self._staging = memoryview(bytearray(WRITE_CHUNK))
+                while gather.remaining:
+                    count = gather.copy_into(self._staging)
+                    await self._send_pieces(self._session.encrypt([self._staging[:count]]))
             except (TransportError, ssl.SSLError) as error:
                 raise self._failure("sending", error) from error
+
+    async def _send_pieces(self, pieces: list[bytes]) -> None:
+        if not pieces:
+            await trio.lowlevel.checkpoint()
+        for piece in pieces:
+            await self._inner.send_buffers([piece])
 
     async def receive_into(self, buffer: memoryview) -> int:
         view = memoryview(buffer).cast("B")
@@ -339,7 +352,7 @@ class TlsStream:
                 await trio.lowlevel.checkpoint()
                 return count
             try:
-                count = await self._receive(view)
+                count = await self._receive(view) or 0  # (never None without ``until``)
             except (TransportError, ssl.SSLError) as error:
                 raise self._failure("receiving", error) from error
         if count == 0 and not self._accepted:
@@ -350,12 +363,17 @@ class TlsStream:
         self._accepted = True
         return count
 
-    async def _receive(self, view: memoryview) -> int:
-        """Plaintext into ``view`` (0 at the end), receiving ciphertext as needed."""
+    async def _receive(
+        self, view: memoryview, *, until: Callable[[], bool] | None = None
+    ) -> int | None:
+        """Plaintext into ``view`` (0 at the end), receiving ciphertext as needed; None
+        if ``until()`` becomes true first (checked after each receive: a session ticket)."""
         session = self._session
         received_any = False
         while True:
             count = session.read_into(view)
+            if count is None and until is not None and until():
+                return None
             if (
                 session.output_pending
                 and not session.ended  # (its alert about the end is not sent)
@@ -383,7 +401,7 @@ class TlsStream:
             while not session.has_ticket():
                 buffer = memoryview(bytearray(RECORD))
                 try:
-                    count = await self._receive(buffer)
+                    count = await self._receive(buffer, until=session.has_ticket)
                 except (TransportError, ssl.SSLError) as error:
                     reason = describe_failure(error, self._peer, handshake=False)
                     if not isinstance(error, ssl.SSLError):  # no alert: guess
@@ -391,6 +409,8 @@ class TlsStream:
                     raise TlsError(
                         f"TLS with {self._peer} failed right after the handshake: {reason}"
                     ) from error
+                if count is None:
+                    break
                 if count == 0:
                     raise TlsError(
                         f"{self._peer} ended the TLS session right after the handshake: it "
