@@ -16,6 +16,7 @@ from trimig.errors import ConfigError, TransportError
 from trimig.threads import stream_fd
 from trimig.transports import ByteStream, connect, listen
 from trimig.transports.tls import (
+    TLS_ACCEPT_TIMEOUT,
     AuthzList,
     AuthzRule,
     TlsCredentials,
@@ -77,6 +78,14 @@ async def test_a_session_moves_bytes_and_offers_no_fd(good: str) -> None:
         assert await destination.receive_into(memoryview(data)) >= 1
         assert stream_fd(source) is None and stream_fd(destination) is None
         assert destination.peer_subject.startswith(f"CN={CLIENT_NAME}")
+
+
+async def test_the_source_calls_the_channel_up_once_the_ticket_arrives(good: str) -> None:
+    """A TLS 1.3 source waits for the destination's session ticket (its sign that the
+    allow-list let it in): on arrival, not for the whole TLS_ACCEPT_TIMEOUT."""
+    start = trio.current_time()
+    async with attempt(TlsSettings(creds(good, "client")), TlsSettings(creds(good, "server"))):
+        assert trio.current_time() - start < TLS_ACCEPT_TIMEOUT
 
 
 async def test_foreign_ca_is_refused(tmp_path: object, good: str) -> None:
