@@ -209,12 +209,17 @@ class SourceReturnPath:
                 f"the destination shut the migration early (SHUT status {self.shut_status})"
             )
 
-    async def wait_for_shut(self) -> None:
-        """Wait for the destination's SHUT(0), which confirms it loaded the stream."""
-        with trio.move_on_after(SHUT_TIMEOUT) as scope:
+    async def wait_for_shut(self, channel_timeout: float | None = None) -> None:
+        """Wait for the destination's SHUT(0), which confirms it loaded the stream: at
+        most SHUT_TIMEOUT, or ``channel_timeout`` (x-channel-timeout) when given. After
+        the postcopy switch the source has nothing left to send by then, so no send can
+        notice a dead peer: this bound is what pauses it."""
+        timeout = channel_timeout if channel_timeout is not None else SHUT_TIMEOUT
+        with trio.move_on_after(timeout) as scope:
             await self._shut.wait()
         if scope.cancelled_caught:
-            raise TransportError(f"destination did not confirm within {SHUT_TIMEOUT:.0f} s")
+            bound = " (x-channel-timeout)" if channel_timeout is not None else ""
+            raise TransportError(f"destination did not confirm within {timeout:g} s{bound}")
         if self.error is not None:
             raise self.error
 

@@ -117,7 +117,9 @@ class PostcopySwitch(SourceState):
         channel.put(codec.encode_eof())
         await channel.flush()
         self.stats.remaining = 0
-        await self._return_path.wait_for_shut()
+        # Nothing is left to send: a silent destination pauses us within x-channel-timeout
+        # (its SHUT comes as soon as it has read both channels to their ends).
+        await self._return_path.wait_for_shut(self.parameters.channel_timeout)
         self.stats.postcopy_bytes += self._bytes_moved() - postcopy_start
         self.stats.transferred = self._bytes_moved()
 
