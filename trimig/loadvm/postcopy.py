@@ -22,6 +22,7 @@ which also wakes the faulting guest thread.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -117,6 +118,9 @@ class PostcopyIncoming:
         self._urgent_decoder: codec.RamChannelDecoder | None = None
         #: x-channel-timeout of the main stream's reader (seconds, None: no bound).
         self.channel_timeout: float | None = None
+        #: ``finish`` placed every page and closed the uffd: the guest has all its memory
+        #: here. A pause after that (the SHUT did not get out) only waits for the end.
+        self.finished = False
 
     # -- commands before LISTEN ---------------------------------------------------------
 
@@ -246,6 +250,34 @@ class PostcopyIncoming:
             self._start_helper(self._accept_urgent_channel, listener)
         await self._serve(channel, decoder)
 
+    async def read_the_end(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
+        """Recovery after ``finish`` (the pause came while the SHUT went out): the source,
+        told that every page is here, sends only the end of the stream; read up to it."""
+
+        def step(event: object) -> End | None:
+            if isinstance(event, codec.EndOfStream):
+                return END
+            if not isinstance(event, _STRUCTURAL):
+                raise RemoteProtocolError(
+                    f"unexpected {type(event).__name__} after every page was placed"
+                )
+            return None
+
+        await decode(decoder, channel, step)
+
+    async def drain_urgent(self, listener: Listener) -> None:
+        """With ``read_the_end``: take the source's new urgent connection and read it to
+        its end (it carries no page: the source has none left to send)."""
+        stream = await listener.accept()
+        try:
+            buffer = memoryview(bytearray(1 << 16))
+            with contextlib.suppress(TransportError):  # only the main stream's end counts
+                while await stream.receive_into(buffer):
+                    pass
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await stream.aclose()
+
     async def _attach_guest(self, registered: list[tuple[Userfaultfd, list[int]]]) -> None:
         """Attach the guest's blocks for postcopy and take its MISSING userfaultfd."""
         await self.guest.attach(self.blocks, "postcopy")
@@ -300,6 +332,7 @@ class PostcopyIncoming:
                 f"first {missing[0].block}+{missing[0].start:#x}"
             )
         self.close()  # closing our uffd ends the registration (the guest closed its copy)
+        self.finished = True
         await self.guest.unregister_missing()
         await self.guest.notify("postcopy-end")
 

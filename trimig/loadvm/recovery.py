@@ -25,6 +25,7 @@ from ..migration import MigrationStatus
 from ..trace import trace
 from ..transports import ByteStream, Listener, listen, set_channel_timeout, shutdown_stream
 from .destination_state import CLEANUP_TIMEOUT, DestinationState
+from .postcopy import PostcopyIncoming
 from .reader import ReturnPathWriter
 
 log = logging.getLogger("trimig.loadvm")
@@ -112,12 +113,20 @@ class PostcopyRecovery(DestinationState):
                 return_path = self._return_path = ReturnPathWriter(channel.return_path())
                 decoder = self._decoder = decoder.successor()
                 async with open_nursery() as nursery:
-                    await self._recovery_handshake(decoder, channel, return_path)
+                    await self._recovery_handshake(decoder, channel, return_path, postcopy)
                     self.error_desc = ""  # recovered: the pause's reason is history
                     self.recoveries += 1
                     self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
-                    await postcopy.resume(nursery, channel, decoder, return_path, listener)
-                    await self._finish_postcopy(postcopy)
+                    if postcopy.finished:
+                        # Paused after every page was placed, the SHUT lost: only the
+                        # stream's end (and, with preempt, the urgent channel's) is left.
+                        await return_path.send(codec.encode_rp_resume_ack())
+                        if listener is not None:
+                            nursery.start_soon(postcopy.drain_urgent, listener)
+                        await postcopy.read_the_end(channel, decoder)
+                    else:
+                        await postcopy.resume(nursery, channel, decoder, return_path, listener)
+                        await self._finish_postcopy(postcopy)
                     await return_path.send(codec.encode_rp_shut(0))
                     nursery.cancel_scope.cancel()
             finally:
@@ -130,14 +139,23 @@ class PostcopyRecovery(DestinationState):
         self._set_status(MigrationStatus.COMPLETED)
 
     async def _recovery_handshake(
-        self, decoder: codec.StreamDecoder, channel: MigrationChannel, return_path: ReturnPathWriter
+        self,
+        decoder: codec.StreamDecoder,
+        channel: MigrationChannel,
+        return_path: ReturnPathWriter,
+        postcopy: PostcopyIncoming,
     ) -> None:
-        """Answer each RECV_BITMAP with the block's received bitmap, until POSTCOPY_RESUME."""
+        """Answer each RECV_BITMAP with the block's received bitmap (every page, once
+        ``postcopy.finished``), until POSTCOPY_RESUME."""
         assert self._ram is not None
         while True:
             event = await next_event(decoder, channel)
             if isinstance(event, codec.RecvBitmap):
-                bitmap = self._ram.received.block(event.block).to_le_bytes()
+                received = self._ram.received.block(event.block)
+                if postcopy.finished:  # zero holes never placed are here too
+                    received = received.copy()
+                    received.fill(True)
+                bitmap = received.to_le_bytes()
                 await return_path.send(codec.encode_rp_recv_bitmap(event.block, bitmap))
             elif isinstance(event, codec.PostcopyResume):
                 trace("postcopy_recover_resume")
