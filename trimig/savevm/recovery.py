@@ -43,7 +43,7 @@ from ..trace import trace
 from ..transports import shutdown_stream
 from .postcopy import UrgentSender
 from .ram_saver import RamSaver
-from .return_path import SHUT_TIMEOUT, SourceReturnPath
+from .return_path import SourceReturnPath, answer_timeout
 from .source_state import CLEANUP_TIMEOUT
 from .switch import PostcopySwitch
 
@@ -180,7 +180,7 @@ class PostcopyRecovery(PostcopySwitch):
                 self._work = trio.CancelScope()
                 # The destination may take its x-channel-timeout to notice the break first.
                 channel_timeout = self.parameters.channel_timeout
-                timeout = 2 * channel_timeout + 5 if channel_timeout else SHUT_TIMEOUT
+                timeout = answer_timeout(channel_timeout)
                 self._handshake = ResumeHandshake(self.blocks, timeout=timeout)
                 async with open_nursery() as nursery:
                     await nursery.start(self._return_path.read, channel)

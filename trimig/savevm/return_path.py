@@ -35,6 +35,18 @@ from .postcopy import RequestServed
 
 #: How long to wait for the destination's SHUT, or for the PONG of a barrier PING.
 SHUT_TIMEOUT = 30.0
+#: After the postcopy switch, how long past twice x-channel-timeout the destination may
+#: take to answer (SHUT, the recovery handshake): it may first spend its own
+#: x-channel-timeout noticing a break, and it does work (the end's guest calls) first.
+ANSWER_MARGIN = 5.0
+
+
+def answer_timeout(channel_timeout: float | None) -> float:
+    """How long the source waits for an answer of the destination after the switch:
+    bounded by x-channel-timeout (``2 * timeout + ANSWER_MARGIN``), SHUT_TIMEOUT without one."""
+    return 2 * channel_timeout + ANSWER_MARGIN if channel_timeout else SHUT_TIMEOUT
+
+
 #: After a send fails, how long to wait for the destination's SHUT that may explain it.
 VERDICT_TIMEOUT = 2.0
 
@@ -209,17 +221,14 @@ class SourceReturnPath:
                 f"the destination shut the migration early (SHUT status {self.shut_status})"
             )
 
-    async def wait_for_shut(self, channel_timeout: float | None = None) -> None:
-        """Wait for the destination's SHUT(0), which confirms it loaded the stream: at
-        most SHUT_TIMEOUT, or ``channel_timeout`` (x-channel-timeout) when given. After
-        the postcopy switch the source has nothing left to send by then, so no send can
-        notice a dead peer: this bound is what pauses it."""
-        timeout = channel_timeout if channel_timeout is not None else SHUT_TIMEOUT
+    async def wait_for_shut(self, timeout: float = SHUT_TIMEOUT, *, why: str = "") -> None:
+        """Wait for the destination's SHUT(0), which confirms it loaded the stream, at most
+        ``timeout`` (``why`` names where that bound comes from)."""
         with trio.move_on_after(timeout) as scope:
             await self._shut.wait()
         if scope.cancelled_caught:
-            bound = " (x-channel-timeout)" if channel_timeout is not None else ""
-            raise TransportError(f"destination did not confirm within {timeout:g} s{bound}")
+            because = f" ({why})" if why else ""
+            raise TransportError(f"destination did not confirm within {timeout:g} s{because}")
         if self.error is not None:
             raise self.error
 

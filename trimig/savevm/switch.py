@@ -19,6 +19,7 @@ from ..migration import MigrationStatus
 from ..trace import trace
 from .postcopy import UrgentSender, discard_commands, package, send_background
 from .ram_saver import DirtyLog, RamSaver
+from .return_path import SHUT_TIMEOUT, answer_timeout
 from .source_state import (
     FLUSH_BYTES,
     GUEST_SECTION_ID,
@@ -117,9 +118,11 @@ class PostcopySwitch(SourceState):
         channel.put(codec.encode_eof())
         await channel.flush()
         self.stats.remaining = 0
-        # Nothing is left to send: a silent destination pauses us within x-channel-timeout
-        # (its SHUT comes as soon as it has read both channels to their ends).
-        await self._return_path.wait_for_shut(self.parameters.channel_timeout)
+        # Nothing is left to send, so no send notices a silent destination: the wait for
+        # its SHUT is what pauses us, bounded by x-channel-timeout (answer_timeout).
+        timeout = self.parameters.channel_timeout
+        bound = min(answer_timeout(timeout), max(SHUT_TIMEOUT, timeout or 0))
+        await self._return_path.wait_for_shut(bound, why="x-channel-timeout" if timeout else "")
         self.stats.postcopy_bytes += self._bytes_moved() - postcopy_start
         self.stats.transferred = self._bytes_moved()
 
