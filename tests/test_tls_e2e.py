@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
+import subprocess
 import tempfile
 import time
 from typing import Any
 
 import trustme
 from adversarial_harness import _connect, _Engine, _until_done
+from precopy_harness import TRIMIG, one_json_object, run_trimig
 from qemu.qmp import QMPClient
 from tls_certs import CLIENT_NAME, write_creds
 
@@ -186,3 +189,53 @@ async def run_scenario(directory: str) -> None:
 def test_tls_between_two_engines_through_qmp() -> None:
     with tempfile.TemporaryDirectory(prefix="tmtls") as directory:
         asyncio.run(run_scenario(directory))
+
+
+def _incoming(*options: str) -> tuple[subprocess.Popen[str], str]:
+    """``trimig incoming tcp:127.0.0.1:0 OPTIONS`` as a process, and the URI it listens on."""
+    process = subprocess.Popen(
+        [*TRIMIG, "incoming", "tcp:127.0.0.1:0", "--json", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    ready, _, _ = select.select([process.stderr], [], [], 30)
+    assert ready, "trimig incoming said nothing"
+    line = process.stderr.readline().strip()
+    assert line.startswith("trimig: listening on "), line
+    return process, line.rpartition(" ")[2]
+
+
+def test_the_cli_migrates_with_tls_creds_and_names_a_refusal() -> None:
+    """``trimig incoming`` / ``trimig migrate`` with --tls-creds: a source whose certificate
+    a foreign CA signed is refused, each side naming why; then a good one completes."""
+    guest = ("--ram", "16M", "--dirty-rate", "16M")
+    with tempfile.TemporaryDirectory(prefix="tmtls") as directory:
+        good = write_creds(f"{directory}/good", trustme.CA())
+        foreign = write_creds(f"{directory}/foreign", trustme.CA())
+        for creds, ok in ((foreign, False), (good, True)):
+            incoming, uri = _incoming(*guest, "--tls-creds", good)
+            try:
+                migrate = run_trimig(
+                    "migrate", uri, "--json", "--warmup", "0.1", *guest, "--tls-creds", creds
+                )
+                out, err = incoming.communicate(timeout=30)
+            finally:
+                if incoming.poll() is None:
+                    incoming.kill()
+                incoming.communicate()
+            source = one_json_object(migrate.stdout)
+            destination = one_json_object(out)
+            if ok:
+                assert migrate.returncode == 0, migrate.stderr
+                assert incoming.returncode == 0, err
+                assert destination["verified"] is True, destination
+                continue
+            assert migrate.returncode != 0 and incoming.returncode != 0
+            assert "not signed by our CA (a foreign CA" in source["error-desc"], source
+            assert "not signed by our CA (a foreign CA" in migrate.stderr
+            assert (
+                "the source refused our certificate: it is not signed by a CA it trusts"
+                in (destination["error-desc"])
+            ), destination
