@@ -4,8 +4,8 @@ Run: python bench/tls.py [--stream-mib 512] [--ram 256M] [--repeats 3] [--postco
 [--stream-only]
 
 * stream: ``--stream-mib`` MiB of 4 KiB page views sent with send_buffers over tcp
-  loopback and read back with receive_into, plaintext and TLS (trio SSLStream, stdlib
-  ssl, trustme certificates) alternately, ``--repeats`` times each;
+  loopback and read back with receive_into, plaintext and TLS (stdlib ssl's SSLObject,
+  trustme certificates) alternately, ``--repeats`` times each;
 * migration: a precopy of a ``--ram`` built-in guest dirtying 64 MiB/s over tcp, plaintext
   and TLS alternately (and postcopy with preempt with ``--postcopy``), total time and
   throughput.
