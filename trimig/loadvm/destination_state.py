@@ -136,7 +136,11 @@ class DestinationState(StatusHolder):
 
     async def _start_guest(self) -> None:
         assert self.guest is not None and self._device_state is not None
-        await self.guest.attach(self.blocks, "incoming")
+        if self._postcopy is not None:
+            # Postcopy was advised, so the guest attached for it (PostcopyIncoming.advise).
+            await self._postcopy.release_guest()
+        else:
+            await self.guest.attach(self.blocks, "incoming")
         await self.guest.load_state(self._device_state)
         await self.guest.cont()
         if self._on_event:

@@ -1,8 +1,11 @@
 """The destination's postcopy: from ADVISE to the end of the stream.
 
-At LISTEN the guest process attaches its blocks, registers them with its own
-userfaultfd in MISSING mode and hands the uffd over. Three tasks then run in the
-incoming migration's nursery:
+At ADVISE the guest process attaches its blocks (role ``postcopy``), registers them
+with its own userfaultfd in MISSING mode and hands the uffd over, while precopy goes
+on: the switch then costs the guest no round trip for it (QEMU's destination VM has
+its RAM mapped from the start too). A precopy that completes without switching ends
+that registration before the guest loads its state (``release_guest``). From LISTEN
+three tasks run in the incoming migration's nursery:
 
 * the fault handler, which turns guest faults into page requests on the return path;
 * the main listener, which reads the rest of the main stream and places its pages;
@@ -98,6 +101,9 @@ class PostcopyIncoming:
         self.placer: PagePlacer | None = None
         self.faults: FaultHandler | None = None
         self._uffd: Userfaultfd | None = None
+        #: The guest's mapping addresses, once it attached and registered (at ADVISE).
+        self._guest_addresses: list[int] | None = None
+        self._guest_prepared = trio.Event()
         self._zero_holes: dict[str, np.ndarray] = {}
         self._listening = trio.Event()
         self._running = trio.Event()
@@ -142,6 +148,7 @@ class PostcopyIncoming:
             )
         check_postcopy_support(self.blocks, probe())
         await self._nursery.start(self._supervise_helpers)
+        self._start_helper(self._prepare_guest)
         if self._listener is not None:
             self._start_helper(self._accept_urgent_channel, self._listener)
 
@@ -155,25 +162,15 @@ class PostcopyIncoming:
     # -- LISTEN and RUN -----------------------------------------------------------------
 
     async def listen(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
-        """POSTCOPY_LISTEN: attach the guest under userfaultfd and start the postcopy tasks.
-
-        From here on the main listener owns ``channel`` and ``decoder``.
-        """
+        """POSTCOPY_LISTEN: start the postcopy tasks on the guest's userfaultfd (taken at
+        ADVISE, ``_prepare_guest``). From here on the main listener owns ``channel`` and
+        ``decoder``."""
         self.state.on_listen()
         trace("postcopy_listen")
-        registered: list[tuple[Userfaultfd, list[int]]] = []
-        try:
-            async with open_nursery() as nursery:
-                # The guest attaches and registers while the zero holes are worked out (a
-                # millisecond or more of the switch-over's downtime each).
-                nursery.start_soon(self._attach_guest, registered)
-                await trio.lowlevel.checkpoint()
-                self._zero_holes = self.ram.take_zero_holes()
-        except BaseException:
-            for uffd, _ in registered:
-                uffd.close()
-            raise
-        self._uffd, addresses = registered[0]
+        await self._guest_prepared.wait()  # at once, but for a precopy of a few ms
+        assert self._uffd is not None and self._guest_addresses is not None
+        addresses = self._guest_addresses
+        self._zero_holes = self.ram.take_zero_holes()
         guest_blocks = [
             GuestRamBlock(block.name, address, block.size, block.page_size, block.fd)
             for block, address in zip(self.blocks, addresses, strict=True)
@@ -278,19 +275,34 @@ class PostcopyIncoming:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await stream.aclose()
 
-    async def _attach_guest(self, registered: list[tuple[Userfaultfd, list[int]]]) -> None:
-        """Attach the guest's blocks for postcopy and take its MISSING userfaultfd."""
+    async def _prepare_guest(self) -> None:
+        """At ADVISE (a helper): attach the guest's blocks for postcopy, take its MISSING
+        userfaultfd and tell it postcopy-start, so that LISTEN and RUN find it ready. The
+        guest touches no memory until it runs; precopy pages go on arriving in the memfds
+        meanwhile (and it runs here only after RUN, so it gives no RAM back early)."""
         await self.guest.attach(self.blocks, "postcopy")
         trace("postcopy_guest_attached")
-        registered.append(await self.guest.register_missing())
+        uffd, addresses = await self.guest.register_missing()
+        self._uffd, self._guest_addresses = uffd, addresses
         trace("postcopy_guest_registered")
+        await self.guest.notify("postcopy-start")
+        self._guest_prepared.set()
+
+    async def release_guest(self) -> None:
+        """Precopy completed after ADVISE without a switch: end the registration (close
+        our uffd: the guest holds no copy) and tell the guest. Its memory is complete; it
+        stays attached (role ``postcopy``) and loads its state next."""
+        await self._guest_prepared.wait()
+        self._helpers_scope.cancel()
+        await self._helpers_done.wait()
+        self.close()
+        await self.guest.unregister_missing()
+        await self.guest.notify("postcopy-end")
 
     async def run_guest(self) -> None:
         """POSTCOPY_RUN: the guest runs here from now on, faulting in what is missing."""
         self.state.on_run()
         trace("postcopy_run")
-        await self.guest.notify("postcopy-start")
-        trace("postcopy_guest_notified")
         await self.guest.cont()
         self._running.set()
 
