@@ -12,6 +12,11 @@ stdin, answering ``ok COMMAND`` once done:
   connecting side sends: the migration stream) or the other (the return path) goes silent.
 * ``reset``: every connection is reset (RST to both peers), and connections accepted
   while down are reset at once.
+* ``hole CHANNEL`` / ``reset CHANNEL``: only one channel of the current migration goes
+  silent or is reset: ``main`` (both directions of its first connection), ``stream`` or
+  ``return`` (one direction of it: the migration stream, the return path) or ``preempt``
+  (its second connection, the urgent pages). The current migration's connections are
+  those accepted since the last ``up`` (a recovery connects anew), in order.
 * ``up``: new connections are forwarded again (the old ones stay as they were: dead).
 * ``target URI``: forward new connections to URI (a destination listening anew).
 * ``count``: answers ``ok count N`` with the number of connections accepted so far.
@@ -43,6 +48,8 @@ class _Connection:
         #: Per direction (0: client -> server, 1: server -> client): forwarding stopped.
         self.silent = [False, False]
         self.scope = trio.CancelScope()
+        #: The proxy's generation when accepted (``up`` starts a new one).
+        self.generation = 0
 
     def reset(self) -> None:
         self.scope.cancel()
@@ -61,6 +68,7 @@ class _Proxy:
         self.pending: list[_Connection] = []
         self._nursery: trio.Nursery | None = None
         self.accepted = 0
+        self.generation = 0
 
     async def _connect_target(self) -> trio.socket.SocketType:
         if self.target.startswith("unix:"):
@@ -80,6 +88,7 @@ class _Proxy:
                 client, _ = await listener.accept()
                 self.accepted += 1
                 connection = _Connection(client)
+                connection.generation = self.generation
                 if self.state == "reset":
                     connection.reset()
                     continue
@@ -131,9 +140,31 @@ class _Proxy:
                 await trio.sleep_forever()  # the network is down: no reset gets through
             connection.reset()
 
+    def _channel(self, name: str) -> tuple[_Connection, tuple[int, ...]]:
+        """The connection and directions of channel ``name`` of the current migration."""
+        current = [c for c in self.connections if c.generation == self.generation]
+        index = 1 if name == "preempt" else 0
+        if len(current) <= index:
+            raise LookupError(f"no {name} connection (the current migration has {len(current)})")
+        directions = {"stream": (0,), "return": (1,)}.get(name, (0, 1))
+        return current[index], directions
+
     def command(self, line: str) -> str:
         if line == "count":
             return f"count {self.accepted}"
+        how, _, channel = line.partition(" ")
+        if how in ("hole", "reset") and channel:
+            try:
+                connection, directions = self._channel(channel)
+            except LookupError as error:
+                return f"error: {error}"
+            if how == "reset":
+                connection.reset()
+                self.connections.remove(connection)
+            else:
+                for direction in directions:
+                    connection.silent[direction] = True
+            return line
         if line in ("hole", "hole-up", "hole-down"):
             directions = {"hole": (0, 1), "hole-up": (0,), "hole-down": (1,)}[line]
             for connection in self.connections:
@@ -148,6 +179,9 @@ class _Proxy:
             self.state = "reset"
         elif line == "up":
             self.state = "up"
+            self.generation += 1
+            for connection in self.pending:
+                connection.generation = self.generation
             assert self._nursery is not None
             for connection in self.pending:
                 self._nursery.start_soon(self._forward_connection, connection)
@@ -155,7 +189,7 @@ class _Proxy:
         elif line.startswith("target "):
             self.target = line.split(None, 1)[1]
         else:
-            return f"unknown command {line!r}"
+            return f"error: unknown command {line!r}"
         return line
 
 
@@ -187,7 +221,8 @@ async def _main(listen: str, target: str) -> None:
             buffered += data
             while b"\n" in buffered:
                 line, buffered = buffered.split(b"\n", 1)
-                print(f"ok {proxy.command(line.decode().strip())}", flush=True)
+                answer = proxy.command(line.decode().strip())
+                print(answer if answer.startswith("error: ") else f"ok {answer}", flush=True)
         nursery.cancel_scope.cancel()
 
 

@@ -29,6 +29,8 @@ PAUSE_BOUND = CHANNEL_TIMEOUT_MS / 1000 + 20.0
 DEADLINE = 240.0
 #: How a cut is made: the proxy goes silent, resets, or migrate-pause on either side.
 CUTS = ("hole", "reset", "pause-source", "pause-destination")
+#: One channel only (tests/cutting_proxy.py): the main connection, or the preempt one.
+CHANNEL_CUTS = ("hole main", "reset main", "hole preempt", "reset preempt")
 
 
 @attrs.frozen
@@ -53,6 +55,8 @@ class RecoveryPlan:
     #: Recover with the CLI (trimig recover / trimig migrate --qmp --resume / trimig
     #: info verify) instead of QMP commands.
     via_cli: bool = False
+    #: Every channel over TLS (tls-creds-x509 objects on both engines, as in QEMU).
+    tls: bool = False
 
     @classmethod
     def random(cls, seed: int, *, cuts: int | None = None) -> RecoveryPlan:
@@ -179,7 +183,7 @@ async def _cut(
     """Cut; False if the migration completed before (nothing to cut)."""
     if await _status(s) == "completed":
         return False
-    if how in ("hole", "reset"):
+    if how.split()[0] in ("hole", "reset"):
         proxy.send(how)
         return True
     client = s if how == "pause-source" else d
@@ -194,6 +198,26 @@ async def _cut(
         raise
     proxy.send("reset")  # the other side's connection goes too, as when a network dies
     return True
+
+
+async def _tls_creds(s: QMPClient, d: QMPClient, directory: str) -> None:
+    """Both engines use TLS on every channel (certificates for 127.0.0.1 and localhost)."""
+    import trustme
+    from tls_certs import write_creds
+
+    creds = write_creds(f"{directory}/tls", trustme.CA())
+    for client, endpoint in ((d, "server"), (s, "client")):
+        await client.execute(
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": "tls0",
+                "dir": creds,
+                "endpoint": endpoint,
+                "verify-peer": True,
+            },
+        )
+        await client.execute("migrate-set-parameters", {"tls-creds": "tls0"})
 
 
 async def _run(plan: RecoveryPlan, directory: str) -> RecoveryResult:
@@ -217,6 +241,8 @@ async def _run(plan: RecoveryPlan, directory: str) -> RecoveryResult:
             {"capability": "postcopy-ram", "state": True},
             {"capability": "postcopy-preempt", "state": plan.preempt},
         ]
+        if plan.tls:
+            await _tls_creds(s, d, directory)
         for client in (d, s):
             await client.execute("migrate-set-capabilities", {"capabilities": caps})
             await client.execute(

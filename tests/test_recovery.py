@@ -41,6 +41,21 @@ PLANS = {
         huge="4M",
         cuts=((0.2, "pause-source"), (0.2, "pause-destination"), (0.2, "hole")),
     ),
+    # One channel at a time (tests/cutting_proxy.py): the main connection goes silent,
+    # then the preempt one is reset (the source notices at once: watch_urgent).
+    "unix-preempt-channels": RecoveryPlan(
+        seed=16, preempt=True, transport="unix", cuts=((0.3, "hole main"), (0.2, "reset preempt"))
+    ),
+    # TLS on every channel (tls-creds-x509 on both engines): the preempt connection is
+    # reset, the main one goes silent, migrate-pause on the source (a TLS stream's
+    # shutdown), each recovered over new TLS connections.
+    "tcp-tls-channels": RecoveryPlan(
+        seed=17,
+        preempt=True,
+        transport="tcp",
+        tls=True,
+        cuts=((0.3, "reset preempt"), (0.2, "hole main"), (0.2, "pause-source")),
+    ),
     # x-postcopy-auto-recover: no recovery command at all; the network goes silent for a
     # while, then resets, and the engines re-establish the channels themselves.
     "tcp-preempt-auto": RecoveryPlan(

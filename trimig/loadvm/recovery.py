@@ -24,6 +24,7 @@ from ..loops import next_event
 from ..migration import MigrationStatus
 from ..trace import trace
 from ..transports import ByteStream, Listener, listen, set_channel_timeout, shutdown_stream
+from ..transports.base import Address, ListenerBase
 from .destination_state import CLEANUP_TIMEOUT, DestinationState
 from .postcopy import PostcopyIncoming
 from .reader import ReturnPathWriter
@@ -113,6 +114,11 @@ class PostcopyRecovery(DestinationState):
                 return_path = self._return_path = ReturnPathWriter(channel.return_path())
                 decoder = self._decoder = decoder.successor()
                 async with open_nursery() as nursery:
+                    if listener is not None:
+                        # The source connects the urgent channel during the handshake
+                        # (QEMU's order), and over TLS that connect waits for our accept.
+                        listener = early = EarlyAccept(listener)
+                        nursery.start_soon(early.run)
                     await self._recovery_handshake(decoder, channel, return_path, postcopy)
                     self.error_desc = ""  # recovered: the pause's reason is history
                     self.recoveries += 1
@@ -166,3 +172,39 @@ class PostcopyRecovery(DestinationState):
                 raise RemoteProtocolError(
                     f"unexpected {type(event).__name__} in the postcopy recovery handshake"
                 )
+
+
+class EarlyAccept(ListenerBase):
+    """The urgent channel's listener during a recovery: ``run`` accepts the source's
+    connection at once (over TLS the source's connect waits for that accept, and it
+    connects before POSTCOPY_RESUME, when the urgent reader starts); ``accept`` hands
+    it over. A connection never handed over is closed when ``run`` is cancelled."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._stream: ByteStream | None = None
+        self._accepted = trio.Event()
+
+    @property
+    def address(self) -> Address:
+        return self._listener.address
+
+    async def run(self) -> None:
+        self._stream = await self._listener.accept()
+        self._accepted.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            if self._stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                    await self._stream.aclose()
+
+    async def accept(self) -> ByteStream:
+        await self._accepted.wait()
+        stream, self._stream = self._stream, None
+        if stream is None:
+            raise TransportError("the urgent channel was accepted once already")
+        return stream
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()  # the listener is its owner's

@@ -48,6 +48,7 @@ from trimig.transports.base import (
     ListenerBase,
     RegionRegistry,
     set_channel_timeout,
+    shutdown_stream,
 )
 from trimig.transports.tls_session import RECORD, WRITE_CHUNK, TlsSession
 from trimig.transports.uri import Address, TcpAddress
@@ -309,6 +310,11 @@ class TlsStream:
     def set_channel_timeout(self, seconds: float | None) -> None:
         """Dead-peer detection (x-channel-timeout) of the transport underneath."""
         set_channel_timeout(self._inner, seconds)
+
+    def shutdown(self) -> None:
+        """Shut the transport underneath down (migrate-pause): readers see the end,
+        writers fail."""
+        shutdown_stream(self._inner)
 
     @property
     def cipher(self) -> str:
