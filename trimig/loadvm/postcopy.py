@@ -323,8 +323,6 @@ class PostcopyIncoming:
                     "the source did not end the urgent page channel within "
                     f"{URGENT_END_TIMEOUT:g} s of the main stream's end"
                 )
-        self.state.on_end()
-        trace("postcopy_end", **self.statistics())
         self._helpers_scope.cancel()  # the fault handler: no request goes out from here on
         await self._helpers_done.wait()
         assert self.faults is not None
@@ -339,10 +337,13 @@ class PostcopyIncoming:
         ]
         if missing:
             # Closing the uffd now would let the guest read holes where its pages belong.
+            # (Still RUNNING: a recovery, whose bitmaps say what is missing, goes on.)
             raise RemoteProtocolError(
                 f"the source ended postcopy without {len(missing)} requested page(s), the "
                 f"first {missing[0].block}+{missing[0].start:#x}"
             )
+        self.state.on_end()
+        trace("postcopy_end", **self.statistics())
         self.close()  # closing our uffd ends the registration (the guest closed its copy)
         self.finished = True
         await self.guest.unregister_missing()

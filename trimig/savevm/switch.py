@@ -15,6 +15,7 @@ from .. import codec
 from .._trio import open_nursery
 from ..channel import MigrationChannel
 from ..codec.constants import PING_AFTER_DISCARD, PING_AFTER_PACKAGE
+from ..errors import TransportError
 from ..migration import MigrationStatus
 from ..trace import trace
 from .postcopy import UrgentSender, discard_commands, package, send_background
@@ -94,20 +95,24 @@ class PostcopySwitch(SourceState):
         assert self._requests is not None
         self._limiter.set_rate(self.parameters.max_postcopy_bandwidth)
         postcopy_start = self._bytes_moved()
-        await send_background(
-            channel,
-            ram,
-            self._requests,
-            urgent_sender,
-            self._limiter,
-            section_id=RAM_SECTION_ID,
-            flush_bytes=FLUSH_BYTES,
-            slice_seconds=ITERATION_SLICE,
-            hold=hold,
-        )
-        if hold is not None:
-            # Complete only once the guest runs there (after a recovery it does).
-            await self._return_path.pong(PING_AFTER_PACKAGE).wait()
+        async with open_nursery() as nursery:
+            if urgent_sender.urgent is not None:
+                nursery.start_soon(watch_urgent, urgent_sender.urgent)
+            await send_background(
+                channel,
+                ram,
+                self._requests,
+                urgent_sender,
+                self._limiter,
+                section_id=RAM_SECTION_ID,
+                flush_bytes=FLUSH_BYTES,
+                slice_seconds=ITERATION_SLICE,
+                hold=hold,
+            )
+            if hold is not None:
+                # Complete only once the guest runs there (after a recovery it does).
+                await self._return_path.pong(PING_AFTER_PACKAGE).wait()
+            nursery.cancel_scope.cancel()  # the destination closes the urgent channel next
         # The end (docs/postcopy.md, "The end"): no page is dirty, so every page is on a
         # channel. End the urgent one first (a request read from now on sends nothing: its
         # page is on the main channel), then the main one; the destination reads both to
@@ -128,3 +133,16 @@ class PostcopySwitch(SourceState):
 
     async def _save_state_into(self, saved: list[bytes]) -> None:
         saved.append(await self.guest.save_state())
+
+
+async def watch_urgent(urgent: MigrationChannel) -> None:
+    """Raise TransportError once the urgent channel breaks. The destination never sends
+    on it, so anything it reads (its end, a reset) means the channel is gone, and with
+    it maybe an urgent page the kernel had taken but not delivered: the source must
+    pause (a recovery re-sends every page not received), not stream on without it."""
+    buffer = memoryview(bytearray(1))
+    count = await urgent.stream.receive_into(buffer)
+    raise TransportError(
+        "the urgent page channel broke: "
+        + ("the destination sent on it" if count else "the destination closed it")
+    )
