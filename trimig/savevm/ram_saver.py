@@ -242,7 +242,7 @@ class RamSaver:
         staging = self._staging.take(channel) if len(present) else _NO_PAGES
         if len(present):
             witness = self._witnesses.get(block.name)
-            if witness is not None:
+            if witness is not None and not self._final_sync_done:
                 self._watch(witness, block, present)
             _read_pages(block, first_page, present, staging)
             is_zero[~is_zero] = zero_pages(staging, present - first_page)
@@ -331,9 +331,10 @@ class RamSaver:
             if gone.any():
                 newly += int(np.count_nonzero(gone & ~dirty))
                 dirty |= gone
-        if final:
-            self._final_sync_done = True
-            self.close()
+        # After the final sync nothing is watched; the witnesses are closed by close(),
+        # not here: unmapping a GiB of watched pages takes tens of ms, and this is the
+        # guest's downtime (the postcopy switch's pause).
+        self._final_sync_done = final
         return newly
 
     def _start_witnesses(self) -> None:
