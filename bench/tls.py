@@ -31,7 +31,7 @@ from trimig.guest.host import workload_command
 from trimig.migration import MigrationCapabilities, MigrationParameters
 from trimig.ram_blocks import default_block_specs
 from trimig.transports import connect, listen
-from trimig.transports.tls import TlsCredentials, TlsSettings
+from trimig.transports.tls_credentials import TlsCredentials, TlsSettings
 from trimig.units import parse_size
 
 PAGE = 4096

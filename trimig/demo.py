@@ -24,7 +24,7 @@ from .migration import TRANSPORT_NAMES, MigrationCapabilities, MigrationParamete
 from .ram_blocks import RamBlock, RamBlockSpec, create_blocks
 from .savevm.outgoing import OutgoingMigration
 from .transports import MemoryFabric
-from .transports.tls import TlsSettings
+from .transports.tls_credentials import TlsSettings
 
 log = logging.getLogger("trimig.demo")
 

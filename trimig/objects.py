@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ConfigError
-from .transports.tls import AuthzList, AuthzRule, TlsCredentials, TlsSettings
+from .transports.tls_credentials import AuthzList, AuthzRule, TlsCredentials, TlsSettings
 
 QOM_TYPES = ("tls-creds-x509", "authz-list", "authz-simple")
 

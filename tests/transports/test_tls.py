@@ -15,8 +15,8 @@ from tls_certs import CLIENT_NAME, write_creds
 from trimig.errors import ConfigError, TransportError
 from trimig.threads import stream_fd
 from trimig.transports import ByteStream, connect, listen
-from trimig.transports.tls import (
-    TLS_ACCEPT_TIMEOUT,
+from trimig.transports.tls import TLS_ACCEPT_TIMEOUT
+from trimig.transports.tls_credentials import (
     AuthzList,
     AuthzRule,
     TlsCredentials,

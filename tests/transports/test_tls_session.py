@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tls_certs import write_creds
 
-from trimig.transports.tls import TlsCredentials
+from trimig.transports.tls_credentials import TlsCredentials
 from trimig.transports.tls_session import RECORD, TlsSession
 
 

@@ -12,7 +12,7 @@ import trustme
 from tls_certs import write_creds
 
 from trimig.transports import ByteStream, MemoryFabric, connect, listen
-from trimig.transports.tls import TlsCredentials, TlsSettings
+from trimig.transports.tls_credentials import TlsCredentials, TlsSettings
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ from ..units import parse_rate, parse_size
 
 if TYPE_CHECKING:
     from ..ram_blocks import RamBlockSpec
-    from ..transports.tls import TlsSettings
+    from ..transports.tls_credentials import TlsSettings
 
 
 def add_json_option(parser: argparse.ArgumentParser, help: str) -> None:
@@ -129,7 +129,7 @@ def tls_settings(args: argparse.Namespace, endpoint: str) -> TlsSettings | None:
     ``server`` on the destination), or None without it."""
     if not getattr(args, "tls_creds", None):
         return None
-    from ..transports.tls import TlsCredentials, TlsSettings
+    from ..transports.tls_credentials import TlsCredentials, TlsSettings
 
     credentials = TlsCredentials("tls0", args.tls_creds, endpoint=endpoint)
     return TlsSettings(credentials, hostname=args.tls_hostname)

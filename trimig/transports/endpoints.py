@@ -11,11 +11,11 @@ from trimig.transports.rdma_socket import connect_rdma_socket, listen_rdma_socke
 from trimig.transports.socket import connect_tcp, connect_unix, listen_tcp, listen_unix
 from trimig.transports.tls import (
     TlsListener,
-    TlsSettings,
     check_client_settings,
     check_tls_transport,
     tls_client,
 )
+from trimig.transports.tls_credentials import TlsSettings
 from trimig.transports.uri import (
     Address,
     ExecCommand,
