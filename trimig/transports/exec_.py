@@ -124,6 +124,10 @@ def _nonblocking_pipe() -> tuple[int, int]:
 class PipeStream:
     """A one-way ByteStream over a pipe to (``sending``) or from an exec command."""
 
+    transport = "exec"
+    has_return_path = False
+    regions: RegionRegistry | None = None
+
     def __init__(self, child: _Child, fd: int, *, sending: bool) -> None:
         os.set_blocking(fd, False)
         self._child = child
@@ -131,18 +135,6 @@ class PipeStream:
         self._sending = sending
         self._finished = False  # send_eof() or EOF completed with status 0
         self._uri = ExecCommand(child.command).uri
-
-    @property
-    def transport(self) -> str:
-        return "exec"
-
-    @property
-    def has_return_path(self) -> bool:
-        return False
-
-    @property
-    def regions(self) -> RegionRegistry | None:
-        return None
 
     @property
     def pid(self) -> int:

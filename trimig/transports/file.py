@@ -26,24 +26,16 @@ from trimig.transports.uri import FileAddress
 class FileStream:
     """One direction of a file: written (``writable``) or read, from ``position`` on."""
 
+    transport = "file"
+    has_return_path = False
+    regions: RegionRegistry | None = None
+
     def __init__(self, fd: int, address: FileAddress, *, writable: bool) -> None:
         self._fd: int | None = fd
         self.address = address
         self.writable = writable
         #: The file offset of the next byte written or read.
         self.position = address.offset
-
-    @property
-    def transport(self) -> str:
-        return "file"
-
-    @property
-    def has_return_path(self) -> bool:
-        return False
-
-    @property
-    def regions(self) -> RegionRegistry | None:
-        return None
 
     @property
     def fd(self) -> int:

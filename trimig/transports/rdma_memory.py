@@ -17,7 +17,6 @@ from trimig.errors import LocalProtocolError, TransportError
 from trimig.kernel.iov import Buffer, GatherItem, byte_buffers, flatten
 from trimig.transports.base import (
     ListenerBase,
-    RegionRegistry,
     check_receive_buffer,
     check_registration,
     transport_error,
@@ -105,6 +104,9 @@ class MemoryRegions:
 class MemoryStream:
     """An in-process endpoint of ``rdma:mem:NAME``: bytes travel as messages in memory."""
 
+    transport = "rdma"
+    has_return_path = True
+
     def __init__(
         self,
         send_channel: trio.MemorySendChannel[bytes],
@@ -114,24 +116,12 @@ class MemoryStream:
     ) -> None:
         self._send_channel = send_channel
         self._receive_channel = receive_channel
-        self._regions = regions
+        self.regions = regions
         self._uri = uri
         self._message = memoryview(b"")
         self._eof_sent = False
         self._eof_seen = False
         self._closed = False
-
-    @property
-    def transport(self) -> str:
-        return "rdma"
-
-    @property
-    def has_return_path(self) -> bool:
-        return True
-
-    @property
-    def regions(self) -> RegionRegistry | None:
-        return self._regions
 
     async def send_buffers(self, buffers: Sequence[GatherItem]) -> None:
         if self._eof_sent:
@@ -185,7 +175,7 @@ class MemoryStream:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self._regions.close()
+            self.regions.close()
             self._send_channel.close()
             self._receive_channel.close()
             self._message = memoryview(b"")

@@ -39,6 +39,8 @@ class ClosableRegions(RegionRegistry, Protocol):
 class SocketStream:
     """A ByteStream over a connected stream socket (tcp or unix)."""
 
+    has_return_path = True
+
     def __init__(
         self,
         sock: trio.socket.SocketType,
@@ -48,24 +50,12 @@ class SocketStream:
         regions: ClosableRegions | None = None,
     ) -> None:
         self._sock = sock
-        self._transport = transport
+        self.transport = transport
         self._peer = peer
-        self._regions = regions
+        self.regions = regions
         self._eof_sent = False
         self._closed = False
         self._stall_timeout: float | None = None
-
-    @property
-    def transport(self) -> str:
-        return self._transport
-
-    @property
-    def has_return_path(self) -> bool:
-        return True
-
-    @property
-    def regions(self) -> RegionRegistry | None:
-        return self._regions
 
     @property
     def peer(self) -> str:
@@ -85,7 +75,7 @@ class SocketStream:
         ``seconds`` fails, and on tcp the kernel gives up on unacknowledged data after as
         long (TCP_USER_TIMEOUT) and probes an idle connection (keepalive) within it."""
         self._stall_timeout = seconds
-        if self._transport == "tcp" and self._sock.family in (
+        if self.transport == "tcp" and self._sock.family in (
             stdlib_socket.AF_INET,
             stdlib_socket.AF_INET6,
         ):
@@ -132,8 +122,8 @@ class SocketStream:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._regions is not None:
-                self._regions.close()
+            if self.regions is not None:
+                self.regions.close()
             self._sock.close()
         await trio.lowlevel.checkpoint()
 

@@ -83,6 +83,9 @@ class TlsStream:
     of its certificate when the session ends or breaks.
     """
 
+    has_return_path = True
+    regions: RegionRegistry | None = None
+
     def __init__(
         self, session: TlsSession, inner: ByteStream, *, peer: str, accepted: bool = True
     ) -> None:
@@ -103,14 +106,6 @@ class TlsStream:
     @property
     def transport(self) -> str:
         return self._inner.transport
-
-    @property
-    def has_return_path(self) -> bool:
-        return True
-
-    @property
-    def regions(self) -> RegionRegistry | None:
-        return None
 
     def set_channel_timeout(self, seconds: float | None) -> None:
         """Dead-peer detection (x-channel-timeout) of the transport underneath."""
