@@ -192,9 +192,10 @@ class OutgoingMigration(PostcopyRecovery):
     async def _migrate(
         self, channel: MigrationChannel, dirty_log: DirtyLog, nursery: trio.Nursery, uri: str
     ) -> None:
-        ram = self._ram = RamSaver(self.blocks, self.stats)
-        self._requests = PageRequestQueue(self.blocks)
-        ram.sync(dirty_log)  # start the log afresh (every page is dirty anyway); hole map
+        # The header, the return path and ADVISE go before the RAM setup, as in QEMU's
+        # migration thread: the destination readies its guest for postcopy (attach,
+        # register-missing) while the first sync below runs (tens of ms for a GiB), so a
+        # switch that comes right away does not wait for it.
         channel.put(codec.encode_file_header())
         channel.put(configuration(mapped_ram=self.capabilities.mapped_ram))
         if self._uses_return_path:
@@ -205,6 +206,10 @@ class OutgoingMigration(PostcopyRecovery):
             for block in self.blocks:
                 summary |= block.page_size
             channel.put(codec.encode_postcopy_advise(summary, codec.TARGET_PAGE_SIZE))
+        await channel.flush()
+        ram = self._ram = RamSaver(self.blocks, self.stats)
+        self._requests = PageRequestQueue(self.blocks)
+        ram.sync(dirty_log)  # start the log afresh (every page is dirty anyway); hole map
         channel.put(codec.encode_section_start(RAM_SECTION_ID, "ram", 0, 4))
         if self.capabilities.mapped_ram:
             assert isinstance(channel.stream, FileStream)  # check_transport
