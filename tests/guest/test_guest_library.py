@@ -244,6 +244,24 @@ def test_state_hooks(harness):
     assert reply["page"] == 3
 
 
+def test_stop_saves_the_state_in_its_reply_when_asked(harness):
+    """stop with save-state: true stops and saves in one round trip; a failed save
+    leaves the guest stopped and says why in state-error."""
+    harness.attach([1 * MiB])
+    assert harness.request("cont")["ok"]
+    reply = harness.request("stop", **{"save-state": True})
+    assert reply["ok"] and reply["running"] is False
+    assert protocol.decode_state(reply["state"]) == b"\x00state\xff"
+    assert [call[0] for call in harness.program.calls[-2:]] == ["on_stop", "save_state"]
+    assert "state" not in harness.request("stop")  # not asked: a plain stop
+    assert harness.request("cont")["ok"]
+    harness.program.fail = "save_state"
+    reply = harness.request("stop", **{"save-state": True})
+    assert reply["ok"] and reply["running"] is False and "state" not in reply
+    assert reply["state-error"] == "save-state: save_state failed on purpose"
+    assert harness.guest.running is False
+
+
 def test_failing_hook_fails_only_its_request(harness):
     harness.attach([1 * MiB])
     harness.program.fail = "on_cont"

@@ -99,6 +99,30 @@ async def test_migrated_copy_verifies_and_continues(start_guest, make_blocks):
     assert (await destination.verify()).raw["generation"] == 2
 
 
+async def test_stop_and_save_gives_the_state_of_the_stopped_memory(start_guest, make_blocks):
+    """The workload's stop with save-state: the state in the reply is the one a separate
+    save-state would give, and a copy of the memory verifies against it."""
+    source_blocks = make_blocks(SPECS)
+    source = await start_guest(workload_command(dirty_rate="50M", seed=5))
+    await source.attach(source_blocks, "new")
+    await source.cont()
+    await trio.sleep(0.2)
+    state = await source.stop_and_save()
+    assert state is not None and b'"generation":1' in state
+    assert not source.running
+    stopped = counters(source_blocks)
+    await trio.sleep(0.1)
+    assert np.array_equal(counters(source_blocks), stopped), "memory changed after stop"
+    destination_blocks = make_blocks(SPECS)
+    copy_memory(source_blocks, destination_blocks)
+    destination = await start_guest(workload_command(seed=5))
+    await destination.attach(destination_blocks, "incoming")
+    await destination.load_state(state)
+    verdict = await destination.verify()
+    assert verdict.verified, verdict.detail
+    assert verdict.raw["pass"] > 0 or verdict.raw["cursor"] > 0, "the source did not run"
+
+
 async def test_corrupt_counter_is_named(start_guest, make_blocks):
     blocks = make_blocks(SPECS)
     guest = await start_guest()

@@ -280,6 +280,24 @@ class GuestProcess:
         await self._request(Command.STOP, timeout=timeout)
         self.running = False
 
+    async def stop_and_save(self, *, timeout: float | None = None) -> bytes | None:
+        """``stop`` and ``save_state`` in one round trip (the request's ``save-state``):
+        the device state, or None from a guest that ignores that field (one written
+        before it: ask ``save_state`` then). Raises GuestError if the save failed; the
+        guest is stopped all the same."""
+        fields: dict[str, Any] = {"save-state": True}
+        reply, _ = await self._request(Command.STOP, timeout=timeout, **fields)
+        self.running = False
+        error = reply.get("state-error")
+        if error is not None:
+            raise GuestError(f"guest {self.pid} stopped but could not save its state: {error}")
+        if "state" not in reply:
+            return None
+        try:
+            return protocol.decode_state(reply["state"])
+        except GuestError as error:
+            raise GuestError(f"guest {self.pid} answered stop badly: {error}") from None
+
     async def cont(self, *, timeout: float | None = None) -> None:
         """Let the guest run."""
         await self._request(Command.CONT, timeout=timeout)

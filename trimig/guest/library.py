@@ -379,10 +379,21 @@ class Guest:
         return {}
 
     def _stop(self, request: _Request) -> dict[str, Any]:
+        """Stop; with ``save-state: true`` also save the device state into the reply (one
+        round trip for a switch-over). A failed save leaves the guest stopped: its error
+        goes in ``state-error``."""
         if self.running:
             self.running = False
             request.program.on_stop()
-        return {"running": False}
+        fields: dict[str, Any] = {"running": False}
+        if request.message.get("save-state") is True:
+            try:
+                fields["state"] = protocol.encode_state(request.program.save_state())
+            except Exception as error:
+                if not isinstance(error, TrimigError):
+                    traceback.print_exc()
+                fields["state-error"] = f"save-state: {error}"
+        return fields
 
     def _register_missing(self, request: _Request) -> dict[str, Any]:
         """Register for MISSING faults. The guest's own copy of the uffd is closed once the

@@ -154,16 +154,26 @@ class SourceState(StatusHolder):
         set_channel_timeout(stream, timeout)
         return stream
 
-    async def _stop_guest(self) -> None:
+    async def _stop_guest(self, *, save_state: bool = False) -> bytes | None:
         """The switch-over begins (precopy's end, or postcopy's switch): the downtime
-        starts, the guest stops (a STOP event), status ``device``."""
+        starts, the guest stops (a STOP event), status ``device``. With ``save_state`` the
+        guest saves its device state in the same round trip (``stop_and_save``): returned,
+        or None from a guest that does not (ask it with ``save_state`` then)."""
         await self._aids.lift(self.stats)  # unthrottled before it is stopped
         self.stats.downtime_start_ns = time.monotonic_ns()
         self._guest_stopped_by_us = True  # before the await: a cancelled stop may have stopped it
-        await self.guest.stop()
-        if self._on_event:
-            self._on_event("STOP", {})
-        self._set_status(MigrationStatus.DEVICE)
+        state = None
+        try:
+            if save_state:
+                state = await self.guest.stop_and_save()
+            else:
+                await self.guest.stop()
+        finally:
+            if not self.guest.running:  # stopped, even if the save in its reply failed
+                if self._on_event:
+                    self._on_event("STOP", {})
+                self._set_status(MigrationStatus.DEVICE)
+        return state
 
     def _completed(self) -> None:
         self.stats.end_ns = time.monotonic_ns()

@@ -44,15 +44,18 @@ class PostcopySwitch(SourceState):
         ram.detach_regions()  # postcopy pages are placed atomically by the destination
         self.stats.precopy_bytes = self._bytes_moved()
         trace("postcopy_switch")
-        await self._stop_guest()
-        trace("postcopy_guest_stopped")
+        # The stop's reply carries the device state: no round trip of its own in the pause.
+        state = await self._stop_guest(save_state=True)
+        trace("postcopy_guest_stopped", state_in_reply=state is not None)
         bytes_before = self._bytes_moved()
         channel.put(codec.encode_switchover_start())
-        saved: list[bytes] = []
+        saved = [] if state is None else [state]
         async with open_nursery() as nursery:
-            # The guest saves its state while the dirty log is synced and the discards built.
-            nursery.start_soon(self._save_state_into, saved)
-            await trio.lowlevel.checkpoint()  # the save-state request goes out now
+            if state is None:
+                # A guest that saves only when asked: it saves while the dirty log is
+                # synced and the discards built.
+                nursery.start_soon(self._save_state_into, saved)
+                await trio.lowlevel.checkpoint()  # the save-state request goes out now
             ram.sync(dirty_log, final=True)  # exact: the guest is stopped
             self.stats.dirty_sync_count += 1
             ram.encoder.reset()
