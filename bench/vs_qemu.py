@@ -15,7 +15,16 @@ fresh destinations) for every migration. QEMU and trimig are driven by the same 
     query-migrate on the source every 10 ms until it ends, then on the destination
 
 Cases: ``precopy-unix`` and ``precopy-tcp`` with an idle guest, ``postcopy-unix`` (or -tcp)
-with a running guest dirtying ``--dirty-rate`` bytes/s.
+with a running guest dirtying ``--dirty-rate`` bytes/s. ``precopy-tls-tcp`` (and
+``postcopy-tls-tcp``): the same over TLS, set up the same way on both engines:
+
+    object-add qom-type=tls-creds-x509 id=tls0 dir=DIR verify-peer=true, endpoint server on
+    the destination and client on the source (trustme certificates in QEMU's file names,
+    tests/tls_certs.py); migrate-set-parameters tls-creds=tls0 on both, tls-hostname
+    localhost on the source
+
+and, where the plaintext case ran too (``--cases precopy-tcp,precopy-tls-tcp``), the table
+adds each engine's TLS / plaintext throughput ratio.
 
 Guests: ``--ram`` (1 GiB). QEMU: ``-M pc -accel tcg -m RAM -nodefaults``, no disk, no kernel:
 the firmware is bench/qemu_guest.S (a 64 KiB -bios that enters protected mode and, on each
@@ -82,9 +91,18 @@ TIMEOUT = 180.0  # a migration that takes longer has hung
 IDLE_TRIMIG_RATE = "4K"  # one page a second: trimig's workload guest has no idle mode
 QEMU_FILL_SLACK = 64 << 20  # RAM not covered by the random fill (BIOS areas, top of RAM)
 QEMU_FILL_ADDRESS = 0x100000
-CASES = ("precopy-unix", "precopy-tcp", "postcopy-unix", "postcopy-tcp")
+CASES = (
+    "precopy-unix",
+    "precopy-tcp",
+    "postcopy-unix",
+    "postcopy-tcp",
+    "precopy-tls-tcp",
+    "postcopy-tls-tcp",
+)
 DEFAULT_CASES = "precopy-unix,precopy-tcp,postcopy-unix"
 RAW_MEMORY = ("memfd", "anon")
+TLS_CREDS_ID = "tls0"
+TLS_HOSTNAME = "localhost"  # in the test certificates (tests/tls_certs.py), as 127.0.0.1
 DEFAULT_TRIMIG = [sys.executable, "-c", "import sys; from trimig.cli import main; sys.exit(main())"]
 
 # --- the QEMU guest: bench/qemu_guest.S, assembled ------------------------------------------------
@@ -258,6 +276,7 @@ class Setup:
         self.fill_file = ""
         self.fill_size = 0
         self.firmwares: dict[int, str] = {}
+        self._tls_dir = ""
         self.qemu_rates: dict[int, float] = {}
         self._sender: Any = None
 
@@ -285,6 +304,17 @@ class Setup:
             with open(path, "wb") as out:
                 out.write(image)
             self.firmwares[rate], self.qemu_rates[rate] = path, actual
+
+    def tls_dir(self) -> str:
+        """The credentials directory both engines' tls-creds-x509 objects read (made once)."""
+        if not self._tls_dir:
+            import trustme
+
+            sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+            from tls_certs import write_creds
+
+            self._tls_dir = write_creds(os.path.join(self.workdir, "tls"), trustme.CA())
+        return self._tls_dir
 
     def sender_region(self) -> memoryview:
         if self._sender is None:
@@ -383,6 +413,25 @@ def timestamp(event: Any) -> float:
     return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
 
 
+async def set_up_tls(setup: Setup, source: Engine, destination: Engine) -> None:
+    """The same tls-creds-x509 objects and parameters on either engine."""
+    for engine, endpoint in ((source, "client"), (destination, "server")):
+        await engine.execute(
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": TLS_CREDS_ID,
+                "dir": setup.tls_dir(),
+                "endpoint": endpoint,
+                "verify-peer": True,
+            },
+        )
+        parameters = {"tls-creds": TLS_CREDS_ID}
+        if engine is source:
+            parameters["tls-hostname"] = TLS_HOSTNAME
+        await engine.execute("migrate-set-parameters", parameters)
+
+
 async def wait_status(engine: Engine, what: str) -> dict[str, Any]:
     deadline = time.monotonic() + TIMEOUT
     while True:
@@ -394,9 +443,14 @@ async def wait_status(engine: Engine, what: str) -> dict[str, Any]:
         await asyncio.sleep(POLL)
 
 
+def parse_case(case: str) -> tuple[bool, bool, str]:
+    """``postcopy-tls-tcp`` -> (postcopy, tls, transport)."""
+    parts = case.split("-")
+    return parts[0] == "postcopy", "tls" in parts[1:-1], parts[-1]
+
+
 async def qmp_migration(setup: Setup, kind: str, case: str) -> dict[str, Any]:
-    mode, transport = case.split("-")
-    postcopy = mode == "postcopy"
+    postcopy, _, transport = parse_case(case)
     source = await setup.start(kind, "source", running=postcopy)
     try:
         destination = await setup.start(kind, "destination", running=postcopy)
@@ -427,6 +481,8 @@ async def _migrate(
     for engine in (source, destination):
         await engine.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await engine.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    if parse_case(case)[1]:
+        await set_up_tls(setup, source, destination)
     if transport == "unix":
         uri = f"unix:{setup.path('migration.sock')}"
         await destination.execute("migrate-incoming", {"uri": uri})
@@ -668,7 +724,7 @@ async def measure(setup: Setup, row: str, case: str, round_index: int | None) ->
         if row in ("qemu", "trimig"):
             sample = await qmp_migration(setup, row, case)
         elif row.startswith("raw-"):
-            sample = raw_transfer(setup, case.split("-")[1], row[len("raw-") :])
+            sample = raw_transfer(setup, parse_case(case)[2], row[len("raw-") :])
         elif row == "trimig-cli":
             sample = two_process(setup)
         elif row == "trimig-demo":
@@ -703,7 +759,7 @@ def rows_for(case: str, setup: Setup) -> list[str]:
     rows = ["trimig"]
     if setup.qemu is not None:
         rows.insert(0, "qemu")
-    if case.startswith("precopy"):
+    if case.startswith("precopy") and not parse_case(case)[1]:  # (raw: plaintext)
         rows += [f"raw-{memory}" for memory in RAW_MEMORY]
         if case == "precopy-unix" and setup.args.extra:
             rows += ["trimig-cli", "trimig-demo"]
@@ -857,6 +913,7 @@ def summarise(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             summary[case][row]["failed"] = failed.get(row, 0)
         for row, count in failed.items():
             lines.append(f"  {ROW_NAMES.get(row, row)}: {count} failed (see the JSON)")
+    lines += tls_lines(summary)
     loads = [s["loadavg"][0] for s in results["warmup"] + samples]
     if loads:
         lines += [
@@ -865,6 +922,32 @@ def summarise(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             f"(median {statistics.median(loads):.2f}) on {os.cpu_count()} CPUs",
         ]
     return "\n".join(lines), summary
+
+
+def tls_lines(summary: dict[str, Any]) -> list[str]:
+    """Each engine's TLS case against its plaintext one of the same run (throughput ratios,
+    postcopy: total-time, plaintext / TLS; below 1 is the cost of TLS), and trimig's TLS
+    against QEMU's."""
+    lines = []
+    for case, rows in summary.items():
+        plain_case = case.replace("-tls-", "-")
+        if not parse_case(case)[1] or plain_case not in summary:
+            continue
+        postcopy = parse_case(case)[0]
+        key = "total_ms" if postcopy else "throughput_MBps"
+        tls = {row: rows.get(row, {}).get(key) for row in ("qemu", "trimig")}
+        plain = {row: summary[plain_case].get(row, {}).get(key) for row in ("qemu", "trimig")}
+        pairs = [
+            ("QEMU TLS / QEMU plain", tls["qemu"], plain["qemu"]),
+            ("trimig TLS / trimig plain", tls["trimig"], plain["trimig"]),
+            ("trimig TLS / QEMU TLS", tls["trimig"], tls["qemu"]),
+        ]
+        figures = ", ".join(
+            f"{name} {ratio(bottom, top) if postcopy else ratio(top, bottom)}"
+            for name, top, bottom in pairs
+        )
+        lines += ["", f"{case} against {plain_case} ({key}; above 1: faster):", f"  {figures}"]
+    return lines
 
 
 def trimig_origin(command: Sequence[str], cwd: str) -> str:

@@ -60,6 +60,15 @@ def test_rows_with_qemu(vs_qemu: ModuleType, tmp_path: Path) -> None:
     setup = vs_qemu.Setup(args, str(tmp_path))
     assert vs_qemu.rows_for("precopy-tcp", setup) == ["qemu", "trimig", "raw-memfd", "raw-anon"]
     assert vs_qemu.rows_for("postcopy-unix", setup) == ["qemu", "trimig"]
+    assert vs_qemu.rows_for("precopy-tls-tcp", setup) == ["qemu", "trimig"]  # raw: plaintext
+
+
+def test_cases(vs_qemu: ModuleType) -> None:
+    assert vs_qemu.parse_case("precopy-tcp") == (False, False, "tcp")
+    assert vs_qemu.parse_case("precopy-tls-tcp") == (False, True, "tcp")
+    assert vs_qemu.parse_case("postcopy-tls-tcp") == (True, True, "tcp")
+    assert vs_qemu.parse_case("postcopy-unix") == (True, False, "unix")
+    assert all(vs_qemu.parse_case(case)[2] in ("tcp", "unix") for case in vs_qemu.CASES)
 
 
 def test_firmware_image(vs_qemu: ModuleType) -> None:
@@ -106,3 +115,28 @@ def test_table(vs_qemu: ModuleType) -> None:
     assert trimig_precopy.split()[-2:] == ["0.50", "0.25"]  # of QEMU, of raw
     assert summary["postcopy-unix"]["trimig"]["total_ms"] == 2000
     assert "load average" in text
+    assert "against" not in text  # no TLS case
+
+
+def test_table_of_tls_against_plaintext(vs_qemu: ModuleType) -> None:
+    def sample(row: str, case: str, rate: float) -> dict[str, object]:
+        return {"row": row, "case": case, "round": 0, "loadavg": (1.0, 1.0, 1.0),
+                "throughput_MBps": rate, "total_ms": 1000}  # fmt: skip
+
+    results = {
+        "warmup": [],
+        "samples": [
+            sample("qemu", "precopy-tcp", 2000),
+            sample("trimig", "precopy-tcp", 1000),
+            sample("qemu", "precopy-tls-tcp", 1000),
+            sample("trimig", "precopy-tls-tcp", 800),
+        ],
+    }
+    text, _ = vs_qemu.summarise(results)
+    lines = text.splitlines()
+    figures = lines[lines.index(next(line for line in lines if "against precopy-tcp" in line)) + 1]
+    assert figures.split() == [
+        "QEMU", "TLS", "/", "QEMU", "plain", "0.50,",
+        "trimig", "TLS", "/", "trimig", "plain", "0.80,",
+        "trimig", "TLS", "/", "QEMU", "TLS", "0.80",
+    ]  # fmt: skip
