@@ -15,9 +15,10 @@ from trimig.threads import (
     LATENCY_SWITCH_INTERVAL,
     URGENT_NICE,
     StopSignal,
+    ThreadStream,
     read_into,
     run_in_thread,
-    stream_fd,
+    thread_stream,
     wait_readable,
     write_all,
 )
@@ -116,7 +117,7 @@ def test_write_all_names_a_closed_peer() -> None:
         write_all(writer.fileno(), [b"x"], timeout=1, what="the path")
 
 
-def test_stream_fd_looks_at_the_class_only() -> None:
+def test_thread_stream_looks_at_the_class_only() -> None:
     class Stream:
         def fileno(self) -> int:
             return 7
@@ -128,9 +129,15 @@ def test_stream_fd_looks_at_the_class_only() -> None:
         def __getattr__(self, name: str) -> object:
             return getattr(self._inner, name)
 
-    assert stream_fd(Stream()) == 7
-    assert stream_fd(Proxy(Stream())) is None  # served through its own methods
-    assert stream_fd(object()) is None
+    class Wrapper:
+        def thread_stream(self) -> None:
+            return None  # (TLS over a stream without a thread stream)
+
+    found = thread_stream(Stream())
+    assert type(found) is ThreadStream and found.fd == 7
+    assert thread_stream(Proxy(Stream())) is None  # served through its own methods
+    assert thread_stream(Wrapper()) is None
+    assert thread_stream(object()) is None
 
 
 async def test_an_urgent_thread_runs_at_a_higher_priority_where_allowed() -> None:

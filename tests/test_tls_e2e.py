@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import select
 import subprocess
 import tempfile
 import time
 from typing import Any
 
+import pytest
+import trio
 import trustme
 from adversarial_harness import _connect, _Engine, _until_done
 from precopy_harness import TRIMIG, one_json_object, run_trimig
 from qemu.qmp import QMPClient
 from tls_certs import CLIENT_NAME, write_creds
+
+from trimig.demo import migrate_locally
+from trimig.guest.host import workload_command
+from trimig.migration import MigrationCapabilities
+from trimig.ram_blocks import default_block_specs
+from trimig.transports.tls_credentials import TlsCredentials, TlsSettings
 
 DEADLINE = 120.0
 
@@ -239,3 +249,44 @@ def test_the_cli_migrates_with_tls_creds_and_names_a_refusal() -> None:
                 "the source refused our certificate: it is not signed by a CA it trusts"
                 in (destination["error-desc"])
             ), destination
+
+
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy-preempt"])
+def test_tls_takes_the_thread_paths(
+    postcopy: bool, caplog: pytest.LogCaptureFixture, tmp_path: object
+) -> None:
+    """A TLS migration over tcp is served by the OS-thread fast paths, through the TLS
+    thread driver (``TlsThreadStream``): the source's return-path reader, and in postcopy
+    the urgent sender, the destination's main listener, urgent reader and fault handler
+    (the trace says which loops ran where). The guest verifies its memory after."""
+    caplog.set_level(logging.DEBUG, logger="trimig.trace")
+    creds = write_creds(f"{tmp_path}/creds", trustme.CA())
+    tls = (
+        TlsSettings(TlsCredentials("c", creds, endpoint="client"), hostname="localhost"),
+        TlsSettings(TlsCredentials("s", creds, endpoint="server")),
+    )
+    capabilities = MigrationCapabilities()
+    if postcopy:
+        capabilities.set("postcopy-ram", True)
+        capabilities.set("postcopy-preempt", True)
+    result = trio.run(
+        functools.partial(
+            migrate_locally,
+            default_block_specs(32 << 20),
+            transport="tcp",
+            guest_command=workload_command(dirty_rate="32M"),
+            capabilities=capabilities,
+            postcopy_after_first_pass=postcopy,
+            tls=tls,
+        )
+    )
+    assert result.ok, result.to_json()
+    traced = {r.getMessage() for r in caplog.records if r.name == "trimig.trace"}
+    threads = {m for m in traced if "_thread" in m.split()[0]}
+    expected = {"return_path_thread stream=TlsThreadStream"}
+    if postcopy:
+        expected |= {
+            f"postcopy_thread loop={loop} stream=TlsThreadStream"
+            for loop in ("urgent sender", "urgent reader", "main listener")
+        } | {"postcopy_thread loop=fault handler"}
+    assert threads == expected, traced

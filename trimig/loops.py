@@ -10,15 +10,16 @@ A *driver* waits for the inputs, calls the step on each, and hands each output t
 ``emit`` callback. There are two of each kind, and every loop uses them:
 
 * a decoder's events: :func:`decode_in_thread` (an OS thread run by
-  ``threads.run_in_thread``, reading a non-blocking fd through a :data:`Feed`) and
+  ``threads.run_in_thread``, reading a ``threads.ThreadStream`` through a :data:`Feed`) and
   :func:`decode` (trio, reading a ``MigrationChannel``);
 * batches read from a file descriptor when it is readable (the userfaultfd's fault
   messages): :func:`serve_fd_in_thread` and :func:`serve_fd`.
 
-Feeding a decoder has one home per side: :func:`feed_from_fd` (and :class:`FdFeed`, which
-counts) in a thread, reading a non-blocking fd into the decoder's buffer, commit, EOF at a
-read of 0; :func:`feed_from_channel` in trio (``MigrationChannel.receive_into_decoder``,
-EOF when it says so), which :func:`decode` and :func:`next_event` use.
+Feeding a decoder has one home per side: :func:`feed_from_stream` (and :class:`StreamFeed`,
+which counts) in a thread, reading a ThreadStream (a socket's fd, or TLS decrypted in the
+thread) into the decoder's buffer, commit, EOF at a read of 0; :func:`feed_from_channel`
+in trio (``MigrationChannel.receive_into_decoder``, EOF when it says so), which
+:func:`decode` and :func:`next_event` use.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 import trio
 
 from .codec.events import NEED_DATA, NeedData
-from .threads import StopSignal, read_into, wait_readable
+from .threads import StopSignal, ThreadStream, wait_readable
 
 if TYPE_CHECKING:
     from .channel import MigrationChannel
@@ -38,13 +39,13 @@ if TYPE_CHECKING:
 __all__ = [
     "END",
     "End",
-    "FdFeed",
     "Feed",
     "Step",
+    "StreamFeed",
     "decode",
     "decode_in_thread",
     "feed_from_channel",
-    "feed_from_fd",
+    "feed_from_stream",
     "next_event",
     "serve_fd",
     "serve_fd_in_thread",
@@ -151,19 +152,20 @@ async def feed_from_channel(decoder: Decoder, channel: MigrationChannel) -> None
         decoder.receive_eof()
 
 
-def feed_from_fd(
+def feed_from_stream(
     decoder: Decoder,
-    fd: int,
+    stream: ThreadStream,
     stop: StopSignal,
     *,
     what: str,
     chunk: int,
     timeout: float | None = None,
 ) -> int | None:
-    """One read from the non-blocking ``fd`` straight into ``decoder`` (a read of 0 is its
-    EOF): the count, or None once ``stop`` is set. TransportError names ``what``, also
-    after ``timeout`` seconds with nothing to read (x-channel-timeout; None: no bound)."""
-    count = read_into(fd, decoder.get_buffer(chunk), stop, what=what, timeout=timeout)
+    """One read from ``stream`` straight into ``decoder`` (a read of 0 is its EOF): the
+    count, or None once ``stop`` is set. TransportError names ``what``, also after
+    ``timeout`` seconds with nothing to read (x-channel-timeout; None: no bound)."""
+    buffer = decoder.get_buffer(chunk)
+    count = stream.readv_into([buffer], stop, what=what, timeout=timeout)
     if count is None:
         return None
     if count:
@@ -173,11 +175,11 @@ def feed_from_fd(
     return count
 
 
-class FdFeed:
-    """A :data:`Feed` over a non-blocking fd (:func:`feed_from_fd`), counting the bytes."""
+class StreamFeed:
+    """A :data:`Feed` over a ThreadStream (:func:`feed_from_stream`), counting the bytes."""
 
-    def __init__(self, fd: int, stop: StopSignal, *, what: str, chunk: int) -> None:
-        self.fd = fd
+    def __init__(self, stream: ThreadStream, stop: StopSignal, *, what: str, chunk: int) -> None:
+        self.stream = stream
         self.stop = stop
         self.what = what
         self.chunk = chunk
@@ -185,7 +187,7 @@ class FdFeed:
         self.bytes_received = 0
 
     def __call__(self, decoder: Decoder) -> bool:
-        count = feed_from_fd(decoder, self.fd, self.stop, what=self.what, chunk=self.chunk)
+        count = feed_from_stream(decoder, self.stream, self.stop, what=self.what, chunk=self.chunk)
         if count is None:
             return False
         self.bytes_received += count

@@ -17,6 +17,10 @@ blocking loop over non-blocking fds:
   :func:`readv_into`) and writes with :func:`write_all`: the thread drivers of the
   synchronous steps of ``trimig.kernel.iov``. The reads watch ``stop``; ``write_all`` does
   not (a message goes out whole) but gives up when the peer takes nothing for a while.
+* A migration stream is read and written from a thread through its :class:`ThreadStream`
+  (:func:`thread_stream`): its fd's bytes raw (a socket), or, for TLS, the thread driver
+  of its session (transports/tls_thread.py: records decrypted and encrypted in the
+  thread, only ciphertext over the fd).
 
 The GIL. Every system call a thread makes lets the main thread take the GIL; getting it
 back waits for the main thread's next system call or, when the main thread is busy in
@@ -32,8 +36,8 @@ ask for a higher priority (URGENT_NICE) where the process is allowed to raise on
 give it back when they end. On the 2-core development machine, loaded by other work,
 that halved the blocktime of a 1 GiB postcopy.
 
-Only file-descriptor streams can be served this way; the owners fall back to trio tasks
-for the in-process transport.
+Only streams with a thread stream can be served this way; the owners fall back to trio
+tasks for the others (the in-process transport).
 """
 
 from __future__ import annotations
@@ -65,10 +69,11 @@ RLIMIT_NICE that allows it; without, they run at the process's)."""
 
 __all__ = [
     "StopSignal",
+    "ThreadStream",
     "read_into",
     "readv_into",
     "run_in_thread",
-    "stream_fd",
+    "thread_stream",
     "wait_readable",
     "write_all",
 ]
@@ -158,12 +163,45 @@ def _priority(nice: int | None) -> Iterator[None]:
             os.setpriority(os.PRIO_PROCESS, thread, previous)
 
 
-def stream_fd(stream: object) -> int | None:
-    """The file descriptor of a ByteStream whose class has one (sockets do, in-process
-    streams not). Looked up on the class: a wrapper that forwards attributes to a socket
-    stream (to watch or alter its bytes) is not bypassed, it is served through its methods."""
+class ThreadStream:
+    """A migration stream's bytes, read and written from an OS thread (blocking) over its
+    non-blocking ``fd``: raw here (a socket's); a subclass may transform them (TLS:
+    ``transports.tls_thread.TlsThreadStream`` decrypts and encrypts in the thread)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def readv_into(
+        self,
+        buffers: Sequence[memoryview],
+        stop: StopSignal,
+        *,
+        what: str,
+        timeout: float | None = None,
+    ) -> int | None:
+        """As :func:`readv_into`: at least one byte (scattered over ``buffers``), 0 at the
+        end, None once ``stop`` is set; TransportError naming ``what``."""
+        return readv_into(self.fd, buffers, stop, what=what, timeout=timeout)
+
+    def write_all(self, buffers: Sequence[GatherItem], *, timeout: float, what: str) -> int:
+        """As :func:`write_all`: every byte of ``buffers`` out; the count."""
+        return write_all(self.fd, buffers, timeout=timeout, what=what)
+
+
+def thread_stream(stream: object) -> ThreadStream | None:
+    """How an OS thread reads and writes ``stream``: its class's ``thread_stream()`` (TLS:
+    None when it cannot be had), else a ThreadStream of its fd when its class has a
+    ``fileno`` (sockets), else None (in-process streams). Looked up on the class: a
+    wrapper that forwards attributes to a socket stream (to watch or alter its bytes) is
+    not bypassed, it is served through its methods."""
+    make = getattr(type(stream), "thread_stream", None)
+    if callable(make):
+        made: ThreadStream | None = make(stream)
+        return made
     fileno = getattr(type(stream), "fileno", None)
-    return int(fileno(stream)) if callable(fileno) else None
+    return ThreadStream(int(fileno(stream))) if callable(fileno) else None
 
 
 def wait_readable(

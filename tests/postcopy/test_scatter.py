@@ -21,7 +21,7 @@ from trimig.codec import NEED_DATA, ChannelClosed
 from trimig.codec.constants import PAGE_RECORD_SIZE, RAM_SAVE_FLAG_EOS
 from trimig.errors import LocalProtocolError
 from trimig.loadvm.scatter import MAX_RECORDS, PageScatter, feed_decoder
-from trimig.threads import StopSignal
+from trimig.threads import StopSignal, ThreadStream
 
 PAGE = 4096
 BLOCK_SIZE = 64 * PAGE
@@ -78,7 +78,7 @@ def test_takes_the_page_records_and_gives_back_the_rest(pair: Any, stop: StopSig
     data, pages = page_records([3, 4, 5, 9, 10])
     writer.sendall(data + eos())
     scatter = PageScatter()
-    read = scatter.read(reader.fileno(), stop, block_size=BLOCK_SIZE)
+    read = scatter.read(ThreadStream(reader.fileno()), stop, block_size=BLOCK_SIZE)
     assert read is not None and read.count == 5 and not read.eof
     assert read.leftover == eos()
     assert scatter.offsets(5).tolist() == [page * PAGE for page in (3, 4, 5, 9, 10)]
@@ -93,7 +93,7 @@ def test_records_split_anywhere_are_completed(pair: Any, stop: StopSignal) -> No
     scatter = PageScatter(records=7)
     got: list[bytes] = []
     while True:
-        read = scatter.read(reader.fileno(), stop, block_size=BLOCK_SIZE)
+        read = scatter.read(ThreadStream(reader.fileno()), stop, block_size=BLOCK_SIZE)
         assert read is not None
         assert read.leftover == b""  # whole records only, never half of one
         got += [bytes(row) for row in scatter.pages[: read.count]]
@@ -108,14 +108,18 @@ def test_a_prefix_from_the_decoder_starts_the_first_record(pair: Any, stop: Stop
     data, _ = page_records([7, 8])
     for cut in (3, 8, 100, PAGE_RECORD_SIZE - 1):
         writer.sendall(data[cut:])
-        read = PageScatter().read(reader.fileno(), stop, block_size=BLOCK_SIZE, prefix=data[:cut])
+        read = PageScatter().read(
+            ThreadStream(reader.fileno()), stop, block_size=BLOCK_SIZE, prefix=data[:cut]
+        )
         assert read is not None and read.count == 2 and read.leftover == b""
 
 
 def test_a_prefix_of_another_record_reads_nothing(pair: Any, stop: StopSignal) -> None:
     reader, _ = pair
     # Nothing is written: reading would block, so returning proves it did not read.
-    read = PageScatter().read(reader.fileno(), stop, block_size=BLOCK_SIZE, prefix=eos() + b"\x02")
+    read = PageScatter().read(
+        ThreadStream(reader.fileno()), stop, block_size=BLOCK_SIZE, prefix=eos() + b"\x02"
+    )
     assert read is not None and read.count == 0 and read.leftover == eos() + b"\x02"
 
 
@@ -123,7 +127,7 @@ def test_a_page_outside_the_block_is_left_to_the_decoder(pair: Any, stop: StopSi
     reader, writer = pair
     data, _ = page_records([1, 2, 63])
     writer.sendall(data)
-    read = PageScatter().read(reader.fileno(), stop, block_size=63 * PAGE)
+    read = PageScatter().read(ThreadStream(reader.fileno()), stop, block_size=63 * PAGE)
     assert read is not None and read.count == 2
     assert read.leftover == data[2 * PAGE_RECORD_SIZE :]
 
@@ -133,7 +137,7 @@ def test_a_stream_ending_inside_a_record(pair: Any, stop: StopSignal) -> None:
     data, _ = page_records([1, 2])
     writer.sendall(data[:-100])
     writer.shutdown(socket.SHUT_WR)
-    read = PageScatter().read(reader.fileno(), stop, block_size=BLOCK_SIZE)
+    read = PageScatter().read(ThreadStream(reader.fileno()), stop, block_size=BLOCK_SIZE)
     assert read is not None and read.count == 1 and read.eof
     assert read.leftover == data[PAGE_RECORD_SIZE:-100]
 
@@ -141,7 +145,7 @@ def test_a_stream_ending_inside_a_record(pair: Any, stop: StopSignal) -> None:
 def test_stop_ends_a_waiting_read(pair: Any, stop: StopSignal) -> None:
     reader, _ = pair
     threading.Timer(0.05, stop.set).start()
-    assert PageScatter().read(reader.fileno(), stop, block_size=BLOCK_SIZE) is None
+    assert PageScatter().read(ThreadStream(reader.fileno()), stop, block_size=BLOCK_SIZE) is None
 
 
 def test_sizes() -> None:
@@ -173,7 +177,9 @@ def decode_with_scatter(built: Built, piece: int, records: int) -> tuple[list[An
         while True:
             event = decoder.next_event()
             if event is NEED_DATA:
-                assert feed_decoder(decoder, reader.fileno(), scatter, stop, place=place)
+                assert feed_decoder(
+                    decoder, ThreadStream(reader.fileno()), scatter, stop, place=place
+                )
             elif isinstance(event, ChannelClosed):
                 return items, scattered
             else:

@@ -13,7 +13,7 @@ import trustme
 from tls_certs import CLIENT_NAME, write_creds
 
 from trimig.errors import ConfigError, TransportError
-from trimig.threads import stream_fd
+from trimig.threads import thread_stream
 from trimig.transports import ByteStream, connect, listen
 from trimig.transports.tls import TLS_ACCEPT_TIMEOUT
 from trimig.transports.tls_credentials import (
@@ -24,6 +24,7 @@ from trimig.transports.tls_credentials import (
     TlsSettings,
     subject_name,
 )
+from trimig.transports.tls_thread import TlsThreadStream
 
 
 def creds(directory: str, endpoint: str) -> TlsCredentials:
@@ -68,7 +69,7 @@ def good(tmp_path: object) -> str:
     return write_creds(f"{tmp_path}/good", trustme.CA())
 
 
-async def test_a_session_moves_bytes_and_offers_no_fd(good: str) -> None:
+async def test_a_session_moves_bytes_and_offers_its_thread_driver(good: str) -> None:
     client = TlsSettings(creds(good, "client"))  # the tcp host 127.0.0.1 is in the cert
     async with attempt(client, TlsSettings(creds(good, "server"))) as (errors, streams):
         assert not errors
@@ -76,7 +77,9 @@ async def test_a_session_moves_bytes_and_offers_no_fd(good: str) -> None:
         await source.send_buffers([b"QEVM", memoryview(b"\0\0\0\3")])
         data = bytearray(8)
         assert await destination.receive_into(memoryview(data)) >= 1
-        assert stream_fd(source) is None and stream_fd(destination) is None
+        assert not hasattr(source, "fileno")  # its fd carries ciphertext
+        assert isinstance(thread_stream(source), TlsThreadStream)
+        assert isinstance(thread_stream(destination), TlsThreadStream)
         assert destination.peer_subject.startswith(f"CN={CLIENT_NAME}")
 
 

@@ -41,7 +41,7 @@ from ..errors import RemoteProtocolError, TransportError
 from ..guest.host import GuestProcess
 from ..kernel.probe import probe
 from ..kernel.uffd import Userfaultfd
-from ..loops import END, End, FdFeed, decode, decode_in_thread, serve_fd_in_thread
+from ..loops import END, End, StreamFeed, decode, decode_in_thread, serve_fd_in_thread
 from ..postcopy import (
     MAIN_CHANNEL,
     PREEMPT_CHANNEL,
@@ -53,7 +53,7 @@ from ..postcopy import (
     check_postcopy_support,
 )
 from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
-from ..threads import StopSignal, run_in_thread, stream_fd
+from ..threads import StopSignal, ThreadStream, run_in_thread, thread_stream
 from ..trace import trace
 from ..transports import Listener
 from .ram_loader import RamLoader
@@ -119,7 +119,7 @@ class PostcopyIncoming:
         #: Set once the urgent reader reached that end (every urgent page placed).
         self._urgent_ended = trio.Event()
         #: What reads the urgent channel (its byte count is urgent_bytes).
-        self._urgent_input: MigrationChannel | FdFeed | None = None
+        self._urgent_input: MigrationChannel | StreamFeed | None = None
         #: The urgent channel's decoder, made at LISTEN from the main stream's.
         self._urgent_decoder: codec.RamChannelDecoder | None = None
         #: x-channel-timeout of the main stream's reader (seconds, None: no bound).
@@ -188,6 +188,7 @@ class PostcopyIncoming:
         """Start the fault handler (among the helpers) and the main listener."""
         assert self._helpers is not None and self.faults is not None
         if self._return_path.threadsafe:
+            trace("postcopy_thread", loop="fault handler")
             await self._helpers.start(
                 functools.partial(run_in_thread, self._serve_faults, urgent=True)
             )
@@ -442,12 +443,15 @@ class PostcopyIncoming:
 
     async def _listen_main(self, channel: MigrationChannel, decoder: codec.StreamDecoder) -> None:
         """Read the rest of the main stream, placing pages, until its end (in a thread when
-        the stream has a file descriptor)."""
+        the stream has a thread stream)."""
         try:
-            fd = stream_fd(channel.stream)
-            if fd is not None and not channel.buffered:
+            stream = thread_stream(channel.stream)
+            if stream is not None and not channel.buffered:
                 token = trio.lowlevel.current_trio_token()
-                await run_in_thread(functools.partial(self._listen_in_thread, fd, decoder, token))
+                trace("postcopy_thread", loop="main listener", stream=type(stream).__name__)
+                await run_in_thread(
+                    functools.partial(self._listen_in_thread, stream, decoder, token)
+                )
             else:
                 await decode(decoder, channel, self._main_step, self._answer_ping)
         except Exception as exc:
@@ -457,7 +461,7 @@ class PostcopyIncoming:
 
     def _listen_in_thread(
         self,
-        fd: int,
+        stream: ThreadStream,
         decoder: codec.StreamDecoder,
         token: trio.lowlevel.TrioToken,
         stop: StopSignal,
@@ -467,7 +471,7 @@ class PostcopyIncoming:
         scatter = PageScatter(timeout=self.channel_timeout)
 
         def feed(_: object) -> bool:
-            return feed_decoder(decoder, fd, scatter, stop, place=self._place_main)
+            return feed_decoder(decoder, stream, scatter, stop, place=self._place_main)
 
         def answer_ping(value: int) -> None:
             token.run_sync_soon(self._nursery.start_soon, self._pong_once_running, value)
@@ -519,14 +523,16 @@ class PostcopyIncoming:
             await self._listening.wait()
             decoder = self._urgent_decoder
             assert decoder is not None
-            fd = stream_fd(stream)
-            if fd is None:
+            in_thread = thread_stream(stream)
+            if in_thread is None:
                 channel = self._urgent_input = MigrationChannel(stream)
                 await decode(decoder, channel, self._place_urgent)
                 ended = True
             else:
+                trace("postcopy_thread", loop="urgent reader", stream=type(in_thread).__name__)
                 ended = await run_in_thread(
-                    functools.partial(self._read_urgent_in_thread, fd, decoder), urgent=True
+                    functools.partial(self._read_urgent_in_thread, in_thread, decoder),
+                    urgent=True,
                 )
             if ended:
                 self._urgent_ended.set()
@@ -535,12 +541,12 @@ class PostcopyIncoming:
                 await stream.aclose()
 
     def _read_urgent_in_thread(
-        self, fd: int, decoder: codec.RamChannelDecoder, stop: StopSignal
+        self, stream: ThreadStream, decoder: codec.RamChannelDecoder, stop: StopSignal
     ) -> bool:
         """The urgent reader's thread: read and place urgent pages until the channel's end
         (True) or ``stop`` (False)."""
-        feed = self._urgent_input = FdFeed(
-            fd, stop, what="the urgent page channel", chunk=READ_CHUNK
+        feed = self._urgent_input = StreamFeed(
+            stream, stop, what="the urgent page channel", chunk=READ_CHUNK
         )
         return decode_in_thread(decoder, feed, self._place_urgent)
 

@@ -8,7 +8,7 @@ import trio
 
 from ..channel import MigrationChannel
 from ..errors import TransportError
-from ..threads import stream_fd, write_all
+from ..threads import thread_stream
 
 #: A return-path message that the source does not take within this long breaks the path.
 RETURN_PATH_SEND_TIMEOUT = 10.0
@@ -23,20 +23,21 @@ class ReturnPathWriter:
     fault handler, when postcopy ends) must not leave half a frame on the path, so the
     write itself is shielded and bounded by RETURN_PATH_SEND_TIMEOUT instead.
 
-    When the stream has a file descriptor (``threadsafe``), OS threads write too, with
-    ``send_from_thread``: a lock shared with the trio writers keeps messages whole.
+    When the stream has a thread stream (``threadsafe``: a socket, TLS over one), OS
+    threads write too, with ``send_from_thread``: a lock shared with the trio writers
+    keeps messages whole (and TLS records in the order they were encrypted).
     """
 
     def __init__(self, channel: MigrationChannel) -> None:
         self._channel = channel
         self._lock = trio.Lock()
-        self._fd = stream_fd(channel.stream)
+        self._stream = thread_stream(channel.stream)
         self._write_lock = threading.Lock()
 
     @property
     def threadsafe(self) -> bool:
-        """Whether ``send_from_thread`` works (the stream has a file descriptor)."""
-        return self._fd is not None
+        """Whether ``send_from_thread`` works (the stream has a thread stream)."""
+        return self._stream is not None
 
     async def send(self, message: bytes) -> None:
         async with self._lock:
@@ -60,7 +61,9 @@ class ReturnPathWriter:
     def send_from_thread(self, message: bytes) -> None:
         """Write ``message`` from an OS thread (blocking; ``threadsafe`` streams only).
         Raises TransportError if the source takes nothing for RETURN_PATH_SEND_TIMEOUT."""
-        if self._fd is None:
-            raise RuntimeError("send_from_thread needs a return path with a file descriptor")
+        if self._stream is None:
+            raise RuntimeError("send_from_thread needs a return path with a thread stream")
         with self._write_lock:
-            write_all(self._fd, [message], timeout=RETURN_PATH_SEND_TIMEOUT, what="the return path")
+            self._stream.write_all(
+                [message], timeout=RETURN_PATH_SEND_TIMEOUT, what="the return path"
+            )

@@ -34,8 +34,8 @@ from ..codec.constants import (
     TARGET_PAGE_SIZE,
 )
 from ..kernel.iov import IOV_MAX
-from ..loops import feed_from_fd
-from ..threads import StopSignal, readv_into
+from ..loops import feed_from_stream
+from ..threads import StopSignal, ThreadStream
 
 WORD_SIZE = PAGE_RECORD_SIZE - TARGET_PAGE_SIZE
 MAX_RECORDS = min(512, IOV_MAX // 2)
@@ -50,9 +50,14 @@ next read)."""
 
 
 def feed_decoder(
-    decoder: StreamDecoder, fd: int, scatter: PageScatter, stop: StopSignal, *, place: PlacePages
+    decoder: StreamDecoder,
+    stream: ThreadStream,
+    scatter: PageScatter,
+    stop: StopSignal,
+    *,
+    place: PlacePages,
 ) -> bool:
-    """Give ``decoder`` more of the stream read from the non-blocking ``fd``, or, when it sits
+    """Give ``decoder`` more of the stream read from ``stream``, or, when it sits
     between two RAM records, take the page records that follow with ``scatter`` and hand
     them to ``place`` (the decoder then gets the bytes after them): the main listener's
     ``loops.Feed``, called whenever the decoder returns NEED_DATA. False once ``stop`` is set.
@@ -65,12 +70,17 @@ def feed_decoder(
         taken = decoder.take_ram_records()
     scatter.last_count = 1
     if taken is None:
-        count = feed_from_fd(
-            decoder, fd, stop, what="the main stream", chunk=READ_CHUNK, timeout=scatter.timeout
+        count = feed_from_stream(
+            decoder,
+            stream,
+            stop,
+            what="the main stream",
+            chunk=READ_CHUNK,
+            timeout=scatter.timeout,
         )
         return count is not None
     block, block_size, prefix = taken
-    read = scatter.read(fd, stop, block_size=block_size, prefix=prefix)
+    read = scatter.read(stream, stop, block_size=block_size, prefix=prefix)
     if read is None:
         return False
     scatter.last_count = read.count
@@ -97,7 +107,7 @@ class ScatterRead:
 
 
 class PageScatter:
-    """Scatters runs of page records from a non-blocking fd into ``words`` and ``pages``.
+    """Scatters runs of page records from a ThreadStream into ``words`` and ``pages``.
 
     One per reader thread; the arrays are reused by every read (place the pages before
     the next one).
@@ -129,9 +139,9 @@ class PageScatter:
         return self.words[:count].astype(np.uint64) & np.uint64(~RAM_FLAGS_MASK & (2**64 - 1))
 
     def read(
-        self, fd: int, stop: StopSignal, *, block_size: int, prefix: bytes = b""
+        self, stream: ThreadStream, stop: StopSignal, *, block_size: int, prefix: bytes = b""
     ) -> ScatterRead | None:
-        """Read CONTINUE page records of a block of ``block_size`` bytes from ``fd``.
+        """Read CONTINUE page records of a block of ``block_size`` bytes from ``stream``.
 
         ``prefix`` holds bytes already received of the first record (fewer than one
         record). Returns what was taken once at least one read returned (a whole number
@@ -143,7 +153,7 @@ class PageScatter:
         total = self._put(prefix)
         eof = False
         if total < WORD_SIZE or self._valid(0, 1, block_size):
-            count = self._readv(fd, stop, total, len(self._pieces))
+            count = self._readv(stream, stop, total, len(self._pieces))
             if count is None:
                 return None
             eof = count == 0
@@ -153,7 +163,7 @@ class PageScatter:
             record, within = divmod(total, PAGE_RECORD_SIZE)
             if within >= WORD_SIZE and not self._valid(record, record + 1, block_size):
                 break
-            count = self._readv(fd, stop, total, 2 * record + 2)
+            count = self._readv(stream, stop, total, 2 * record + 2)
             if count is None:
                 return None
             eof = count == 0
@@ -207,11 +217,12 @@ class PageScatter:
         joined = b"".join(bytes(piece) for piece in self._views_from(start, last_piece))
         return joined[: end - start]
 
-    def _readv(self, fd: int, stop: StopSignal, offset: int, end_piece: int) -> int | None:
+    def _readv(
+        self, stream: ThreadStream, stop: StopSignal, offset: int, end_piece: int
+    ) -> int | None:
         """One readv into the pieces from byte ``offset`` (up to piece ``end_piece``),
         waiting for data; the count (0 at EOF), or None once ``stop`` is set."""
-        return readv_into(
-            fd,
+        return stream.readv_into(
             self._views_from(offset, end_piece),
             stop,
             what="the main stream",

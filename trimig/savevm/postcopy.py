@@ -14,7 +14,8 @@ queued on the main channel; it sends it even if the main channel already carries
 Without one the background sender takes requests before its next window. Either way
 the background scan continues from the requested page.
 
-When both connections have file descriptors the return path is read by an OS thread
+When both connections have thread streams (``threads.thread_stream``: sockets, TLS over
+them) the return path is read by an OS thread
 (``return_path.read_return_path``, run with ``trimig.threads.run_in_thread``) that
 answers each request itself (``UrgentSender.send_from_thread``) the moment it arrives,
 without waiting for the trio loop to come back from the background sender's bulk work;
@@ -48,7 +49,8 @@ from ..codec.constants import PING_DEVICES_LOADED, QEMU_VM_PING_PACKAGED_LOADED
 from ..errors import LocalProtocolError
 from ..postcopy import PageRequest, PageRequestQueue, canonicalize, dirty_ranges
 from ..ram_blocks import TARGET_PAGE_SIZE, RamBlock
-from ..threads import stream_fd, write_all
+from ..threads import thread_stream
+from ..trace import trace
 from ..transports.base import Buffer
 from .ram_saver import RamSaver
 
@@ -97,7 +99,7 @@ class RequestServed:
 class UrgentSender:
     """Sends requested host pages, on the urgent channel when there is one.
 
-    With an urgent channel over a file descriptor (``threaded``) the return-path thread
+    With an urgent channel that has a thread stream (``threaded``) the return-path thread
     sends them with ``send_from_thread``; trio then never writes to that channel. The
     thread only reads the RAM bitmaps: trio clears the dirty bits of what it sent when
     it hears of it (``mark_sent``), so the background sender, which scans and clears
@@ -114,7 +116,9 @@ class UrgentSender:
         self.ram = ram
         self.urgent = urgent
         self.encoder = codec.RamRecordEncoder()
-        self._fd = stream_fd(urgent.stream) if urgent is not None else None
+        self._stream = thread_stream(urgent.stream) if urgent is not None else None
+        if self._stream is not None:
+            trace("postcopy_thread", loop="urgent sender", stream=type(self._stream).__name__)
         self._thread_bytes = 0
         #: Held by whoever writes the urgent channel (the return-path thread, or trio's
         #: send_now) and by ``end``: an urgent page goes out whole, before the channel's end.
@@ -124,7 +128,7 @@ class UrgentSender:
     @property
     def threaded(self) -> bool:
         """Whether requests are answered by the return-path thread (``send_from_thread``)."""
-        return self._fd is not None
+        return self._stream is not None
 
     @property
     def bytes_sent(self) -> int:
@@ -162,15 +166,15 @@ class UrgentSender:
         pages and ``mark_sent`` them (a bitmap cleared under the background sender's scan
         would corrupt it: numpy's nonzero counts, then fills). Raises TransportError if
         the destination takes nothing for URGENT_SEND_TIMEOUT."""
-        if self._fd is None:
-            raise RuntimeError("send_from_thread needs an urgent channel with a file descriptor")
+        if self._stream is None:
+            raise RuntimeError("send_from_thread needs an urgent channel with a thread stream")
         with self._lock:
             if self._ended:
                 return RequestServed(request, 0, 0)  # its page went on the main channel
             records, data_pages, zero_pages = self._records(request, self.encoder, resend=True)
             if records:
-                self._thread_bytes += write_all(
-                    self._fd, records, timeout=URGENT_SEND_TIMEOUT, what="the urgent page channel"
+                self._thread_bytes += self._stream.write_all(
+                    records, timeout=URGENT_SEND_TIMEOUT, what="the urgent page channel"
                 )
         return RequestServed(request, data_pages, zero_pages)
 

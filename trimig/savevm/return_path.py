@@ -6,7 +6,8 @@ said: the PONG of each PING (``pong``), the SHUT and its status, the error that 
 the path. Everything that concerns the migration itself (page requests, what a PONG
 means for postcopy, cancelling the work) goes back through ``ReturnPathOwner``.
 
-Over a file descriptor an OS thread reads the messages (``read_return_path``, the
+Over a thread stream (a socket, TLS over one) an OS thread reads the messages
+(``read_return_path``, the
 thread driver of ``trimig.loops``), answers page requests on a threaded urgent channel
 itself and posts everything else to the trio task; otherwise the trio task decodes them
 itself (the trio driver). Both act on each message with the one synchronous step,
@@ -28,9 +29,10 @@ from .._trio import open_nursery, sole_error
 from ..channel import MigrationChannel
 from ..codec._base import DEFAULT_RECEIVE_SIZE
 from ..errors import RemoteProtocolError, TransportError
-from ..loops import END, End, FdFeed, decode, decode_in_thread
+from ..loops import END, End, StreamFeed, decode, decode_in_thread
 from ..postcopy import PageRequest
-from ..threads import StopSignal, run_in_thread, stream_fd
+from ..threads import StopSignal, ThreadStream, run_in_thread, thread_stream
+from ..trace import trace
 from .postcopy import RequestServed
 
 #: How long to wait for the destination's SHUT, or for the PONG of a barrier PING.
@@ -119,18 +121,19 @@ class SourceReturnPath:
     ) -> None:
         """Read return-path messages until SHUT or the stream ends. Lives in run()'s nursery.
 
-        Over a file descriptor an OS thread reads them (``read_return_path``): it answers
+        Over a thread stream an OS thread reads them (``read_return_path``): it answers
         page requests on a threaded urgent channel itself and posts the rest to this task,
         which acts on them as the trio reader would (so not once it is cancelled).
         """
-        fd = stream_fd(channel.stream)
-        if fd is not None:
+        stream = thread_stream(channel.stream)
+        if stream is not None:
+            trace("return_path_thread", stream=type(stream).__name__)
             posted, items = trio.open_memory_channel[object](math.inf)
             deliver = functools.partial(
                 trio.lowlevel.current_trio_token().run_sync_soon, _post, posted
             )
             thread = functools.partial(
-                read_return_path, fd, serve=self._owner.serve_in_thread, deliver=deliver
+                read_return_path, stream, serve=self._owner.serve_in_thread, deliver=deliver
             )
             async with open_nursery() as nursery:
                 nursery.start_soon(functools.partial(run_in_thread, thread, urgent=True))
@@ -265,13 +268,13 @@ def _post(channel: trio.MemorySendChannel[object], item: object) -> None:
 
 
 def read_return_path(
-    fd: int,
+    stream: ThreadStream,
     stop: StopSignal,
     *,
     serve: Callable[[codec.ReqPages], RequestServed | None],
     deliver: Callable[[object], None],
 ) -> None:
-    """The source's return-path thread: decode the messages read from ``fd``.
+    """The source's return-path thread: decode the messages read from ``stream``.
 
     A page request that ``serve`` answers is answered right here, and its RequestServed
     goes to ``deliver``; so does every other message, and the RemoteProtocolError or
@@ -287,7 +290,7 @@ def read_return_path(
         deliver(event)
         return END if isinstance(event, (codec.Shut, codec.ChannelClosed)) else None
 
-    feed = FdFeed(fd, stop, what="the return path", chunk=DEFAULT_RECEIVE_SIZE)
+    feed = StreamFeed(stream, stop, what="the return path", chunk=DEFAULT_RECEIVE_SIZE)
     try:
         decode_in_thread(codec.ReturnPathDecoder(), feed, serve_or_deliver)
     except (RemoteProtocolError, TransportError) as exc:

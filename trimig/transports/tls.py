@@ -20,8 +20,9 @@ The handshake and the records are stdlib ssl's ``SSLObject`` over memory BIOs
 (:mod:`trimig.transports.tls_session`) driven here from trio; trio's ``SSLStream`` costs
 a scheduler round per 16 KiB record, which made TLS 4x slower than plaintext.
 
-:class:`TlsStream` has no ``fileno``: the OS-thread fast paths (``threads.stream_fd``)
-serve only streams whose fd carries their bytes raw, so they use its trio methods.
+:class:`TlsStream` has no ``fileno`` (its fd carries ciphertext): the OS-thread fast paths
+read and write it through :meth:`TlsStream.thread_stream`, the thread driver of the same
+session (:mod:`trimig.transports.tls_thread`), which encrypts and decrypts in the thread.
 
 The end of a session: ``send_eof`` half-closes the transport after the last record (TLS
 has no half close) and a session that ends without close_notify counts as an EOF
@@ -38,7 +39,8 @@ from collections.abc import Callable, Sequence
 import trio
 
 from trimig.errors import ConfigError, TransportError
-from trimig.kernel.iov import GatherCopy, GatherItem, IoVector
+from trimig.kernel.iov import GatherItem
+from trimig.threads import ThreadStream, thread_stream
 from trimig.transports.base import (
     ByteStream,
     Listener,
@@ -54,6 +56,7 @@ from trimig.transports.tls_credentials import (
     subject_name,
 )
 from trimig.transports.tls_session import RECORD, WRITE_CHUNK, TlsSession
+from trimig.transports.tls_thread import TlsThreadStream
 from trimig.transports.uri import Address, TcpAddress
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -116,6 +119,15 @@ class TlsStream:
         writers fail."""
         shutdown_stream(self._inner)
 
+    def thread_stream(self) -> TlsThreadStream | None:
+        """The thread driver of this stream's session (``threads.thread_stream``): None
+        when the transport underneath has no fd, or while plaintext received during
+        :meth:`wait_accepted` waits for the trio reader."""
+        raw = thread_stream(self._inner)
+        if raw is None or type(raw) is not ThreadStream or self._held:
+            return None
+        return TlsThreadStream(self._session, raw.fd, peer=self._peer)
+
     @property
     def cipher(self) -> str:
         cipher = self._session.ssl_object.cipher()
@@ -125,18 +137,11 @@ class TlsStream:
         if self._eof_sent:
             raise TransportError(f"sending on TLS to {self._peer} after send_eof()")
         async with self._send_lock:
+            if self._staging is None:
+                self._staging = memoryview(bytearray(WRITE_CHUNK))
             try:
-                if not any(isinstance(item, IoVector) for item in buffers):
-                    await self._send_pieces(self._session.encrypt(buffers))  # type: ignore[arg-type]
-                    return
-                # Pages as iovec arrays: gathered by the kernel into one buffer at a time
-                # (a memoryview per page costs about twice as much).
-                gather = GatherCopy(buffers)
-                if self._staging is None:
-                    self._staging = memoryview(bytearray(WRITE_CHUNK))
-                while gather.remaining:
-                    count = gather.copy_into(self._staging)
-                    await self._send_pieces(self._session.encrypt([self._staging[:count]]))
+                for pieces in self._session.encrypt_items(buffers, self._staging):
+                    await self._send_pieces(pieces)
             except (TransportError, ssl.SSLError) as error:
                 raise self._failure("sending", error) from error
 

@@ -8,16 +8,25 @@ in few C calls and hands back their ciphertext in one buffer; :meth:`TlsSession.
 takes whatever one large receive brought (many records) and :meth:`TlsSession.read_into`
 decrypts every complete record straight into the caller's buffer.
 
-A session is not thread-safe: one driver at a time.
+Two drivers: the trio ``TlsStream`` (transports/tls.py) and the thread driver
+``TlsThreadStream`` (transports/tls_thread.py, the OS-thread fast paths), both over these
+steps. A session may be driven from two threads at once, one receiving and one sending
+(a postcopy listener thread reading the main stream while the fault thread writes page
+requests on its return path): every step takes the session's lock around its ssl calls
+(OpenSSL's SSL object is not thread-safe; ssl releases the GIL in the crypto). One
+receiver at a time and one sender at a time are the drivers' business, and so is the
+order of ciphertext: a sender writes what :meth:`TlsSession.encrypt` returned before
+another sender encrypts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
-from trimig.kernel.iov import Buffer
+from trimig.kernel.iov import Buffer, GatherCopy, GatherItem, IoVector
 
 #: Plaintext bytes of one TLS record (the most a record holds).
 RECORD = 1 << 14
@@ -33,7 +42,7 @@ class TlsSession:
     :meth:`feed`/:meth:`read_into`. ssl errors (``ssl.SSLError``) propagate.
     """
 
-    __slots__ = ("_incoming", "_outgoing", "ended", "ssl_object")
+    __slots__ = ("_incoming", "_lock", "_outgoing", "ended", "ssl_object")
 
     def __init__(
         self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None
@@ -45,11 +54,13 @@ class TlsSession:
         )
         #: The peer ended the session (close_notify, or the transport's EOF).
         self.ended = False
+        self._lock = threading.Lock()
 
     def handshake_step(self) -> bool:
         """Advance the handshake with what was fed; True once it is complete."""
         try:
-            self.ssl_object.do_handshake()
+            with self._lock:
+                self.ssl_object.do_handshake()
         except ssl.SSLWantReadError:
             return False
         return True
@@ -61,13 +72,33 @@ class TlsSession:
 
     def take_output(self) -> bytes:
         """The ciphertext produced so far (handshake messages, records, alerts), to send."""
-        return self._outgoing.read()
+        with self._lock:
+            return self._outgoing.read()
+
+    def encrypt_items(
+        self, items: Sequence[GatherItem], staging: memoryview
+    ) -> Iterator[list[bytes]]:
+        """:meth:`encrypt` of buffers and IoVectors alike: the ciphertext, a list of pieces
+        at a time, to send in order before the next is taken. Pages as iovec arrays are
+        gathered by the kernel into ``staging`` (WRITE_CHUNK bytes or so) one buffer at a
+        time (a memoryview per page costs about twice as much)."""
+        if not any(isinstance(item, IoVector) for item in items):
+            yield self.encrypt(items)  # type: ignore[arg-type]
+            return
+        gather = GatherCopy(items)
+        while gather.remaining:
+            count = gather.copy_into(staging)
+            yield self.encrypt([staging[:count]])
 
     def encrypt(self, buffers: Sequence[Buffer], *, limit: int = WRITE_CHUNK) -> list[bytes]:
         """Encrypt every byte of ``buffers`` in order; the ciphertext, in pieces of about
         ``limit`` bytes (with any output already pending first). Small buffers are joined
         (a record per 4 KiB page would cost a call and 22 bytes each); large ones are
         encrypted where they lie."""
+        with self._lock:
+            return self._encrypt(buffers, limit)
+
+    def _encrypt(self, buffers: Sequence[Buffer], limit: int) -> list[bytes]:
         pieces: list[bytes] = []
         small: list[Buffer] = []
         size = 0
@@ -95,39 +126,51 @@ class TlsSession:
 
     def feed(self, ciphertext: Buffer) -> None:
         """Hand over bytes received from the peer; empty means the transport's EOF."""
-        if memoryview(ciphertext).nbytes:
-            self._incoming.write(ciphertext)
-        else:
-            self._incoming.write_eof()
+        with self._lock:
+            if memoryview(ciphertext).nbytes:
+                self._incoming.write(ciphertext)
+            else:
+                self._incoming.write_eof()
 
     def read_into(self, buffer: memoryview) -> int | None:
         """Decrypt the complete records fed so far into ``buffer`` (non-empty): the count
         (at least one), 0 once the peer ended the session, or None when more ciphertext
         is needed. An end without close_notify counts as an end (the migration stream has
         its own end markers, and QEMU tolerates it)."""
+        return self.readv_into([buffer])
+
+    def readv_into(self, buffers: Sequence[memoryview]) -> int | None:
+        """:meth:`read_into` scattering the plaintext over ``buffers`` in order (a readv:
+        records' words and pages into their own arrays)."""
         have = 0
-        room = buffer.nbytes
         read = self.ssl_object.read
-        while have < room and not self.ended:
-            try:
-                count = int(read(room - have, buffer[have:]))  # a count, given a buffer
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                count = 0
-            if not count:
-                self.ended = True
-                break
-            have += count
+        with self._lock:
+            for buffer in buffers:
+                room, filled = buffer.nbytes, 0
+                while filled < room and not self.ended:
+                    try:
+                        count = int(read(room - filled, buffer[filled:]))  # given a buffer
+                    except ssl.SSLWantReadError:
+                        break
+                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        count = 0
+                    if not count:
+                        self.ended = True
+                        break
+                    filled += count
+                have += filled
+                if filled < room:
+                    break
         if have:
             return have
         return 0 if self.ended else None
 
     def close_notify(self) -> bytes:
         """The close_notify alert to send (empty if the session cannot send one)."""
-        with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: the peer's is not awaited
-            self.ssl_object.unwrap()
-        return self._outgoing.read()
+        with self._lock:
+            with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: the peer's is not awaited
+                self.ssl_object.unwrap()
+            return self._outgoing.read()
 
     def has_ticket(self) -> bool:
         """Whether the peer (a TLS 1.3 server) has sent a session ticket: it does that only
