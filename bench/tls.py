@@ -8,7 +8,7 @@ Run: python bench/tls.py [--stream-mib 512] [--ram 256M] [--repeats 3] [--postco
   trustme certificates) alternately, ``--repeats`` times each;
 * migration: a precopy of a ``--ram`` built-in guest dirtying 64 MiB/s over tcp, plaintext
   and TLS alternately (and postcopy with preempt with ``--postcopy``), total time and
-  throughput.
+  throughput (postcopy: and the destination's fault latency p50/p99 and blocktime).
 """
 
 from __future__ import annotations
@@ -100,7 +100,12 @@ async def migration_once(ram: int, tls, postcopy: bool) -> dict:  # type: ignore
         tls=tls,
     )
     assert result.ok, result.to_json()
-    return result.source | {"cpu": time.process_time() - cpu}
+    faults = {
+        key: result.destination[key]
+        for key in ("x-postcopy-latency-p50", "x-postcopy-latency-p99", "postcopy-blocktime")
+        if key in result.destination
+    }
+    return result.source | faults | {"cpu": time.process_time() - cpu}
 
 
 def main() -> None:
@@ -139,10 +144,24 @@ def main() -> None:
                 downtime = statistics.median(info["downtime"] for info in infos)
                 cpu = statistics.median(info["cpu"] for info in infos)
                 sent = statistics.median(info["ram"]["transferred"] for info in infos) / 2**20
+                faults = ""
+                if postcopy:
+                    p50, p99, blocktime = (
+                        statistics.median(info.get(key, 0) for info in infos)
+                        for key in (
+                            "x-postcopy-latency-p50",
+                            "x-postcopy-latency-p99",
+                            "postcopy-blocktime",
+                        )
+                    )
+                    faults = (
+                        f"  fault latency p50/p99 {p50 / 1000:.0f}/{p99 / 1000:.0f} us, "
+                        f"blocktime {blocktime:.0f} ms"
+                    )
                 print(
                     f"{kind} {name:5}  total {total_ms:.0f} ms  {mbps:.0f} Mbit/s  "
                     f"downtime {downtime:.0f} ms  {sent:.0f} MiB sent, engines' CPU "
-                    f"{cpu:.2f} s ({sent / cpu:.0f} MiB per CPU second)"
+                    f"{cpu:.2f} s ({sent / cpu:.0f} MiB per CPU second){faults}"
                 )
 
 
