@@ -12,6 +12,7 @@ import trio
 import trustme
 from tls_certs import CLIENT_NAME, write_creds
 
+from trimig._trio import open_nursery
 from trimig.errors import ConfigError, TransportError
 from trimig.threads import thread_stream
 from trimig.transports import ByteStream, connect, listen
@@ -47,7 +48,7 @@ async def attempt(
             except TransportError as error:
                 errors.append(error)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(accept)
             try:
                 stream = await connect(listener.address, tls=client)
@@ -126,7 +127,7 @@ async def test_a_source_certificate_from_a_foreign_ca_is_refused(tmp_path: objec
     server = TlsSettings(creds(server_dir, "server"))
     async with await listen("tcp:127.0.0.1:0", tls=server) as listener:
         with pytest.raises(TlsError, match=r"refused our certificate: it is not signed by a CA"):
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(partial(connect, listener.address, tls=client))
                 with trio.fail_after(10), pytest.raises(TlsError) as refused:
                     await listener.accept()
@@ -147,7 +148,7 @@ async def test_plaintext_source_is_refused(good: str) -> None:
 
 
 async def test_plaintext_destination_is_refused(good: str) -> None:
-    async with await listen("tcp:127.0.0.1:0") as listener, trio.open_nursery() as nursery:
+    async with await listen("tcp:127.0.0.1:0") as listener, open_nursery() as nursery:
 
         async def plaintext_destination() -> None:
             stream = await listener.accept()
@@ -169,7 +170,7 @@ async def test_a_source_not_on_the_allow_list_is_refused(good: str) -> None:
         # TLS 1.3: the source's handshake is done before the destination checks it; the
         # source waits for the session ticket it sends only to a source it lets in.
         with pytest.raises(TlsError, match=r"refused this connection.*tls-authz allow-list"):
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(partial(connect, listener.address, tls=client))
                 with trio.fail_after(10), pytest.raises(TlsError) as refused:
                     await listener.accept()
