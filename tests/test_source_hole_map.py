@@ -54,3 +54,33 @@ async def test_hole_map_matches_a_full_seek_walk(
             with trio.CancelScope(shield=True):
                 await guest.untrack_dirty()
             log.close()
+
+
+async def test_the_last_collect_finds_the_same_pages_in_one_walk() -> None:
+    """DirtyLog.collect_last (the final sync, the guest stopped): the written pages that
+    collect finds and the present ranges that give the same hole map, from one scan."""
+    command = workload_command(fill="random", dirty_rate="100M")
+    async with running_guest([RamBlockSpec("pc.ram", PAGES * PAGE)], command) as (guest, blocks):
+        [block] = blocks
+        uffd, addresses = await guest.track_dirty()
+        log = DirtyLog(guest.pid, blocks, addresses, uffd)
+        try:
+            log.collect({block.name: np.zeros(PAGES, dtype=bool)})  # protect every page
+            await trio.sleep(0.05)  # the guest sweeps on
+            await guest.stop()
+            for first, count in ((10, 1), (1500, 300)):
+                punch_hole(block.fd, first * PAGE, count * PAGE)
+            last = {block.name: np.zeros(PAGES, dtype=bool)}
+            newly, present = log.collect_last(last)
+            # It protected nothing again: collect still finds exactly those pages.
+            again = {block.name: np.zeros(PAGES, dtype=bool)}
+            assert log.collect(again) == newly > 0
+            np.testing.assert_array_equal(last[block.name], again[block.name])
+            np.testing.assert_array_equal(
+                log.hole_pages(block, present[block.name]), seek_hole_pages(block)
+            )
+            assert seek_hole_pages(block)[[10, 1500, 1799]].all()
+        finally:
+            with trio.CancelScope(shield=True):
+                await guest.untrack_dirty()
+            log.close()

@@ -147,6 +147,26 @@ def test_more_ranges_than_the_output_vector(track: Callable[..., Tracked], count
     assert tracked.take() == []
 
 
+@pytest.mark.parametrize("count", [3, VECTOR_LENGTH + 904])
+def test_written_and_present_in_one_walk(track: Callable[..., Tracked], count: int) -> None:
+    """The last sync's scan: the same written and present ranges as the two read-only
+    scans, also past a full output vector; it protects nothing again."""
+    tracked = track(4 * count * P)
+    array = np.frombuffer(tracked.mapping.buffer, dtype=np.uint8).reshape(-1, P)
+    array[0::4, 0] = 1  # written
+    _ = int(array[1::4, 0].sum())  # present, not written
+    del array
+    written, present = tracked.scanner.written_and_present(tracked.start, tracked.end)
+    assert pages(written, tracked.start) == tracked.peek()
+    assert pages(written, tracked.start)[:3] == [(0, 1), (4, 5), (8, 9)]
+    alone = tracked.scanner.present(tracked.start, tracked.end)
+    assert pages(present, tracked.start) == pages(alone, tracked.start)
+    covered = {page for first, end in pages(present, tracked.start) for page in range(first, end)}
+    assert {4 * i for i in range(count)} | {4 * i + 1 for i in range(count)} <= covered
+    assert written.flags.c_contiguous and present.flags.c_contiguous
+    assert len(tracked.take()) == count  # still written: the walk protected nothing
+
+
 def test_hugetlb_tracking(hugepages: Any, track: Callable[..., Tracked]) -> None:
     tracked = track(4 * HUGE_PAGE_SIZE, hugetlb=True)
     buffer = tracked.mapping.buffer

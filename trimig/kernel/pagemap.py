@@ -27,6 +27,8 @@ VECTOR_LENGTH = 4096
 
 _EMPTY = np.empty((0, 2), dtype=np.uint64)
 _EMPTY.flags.writeable = False
+_EMPTY_ROWS = np.empty((0, 3), dtype=np.uint64)
+_EMPTY_ROWS.flags.writeable = False
 
 
 class PagemapScanner(OwnedFd):
@@ -74,6 +76,19 @@ class PagemapScanner(OwnedFd):
         For a shared file mapping a present page is in the file's page cache."""
         return self._scan(start, end, 0, category=_ffi.PAGE_IS_PRESENT)
 
+    def written_and_present(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`written` and :meth:`present` of ``[start, end)`` from one walk of the page
+        tables instead of two (a last sync: nothing is protected again). Each as
+        :meth:`take_written` returns ranges."""
+        both = _ffi.PAGE_IS_WRITTEN | _ffi.PAGE_IS_PRESENT
+        rows = self._scan_rows(start, end, _ffi.PM_SCAN_CHECK_WPASYNC, category=0, anyof=both)
+        written = rows[(rows[:, 2] & _ffi.PAGE_IS_WRITTEN) != 0, :2]
+        present = rows[(rows[:, 2] & _ffi.PAGE_IS_PRESENT) != 0, :2]
+        return (
+            np.ascontiguousarray(_merge_adjacent(written)),
+            np.ascontiguousarray(_merge_adjacent(present)),
+        )
+
     def protect(self, start: int, end: int) -> None:
         """Write-protect every page of ``[start, end)`` (populated or not) without reporting
         anything: starts (or restarts) dirty tracking without the userfaultfd."""
@@ -97,11 +112,20 @@ class PagemapScanner(OwnedFd):
     def _scan(
         self, start: int, end: int, flags: int, *, category: int = _ffi.PAGE_IS_WRITTEN
     ) -> np.ndarray:
+        rows = self._scan_rows(start, end, flags, category=category)
+        return np.ascontiguousarray(_merge_adjacent(rows[:, :2]))
+
+    def _scan_rows(
+        self, start: int, end: int, flags: int, *, category: int, anyof: int = 0
+    ) -> np.ndarray:
+        """The kernel's page_region rows (start, end, categories) of the pages having every
+        bit of ``category`` and, if ``anyof``, one of its bits; both are returned."""
         self._check(start, end)
         arg = self._arg
         arg.flags = flags
         arg.category_mask = category
-        arg.return_mask = category
+        arg.category_anyof_mask = anyof
+        arg.return_mask = category | anyof
         arg.start = start
         arg.end = end
         vector = self._vector
@@ -111,7 +135,7 @@ class PagemapScanner(OwnedFd):
             if count < 0:
                 self._raise(errno(), start, end)
             if count:
-                chunks.append(vector[:count, :2].copy())
+                chunks.append(vector[:count].copy())
             # The kernel stops early only when the output vector is full. Otherwise the
             # walk is complete, whatever walk_end says: Linux 6.18 leaves walk_end at the
             # point of an internal restart (its bounce buffer filled) even when the walk
@@ -124,11 +148,8 @@ class PagemapScanner(OwnedFd):
                 break
             arg.start = resume
         if not chunks:
-            return _EMPTY
-        ranges = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        if len(ranges) > 1:
-            ranges = _merge_adjacent(ranges)
-        return ranges
+            return _EMPTY_ROWS
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def _check(self, start: int, end: int) -> None:
         if self._fd < 0:
@@ -152,6 +173,8 @@ class PagemapScanner(OwnedFd):
 
 def _merge_adjacent(ranges: np.ndarray) -> np.ndarray:
     """Merge rows whose start equals the previous row's end (rows sorted, disjoint)."""
+    if len(ranges) < 2:
+        return ranges if len(ranges) else _EMPTY
     breaks = ranges[1:, 0] != ranges[:-1, 1]
     if breaks.all():
         return ranges

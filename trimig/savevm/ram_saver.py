@@ -94,14 +94,32 @@ class DirtyLog:
         newly = 0
         for block, address in self._blocks:
             ranges = self._scanner.take_written(address, address + block.size)
-            pages = ranges_to_pages(ranges, address, block.spec.target_pages)
-            bitmap = dirty[block.name]
-            newly += int(len(pages) - np.count_nonzero(bitmap[pages]))
-            bitmap[pages] = True
+            newly += self._mark(dirty, block, ranges)
         return newly
 
-    def hole_pages(self, block: RamBlock) -> np.ndarray:
-        """One bool per target page of a shmem ``block``: a hole in its memfd, read now.
+    def collect_last(self, dirty: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """``collect`` for the last time (the guest is stopped for good), with each block's
+        present pages for ``hole_pages``: one read-only walk of the page tables per block
+        finds both (nothing is protected again, nothing needs to be)."""
+        newly = 0
+        present: dict[str, np.ndarray] = {}
+        for block, address in self._blocks:
+            written, present[block.name] = self._scanner.written_and_present(
+                address, address + block.size
+            )
+            newly += self._mark(dirty, block, written)
+        return newly, present
+
+    def _mark(self, dirty: dict[str, np.ndarray], block: RamBlock, ranges: np.ndarray) -> int:
+        pages = ranges_to_pages(ranges, self._addresses[block.name], block.spec.target_pages)
+        bitmap = dirty[block.name]
+        newly = int(len(pages) - np.count_nonzero(bitmap[pages]))
+        bitmap[pages] = True
+        return newly
+
+    def hole_pages(self, block: RamBlock, present: np.ndarray | None = None) -> np.ndarray:
+        """One bool per target page of a shmem ``block``: a hole in its memfd, read now
+        (``present``: the block's present ranges from ``collect_last``, read then).
 
         A page the guest maps present is in the memfd's page cache, so data: one
         PAGEMAP_SCAN finds those, and SEEK_DATA/SEEK_HOLE (which count a swapped-out
@@ -110,9 +128,10 @@ class DirtyLog:
         page (15-20 ms per GiB).
         """
         address = self._addresses[block.name]
-        ranges = self._scanner.present(address, address + block.size)
-        present = (ranges.astype(np.int64) - address) // TARGET_PAGE_SIZE
-        return seek_hole_pages(block, present)
+        if present is None:
+            present = self._scanner.present(address, address + block.size)
+        pages = (present.astype(np.int64) - address) // TARGET_PAGE_SIZE
+        return seek_hole_pages(block, pages)
 
     def close(self) -> None:
         """Stop reading the log; the guest unregisters its side with ``untrack_dirty``."""
@@ -321,12 +340,16 @@ class RamSaver:
             raise RuntimeError("RamSaver.sync after the final sync")
         if not self._witnesses and not final:
             self._start_witnesses()
-        newly = dirty_log.collect(self.dirty)
+        if final:  # the guest is stopped: the log and the present pages in one scan
+            newly, present = dirty_log.collect_last(self.dirty)
+        else:
+            newly, present = dirty_log.collect(self.dirty), {}
         for block in self.blocks:
             dirty = self.dirty[block.name]
             gone = self.holds_data[block.name] & self._discarded(block)
             if not block.spec.hugetlb:  # hugetlbfs has no SEEK_HOLE; its pages are read
-                holes = self._holes[block.name] = dirty_log.hole_pages(block)
+                holes = dirty_log.hole_pages(block, present.get(block.name))
+                self._holes[block.name] = holes
                 gone |= self.holds_data[block.name] & holes
             if gone.any():
                 newly += int(np.count_nonzero(gone & ~dirty))
