@@ -42,8 +42,9 @@ seconds per GiB transferred of each side: utime+stime (and cutime+cstime) from /
 of the engine process and of its live descendants, before ``migrate`` and once the side
 reports completed. ``all`` counts the guest (QEMU's vCPU thread, trimig's guest process);
 ``engine`` leaves it out (QEMU: minus the "CPU n/TCG" threads; trimig: the engine process
-alone). trimig's destination guest is verified afterwards (``x-guest-verify``), outside
-the timing.
+alone), and each engine's peak memory of its own (RssAnon + RssFile at every poll, and
+VmHWM; bench/engine_memory.py). trimig's destination guest is verified afterwards
+(``x-guest-verify``), outside the timing.
 
 The raw socket limit (bench/raw_socket.py's measurement): a sender process and a receiver
 process moving the same number of bytes (RAM) over the same transport with blocking
@@ -432,10 +433,13 @@ async def set_up_tls(setup: Setup, source: Engine, destination: Engine) -> None:
         await engine.execute("migrate-set-parameters", parameters)
 
 
-async def wait_status(engine: Engine, what: str) -> dict[str, Any]:
+async def wait_status(engine: Engine, what: str, memory: Any = None) -> dict[str, Any]:
+    """query-migrate every POLL s until the migration ends; ``memory.sample()`` each time."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         info: dict[str, Any] = await engine.execute("query-migrate")
+        if memory is not None:
+            memory.sample()
         if info.get("status") in ("completed", "failed", "cancelled"):
             return info
         if time.monotonic() > deadline:
@@ -494,11 +498,16 @@ async def _migrate(
     for engine in (source, destination):
         engine.events.clear()
     cpu_before = {"source": source.cpu(), "destination": destination.cpu()}
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from engine_memory import PeakMemory
+
+    memory = PeakMemory({"source": source.process.pid, "destination": destination.process.pid})
     started = time.monotonic()
     await source.execute("migrate", {"uri": uri})
     if postcopy:
         await source.execute("migrate-start-postcopy")
-    info = await wait_status(source, f"{kind} {case} source")
+    info = await wait_status(source, f"{kind} {case} source", memory)
     cpu_after = {"source": source.cpu()}
     source_wall = time.monotonic() - started
     if info["status"] != "completed":
@@ -516,7 +525,7 @@ async def _migrate(
             break
         await asyncio.sleep(POLL)
         info = await source.execute("query-migrate")
-    incoming = await wait_status(destination, f"{kind} {case} destination")
+    incoming = await wait_status(destination, f"{kind} {case} destination", memory)
     cpu_after["destination"] = destination.cpu()
     destination_wall = time.monotonic() - started
     # the RESUME may follow the destination's completed by a moment
@@ -558,6 +567,7 @@ async def _migrate(
         "source_wall_s": round(source_wall, 3),
         "destination_wall_s": round(destination_wall, 3),
         **cpu,
+        **memory.figures(),
         **{key.replace("_s", "_s_per_gib"): value / gib for key, value in cpu.items()},
         "events": [
             (side, event["event"], timestamp(event), event.get("data", {}).get("status"))
@@ -838,25 +848,35 @@ SUMMARY_KEYS = (
     "destination_all_s_per_gib",
     "source_engine_s_per_gib",
     "destination_engine_s_per_gib",
+    "source_own_peak_MiB",
+    "destination_own_peak_MiB",
 )
 HEADER = (
     f"{'':24} {'MB/s':>17} {'Mbit/s':>7} {'total ms':>17} {'downtime':>9} {'pause ms':>15} "
-    f"{'p50/p99 us':>10} {'CPU s/GiB':>9} {'engine':>9} {'/QEMU':>6} {'/QMP':>5} {'/raw':>5}"
+    f"{'p50/p99 us':>10} {'CPU s/GiB':>9} {'engine':>9} {'own MiB':>9} {'/QEMU':>6} {'/QMP':>5} "
+    f"{'/raw':>5}"
 )
 LEGEND = """\
 MB/s: ram.transferred / total-time (median, range); Mbit/s: ram.mbps; downtime: as each
 engine reports it; pause: source STOP event to destination RESUME event; p50/p99: trimig's
 x-postcopy-latency-p50/p99; CPU s/GiB (src/dst, per GiB transferred): with the guest
-(QEMU's vCPU thread, trimig's guest process) and without it (engine). /QEMU and /raw:
+(QEMU's vCPU thread, trimig's guest process) and without it (engine). own MiB (src/dst):
+peak RssAnon+RssFile of the engine process (QEMU's includes its guest RAM; trimig's
+budget is 3% of RAM + 64 MiB, bench/engine_memory.py). /QEMU and /raw:
 throughput ratios (postcopy: total-time of QEMU / trimig, so above 1 is trimig faster);
 /QMP: to trimig's QMP row; /raw: to raw into fresh memfd memory (trimig's kind)."""
 
 
 def cpu_pair(group: list[dict[str, Any]], part: str) -> str:
-    values = [median(group, f"{side}_{part}_s_per_gib") for side in ("source", "destination")]
+    return side_pair(group, f"{{side}}_{part}_s_per_gib", 2)
+
+
+def side_pair(group: list[dict[str, Any]], key: str, digits: int) -> str:
+    """Source/destination medians of ``key`` (``{side}`` in it), "-" where none."""
+    values = [median(group, key.format(side=side)) for side in ("source", "destination")]
     if all(value is None for value in values):
         return "-"
-    return "/".join(f"{value:.2f}" if value is not None else "-" for value in values)
+    return "/".join(f"{value:.{digits}f}" if value is not None else "-" for value in values)
 
 
 def versus(
@@ -904,6 +924,7 @@ def summarise(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 f"{(f'{mbps:.0f}' if mbps else '-'):>7} {spread(group, 'total_ms'):>17} "
                 f"{spread(group, 'downtime_ms'):>9} {spread(group, 'pause_ms', digits=1):>15} "
                 f"{latency:>10} {cpu_pair(group, 'all'):>9} {cpu_pair(group, 'engine'):>9} "
+                f"{side_pair(group, '{side}_own_peak_MiB', 0):>9} "
                 f"{versus(row, 'qemu', mine, reference, postcopy):>6} "
                 f"{versus(row, 'trimig', mine, reference, postcopy):>5} "
                 f"{versus(row, 'raw-memfd', mine, reference, postcopy):>5}"

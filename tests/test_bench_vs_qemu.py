@@ -7,6 +7,8 @@ import importlib.util
 import shutil
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -140,3 +142,37 @@ def test_table_of_tls_against_plaintext(vs_qemu: ModuleType) -> None:
         "trimig", "TLS", "/", "trimig", "plain", "0.80,",
         "trimig", "TLS", "/", "QEMU", "TLS", "0.80",
     ]  # fmt: skip
+
+
+def test_engine_memory_sees_a_process_allocate(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("engine_memory", BENCH / "engine_memory.py")
+    assert spec is not None and spec.loader is not None
+    engine_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine_memory)
+    ready = tmp_path / "ready"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; block = bytearray(96 << 20); open(sys.argv[1], 'w').close(); "
+            "time.sleep(60)",
+            str(ready),
+        ]
+    )
+    try:
+        memory = engine_memory.PeakMemory({"child": child.pid})
+        memory.sample()  # before or while it allocates
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        memory.sample()
+        figures = memory.figures()
+        assert figures["child_own_peak_MiB"] >= 96
+        assert figures["child_hwm_MiB"] >= figures["child_own_peak_MiB"]
+    finally:
+        child.kill()
+        child.wait()
+    memory.sample()  # gone: the figures stay
+    assert memory.figures() == figures
+    assert engine_memory.overhead_budget(1 << 30) == (1 << 30) * 3 // 100 + (64 << 20)
