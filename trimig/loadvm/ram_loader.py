@@ -146,9 +146,13 @@ class RamLoader:
         holes: dict[str, np.ndarray] = {}
         for name, block in self.blocks.items():
             per_host = block.page_size // TARGET_PAGE_SIZE
-            received = self.received.block(name).bits.reshape(-1, per_host).all(axis=1)
-            written = self.written[name].reshape(-1, per_host).any(axis=1)
-            hole = np.repeat(received & ~written, per_host)
+            received = self.received.block(name).bits
+            written = self.written[name]
+            if per_host == 1:  # (reductions over rows of one cost ~3 ms per GiB, in the pause)
+                hole = received & ~written
+            else:
+                whole = received.reshape(-1, per_host).all(axis=1)
+                hole = np.repeat(whole & ~written.reshape(-1, per_host).any(axis=1), per_host)
             self.received.block(name).clear_where(hole)
             holes[name] = hole
         return holes

@@ -163,7 +163,7 @@ class PageBitmap:
         array = np.asarray(mask, dtype=np.bool_)
         if array.shape != self._bits.shape:
             raise ValueError(f"mask has shape {array.shape}, the bitmap {self._bits.shape}")
-        self._bits[array] = False
+        np.logical_and(self._bits, ~array, out=self._bits)
 
     def fill(self, value: bool) -> None:
         """Set or clear every page."""
