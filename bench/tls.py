@@ -157,6 +157,8 @@ def main() -> None:
                     faults = (
                         f"  fault latency p50/p99 {p50 / 1000:.0f}/{p99 / 1000:.0f} us, "
                         f"blocktime {blocktime:.0f} ms"
+                        if p50
+                        else "  no page request completed (no fault latency)"
                     )
                 print(
                     f"{kind} {name:5}  total {total_ms:.0f} ms  {mbps:.0f} Mbit/s  "
