@@ -334,7 +334,8 @@ class RamSaver:
         a fresh zero page in since); a page discarded after this call is found by the
         next one. Call it before any page goes (to start the log afresh and the
         witnesses), and with ``final`` once the guest is stopped for good: that sync is
-        exact, and nothing is watched after it.
+        exact, and nothing is watched after it. (Nothing changes then, so the final sync
+        reads the log and the present pages in one scan, ``DirtyLog.collect_last``.)
         """
         if self._final_sync_done:
             raise RuntimeError("RamSaver.sync after the final sync")
