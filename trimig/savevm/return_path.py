@@ -129,9 +129,11 @@ class SourceReturnPath:
         if stream is not None:
             trace("return_path_thread", stream=type(stream).__name__)
             posted, items = trio.open_memory_channel[object](math.inf)
-            deliver = functools.partial(
-                trio.lowlevel.current_trio_token().run_sync_soon, _post, posted
-            )
+            token = trio.lowlevel.current_trio_token()
+
+            def deliver(item: object) -> None:
+                token.run_sync_soon(_post, posted, item)
+
             thread = functools.partial(
                 read_return_path, stream, serve=self._owner.serve_in_thread, deliver=deliver
             )
