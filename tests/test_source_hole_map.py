@@ -84,3 +84,41 @@ async def test_the_last_collect_finds_the_same_pages_in_one_walk() -> None:
             with trio.CancelScope(shield=True):
                 await guest.untrack_dirty()
             log.close()
+
+
+async def test_the_last_collect_walks_only_where_pages_matter() -> None:
+    """collect_last with few needed pages walks only their 2 MiB stretches: there it finds
+    the written pages and the holes a full walk finds; the stretches it skips count as
+    data (never a hole, even where the memfd has one: the safe side)."""
+    pages = 8 * 512  # eight 2 MiB stretches
+    command = workload_command(fill="random", dirty_rate="100M")
+    async with running_guest([RamBlockSpec("pc.ram", pages * PAGE)], command) as (guest, blocks):
+        [block] = blocks
+        uffd, addresses = await guest.track_dirty()
+        log = DirtyLog(guest.pid, blocks, addresses, uffd)
+        try:
+            log.collect({block.name: np.zeros(pages, dtype=bool)})  # protect every page
+            await trio.sleep(0.05)  # the guest sweeps on from page 0
+            await guest.stop()
+            for first, count in ((700, 10), (3100, 20)):
+                punch_hole(block.fd, first * PAGE, count * PAGE)
+            needed = np.zeros(pages, dtype=bool)
+            needed[[600, 700, 1100]] = True  # stretches 1 and 2 only
+            partial = {block.name: np.zeros(pages, dtype=bool)}
+            newly, present = log.collect_last(partial, {block.name: needed})
+            full = {block.name: np.zeros(pages, dtype=bool)}
+            log.collect_last(full)
+            walked = np.zeros(pages, dtype=bool)
+            walked[512:1536] = True
+            assert full[block.name][:512].any(), "the guest wrote nothing in stretch 0"
+            np.testing.assert_array_equal(partial[block.name], full[block.name] & walked)
+            assert newly == np.count_nonzero(partial[block.name])
+            holes = log.hole_pages(block, present[block.name])
+            truth = seek_hole_pages(block)
+            np.testing.assert_array_equal(holes[walked], truth[walked])
+            assert holes[700:710].all() and truth[3100:3120].all()
+            assert not holes[~walked].any()
+        finally:
+            with trio.CancelScope(shield=True):
+                await guest.untrack_dirty()
+            log.close()

@@ -33,7 +33,9 @@ class NoWrites:
     def collect(self, dirty: dict[str, np.ndarray]) -> int:
         return 0
 
-    def collect_last(self, dirty: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    def collect_last(
+        self, dirty: dict[str, np.ndarray], needed: object = None
+    ) -> tuple[int, dict[str, np.ndarray]]:
         return 0, {}
 
     def hole_pages(self, block: RamBlock, present: np.ndarray | None = None) -> np.ndarray:

@@ -20,7 +20,7 @@ from trimig.kernel import (
     PagemapScanner,
     Userfaultfd,
 )
-from trimig.kernel.pagemap import VECTOR_LENGTH, _merge_adjacent
+from trimig.kernel.pagemap import VECTOR_LENGTH, merge_adjacent
 
 P = PAGE_SIZE
 
@@ -226,8 +226,8 @@ def test_scanner_of_a_missing_process() -> None:
     assert info.value.errno == errno.ENOENT
 
 
-def test_merge_adjacent() -> None:
+def testmerge_adjacent() -> None:
     ranges = np.array([[0, 4], [4, 8], [12, 16], [16, 20], [20, 24], [30, 31]], np.uint64)
-    assert _merge_adjacent(ranges).tolist() == [[0, 8], [12, 24], [30, 31]]
+    assert merge_adjacent(ranges).tolist() == [[0, 8], [12, 24], [30, 31]]
     disjoint = np.array([[0, 4], [5, 8]], np.uint64)
-    assert _merge_adjacent(disjoint).tolist() == [[0, 4], [5, 8]]
+    assert merge_adjacent(disjoint).tolist() == [[0, 4], [5, 8]]

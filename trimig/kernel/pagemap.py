@@ -85,8 +85,8 @@ class PagemapScanner(OwnedFd):
         written = rows[(rows[:, 2] & _ffi.PAGE_IS_WRITTEN) != 0, :2]
         present = rows[(rows[:, 2] & _ffi.PAGE_IS_PRESENT) != 0, :2]
         return (
-            np.ascontiguousarray(_merge_adjacent(written)),
-            np.ascontiguousarray(_merge_adjacent(present)),
+            np.ascontiguousarray(merge_adjacent(written)),
+            np.ascontiguousarray(merge_adjacent(present)),
         )
 
     def protect(self, start: int, end: int) -> None:
@@ -113,7 +113,7 @@ class PagemapScanner(OwnedFd):
         self, start: int, end: int, flags: int, *, category: int = _ffi.PAGE_IS_WRITTEN
     ) -> np.ndarray:
         rows = self._scan_rows(start, end, flags, category=category)
-        return np.ascontiguousarray(_merge_adjacent(rows[:, :2]))
+        return np.ascontiguousarray(merge_adjacent(rows[:, :2]))
 
     def _scan_rows(
         self, start: int, end: int, flags: int, *, category: int, anyof: int = 0
@@ -171,7 +171,7 @@ class PagemapScanner(OwnedFd):
         return f"<PagemapScanner pid={self.pid} fd={self._fd}>"
 
 
-def _merge_adjacent(ranges: np.ndarray) -> np.ndarray:
+def merge_adjacent(ranges: np.ndarray) -> np.ndarray:
     """Merge rows whose start equals the previous row's end (rows sorted, disjoint)."""
     if len(ranges) < 2:
         return ranges if len(ranges) else _EMPTY

@@ -37,7 +37,7 @@ from ..codec import RamRecordEncoder
 from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import KernelError, TransportError
 from ..kernel.iov import IoVector, read_at
-from ..kernel.pagemap import PagemapScanner
+from ..kernel.pagemap import PagemapScanner, merge_adjacent
 from ..kernel.uffd import Userfaultfd
 from ..kernel.witness import DiscardWitness
 from ..migration import SourceStats
@@ -97,17 +97,34 @@ class DirtyLog:
             newly += self._mark(dirty, block, ranges)
         return newly
 
-    def collect_last(self, dirty: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    def collect_last(
+        self, dirty: dict[str, np.ndarray], needed: dict[str, np.ndarray] | None = None
+    ) -> tuple[int, dict[str, np.ndarray]]:
         """``collect`` for the last time (the guest is stopped for good), with each block's
-        present pages for ``hole_pages``: one read-only walk of the page tables per block
-        finds both (nothing is protected again, nothing needs to be)."""
+        present ranges for ``hole_pages``: one read-only walk of the page tables finds both
+        (nothing is protected again, nothing needs to be).
+
+        ``needed`` (per block, one bool per target page): the pages whose log or presence
+        matters. When they are few (a switch right after the start: every page still dirty,
+        none sent) the walk skips the 2 MiB stretches without one, and returns those as
+        present: ``hole_pages`` then calls them data, the safe side (read, never sent as
+        ZERO unread)."""
         newly = 0
         present: dict[str, np.ndarray] = {}
         for block, address in self._blocks:
-            written, present[block.name] = self._scanner.written_and_present(
-                address, address + block.size
-            )
-            newly += self._mark(dirty, block, written)
+            pages = block.spec.target_pages
+            walk, skip = _walk_plan(None if needed is None else needed[block.name], pages)
+            found: list[np.ndarray] = []
+            for first, end in walk:
+                written, here = self._scanner.written_and_present(
+                    address + first * TARGET_PAGE_SIZE, address + end * TARGET_PAGE_SIZE
+                )
+                newly += self._mark(dirty, block, written)
+                found.append(here)
+            skipped = np.array(skip, dtype=np.uint64).reshape(-1, 2)
+            found.append(skipped * np.uint64(TARGET_PAGE_SIZE) + np.uint64(address))
+            ranges = np.concatenate(found)
+            present[block.name] = merge_adjacent(ranges[np.argsort(ranges[:, 0])])
         return newly, present
 
     def _mark(self, dirty: dict[str, np.ndarray], block: RamBlock, ranges: np.ndarray) -> int:
@@ -341,8 +358,10 @@ class RamSaver:
             raise RuntimeError("RamSaver.sync after the final sync")
         if not self._witnesses and not final:
             self._start_witnesses()
-        if final:  # the guest is stopped: the log and the present pages in one scan
-            newly, present = dirty_log.collect_last(self.dirty)
+        if final:  # the guest is stopped: the log and the present pages in one scan,
+            # where they matter: a page not dirty (the log), or sent as data (a hole now)
+            needed = {b.name: ~self.dirty[b.name] | self.holds_data[b.name] for b in self.blocks}
+            newly, present = dirty_log.collect_last(self.dirty, needed)
         else:
             newly, present = dirty_log.collect(self.dirty), {}
         for block in self.blocks:
@@ -490,6 +509,34 @@ def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
         return np.logical_not(rows.any(axis=1))
     zero[candidates] = np.logical_not(words[index[candidates]].any(axis=1))
     return zero
+
+
+#: collect_last walks only the stretches of needed pages when they cover at most this share.
+_PARTIAL_WALK_SHARE = 0.5
+
+
+def _walk_plan(
+    needed: np.ndarray | None, npages: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Page ranges of ``npages`` to walk and to skip: the runs of WINDOW_PAGES stretches
+    holding a needed page, or (``needed`` None, or many of them) all of it in one walk."""
+    if needed is None:
+        return [(0, npages)], []
+    stretches = -(-npages // WINDOW_PAGES)
+    padded = np.zeros(stretches * WINDOW_PAGES, dtype=bool)
+    padded[:npages] = needed
+    wanted = padded.reshape(stretches, WINDOW_PAGES).any(axis=1)
+    if np.count_nonzero(wanted) > _PARTIAL_WALK_SHARE * stretches:
+        return [(0, npages)], []
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], wanted, [False])).astype(np.int8)))
+    walk = [
+        (int(a) * WINDOW_PAGES, min(int(b) * WINDOW_PAGES, npages)) for a, b in edges.reshape(-1, 2)
+    ]
+    bounds = [0, *(page for run in walk for page in run), npages]
+    skip = [
+        (bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2) if bounds[i] < bounds[i + 1]
+    ]
+    return walk, skip
 
 
 def seek_hole_pages(block: RamBlock, present: np.ndarray | None = None) -> np.ndarray:
