@@ -5,7 +5,9 @@ real page tables, real holes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import trio
 from trimig.demo import running_guest
 from trimig.guest.host import workload_command
 from trimig.kernel.memory import punch_hole
-from trimig.ram_blocks import RamBlockSpec
+from trimig.ram_blocks import RamBlock, RamBlockSpec
 from trimig.savevm import ram_saver
 from trimig.savevm.ram_saver import DirtyLog, seek_hole_pages
 
@@ -56,41 +58,12 @@ async def test_hole_map_matches_a_full_seek_walk(
             log.close()
 
 
-async def test_the_last_collect_finds_the_same_pages_in_one_walk() -> None:
-    """DirtyLog.collect_last (the final sync, the guest stopped): the written pages that
-    collect finds and the present ranges that give the same hole map, from one scan."""
-    command = workload_command(fill="random", dirty_rate="100M")
-    async with running_guest([RamBlockSpec("pc.ram", PAGES * PAGE)], command) as (guest, blocks):
-        [block] = blocks
-        uffd, addresses = await guest.track_dirty()
-        log = DirtyLog(guest.pid, blocks, addresses, uffd)
-        try:
-            log.collect({block.name: np.zeros(PAGES, dtype=bool)})  # protect every page
-            await trio.sleep(0.05)  # the guest sweeps on
-            await guest.stop()
-            for first, count in ((10, 1), (1500, 300)):
-                punch_hole(block.fd, first * PAGE, count * PAGE)
-            last = {block.name: np.zeros(PAGES, dtype=bool)}
-            newly, present = log.collect_last(last)
-            # It protected nothing again: collect still finds exactly those pages.
-            again = {block.name: np.zeros(PAGES, dtype=bool)}
-            assert log.collect(again) == newly > 0
-            np.testing.assert_array_equal(last[block.name], again[block.name])
-            np.testing.assert_array_equal(
-                log.hole_pages(block, present[block.name]), seek_hole_pages(block)
-            )
-            assert seek_hole_pages(block)[[10, 1500, 1799]].all()
-        finally:
-            with trio.CancelScope(shield=True):
-                await guest.untrack_dirty()
-            log.close()
-
-
-async def test_the_last_collect_walks_only_where_pages_matter() -> None:
-    """collect_last with few needed pages walks only their 2 MiB stretches: there it finds
-    the written pages and the holes a full walk finds; the stretches it skips count as
-    data (never a hole, even where the memfd has one: the safe side)."""
-    pages = 8 * 512  # eight 2 MiB stretches
+@contextlib.asynccontextmanager
+async def stopped_after_a_sweep(
+    pages: int, punches: list[tuple[int, int]]
+) -> AsyncIterator[tuple[RamBlock, DirtyLog]]:
+    """A guest tracked from a first collect, run for 50 ms (it sweeps on from page 0),
+    stopped, then ``punches`` (first page, count) punched out of its memfd."""
     command = workload_command(fill="random", dirty_rate="100M")
     async with running_guest([RamBlockSpec("pc.ram", pages * PAGE)], command) as (guest, blocks):
         [block] = blocks
@@ -98,27 +71,52 @@ async def test_the_last_collect_walks_only_where_pages_matter() -> None:
         log = DirtyLog(guest.pid, blocks, addresses, uffd)
         try:
             log.collect({block.name: np.zeros(pages, dtype=bool)})  # protect every page
-            await trio.sleep(0.05)  # the guest sweeps on from page 0
+            await trio.sleep(0.05)
             await guest.stop()
-            for first, count in ((700, 10), (3100, 20)):
+            for first, count in punches:
                 punch_hole(block.fd, first * PAGE, count * PAGE)
-            needed = np.zeros(pages, dtype=bool)
-            needed[[600, 700, 1100]] = True  # stretches 1 and 2 only
-            partial = {block.name: np.zeros(pages, dtype=bool)}
-            newly, present = log.collect_last(partial, {block.name: needed})
-            full = {block.name: np.zeros(pages, dtype=bool)}
-            log.collect_last(full)
-            walked = np.zeros(pages, dtype=bool)
-            walked[512:1536] = True
-            assert full[block.name][:512].any(), "the guest wrote nothing in stretch 0"
-            np.testing.assert_array_equal(partial[block.name], full[block.name] & walked)
-            assert newly == np.count_nonzero(partial[block.name])
-            holes = log.hole_pages(block, present[block.name])
-            truth = seek_hole_pages(block)
-            np.testing.assert_array_equal(holes[walked], truth[walked])
-            assert holes[700:710].all() and truth[3100:3120].all()
-            assert not holes[~walked].any()
+            yield block, log
         finally:
             with trio.CancelScope(shield=True):
                 await guest.untrack_dirty()
             log.close()
+
+
+async def test_the_last_collect_finds_the_same_pages_in_one_walk() -> None:
+    """DirtyLog.collect_last (the final sync, the guest stopped): the written pages that
+    collect finds and the present ranges that give the same hole map, from one scan."""
+    async with stopped_after_a_sweep(PAGES, [(10, 1), (1500, 300)]) as (block, log):
+        last = {block.name: np.zeros(PAGES, dtype=bool)}
+        newly, present = log.collect_last(last)
+        # It protected nothing again: collect still finds exactly those pages.
+        again = {block.name: np.zeros(PAGES, dtype=bool)}
+        assert log.collect(again) == newly > 0
+        np.testing.assert_array_equal(last[block.name], again[block.name])
+        np.testing.assert_array_equal(
+            log.hole_pages(block, present[block.name]), seek_hole_pages(block)
+        )
+        assert seek_hole_pages(block)[[10, 1500, 1799]].all()
+
+
+async def test_the_last_collect_walks_only_where_pages_matter() -> None:
+    """collect_last with few needed pages walks only their 2 MiB stretches: there it finds
+    the written pages and the holes a full walk finds; the stretches it skips count as
+    data (never a hole, even where the memfd has one: the safe side)."""
+    pages = 8 * 512  # eight 2 MiB stretches
+    async with stopped_after_a_sweep(pages, [(700, 10), (3100, 20)]) as (block, log):
+        needed = np.zeros(pages, dtype=bool)
+        needed[[600, 700, 1100]] = True  # stretches 1 and 2 only
+        partial = {block.name: np.zeros(pages, dtype=bool)}
+        newly, present = log.collect_last(partial, {block.name: needed})
+        full = {block.name: np.zeros(pages, dtype=bool)}
+        log.collect_last(full)
+        walked = np.zeros(pages, dtype=bool)
+        walked[512:1536] = True
+        assert full[block.name][:512].any(), "the guest wrote nothing in stretch 0"
+        np.testing.assert_array_equal(partial[block.name], full[block.name] & walked)
+        assert newly == np.count_nonzero(partial[block.name])
+        holes = log.hole_pages(block, present[block.name])
+        truth = seek_hole_pages(block)
+        np.testing.assert_array_equal(holes[walked], truth[walked])
+        assert holes[700:710].all() and truth[3100:3120].all()
+        assert not holes[~walked].any()
