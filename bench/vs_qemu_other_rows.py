@@ -73,10 +73,9 @@ def cli_sample(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def two_process(setup: Setup) -> dict[str, Any]:
-    """``trimig incoming unix:PATH`` and ``trimig migrate unix:PATH``, idle guests."""
-    path = setup.path("cli.sock")
-    guest = [
+def idle_guest_options(setup: Setup) -> list[str]:
+    """The options of the CLI rows' commands: the run's idle guest, --json."""
+    return [
         "--ram",
         setup.args.ram,
         "--fill",
@@ -87,6 +86,12 @@ def two_process(setup: Setup) -> dict[str, Any]:
         IDLE_TRIMIG_RATE,
         "--json",
     ]
+
+
+def two_process(setup: Setup) -> dict[str, Any]:
+    """``trimig incoming unix:PATH`` and ``trimig migrate unix:PATH``, idle guests."""
+    path = setup.path("cli.sock")
+    guest = idle_guest_options(setup)
     cpu_before = children_cpu()
     incoming = subprocess.Popen(
         [*setup.trimig, "incoming", f"unix:{path}", *guest],
@@ -120,21 +125,7 @@ def two_process(setup: Setup) -> dict[str, Any]:
 def demo(setup: Setup) -> dict[str, Any]:
     cpu_before = children_cpu()
     info = run_cli(
-        [
-            *setup.trimig,
-            "demo",
-            "--transport",
-            "unix",
-            "--ram",
-            setup.args.ram,
-            "--fill",
-            "random",
-            "--seed",
-            str(setup.args.seed),
-            "--dirty-rate",
-            IDLE_TRIMIG_RATE,
-            "--json",
-        ],
+        [*setup.trimig, "demo", "--transport", "unix", *idle_guest_options(setup)],
         "trimig demo",
         setup.workdir,
     )
