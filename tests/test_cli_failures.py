@@ -5,7 +5,7 @@ Real processes: ``trimig incoming`` refusing a stream, ``trimig migrate`` refuse
 ``trimig demo`` whose destination refuses, commands that fail before any migration
 (a bad URI, an address that cannot be listened on), and ``trimig run`` that cannot
 serve. The QMP control commands are checked against real engines in
-tests/qmp/test_engines.py.
+tests/qmp/test_engines_failures.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ destination's SHUT(0). Here the destination's guest refuses its device state at
 load-state, after the whole stream arrived: the destination sends SHUT(1), and the source
 ends ``failed`` naming that verdict, with its guest running on, dirty tracking undone.
 Through OutgoingMigration, and through the CLI as two real processes (``trimig incoming``
-and ``trimig migrate``); the QMP engines (``trimig run``) are in tests/qmp/test_engines.py.
+and ``trimig migrate``); the QMP engines (``trimig run``) are in tests/qmp/test_engines_failures.py.
 Over exec (no return path) ``completed`` means the stream was written, as documented.
 """
 

@@ -1,13 +1,16 @@
-"""Fixtures for the QMP tests (helpers live in qmp_helpers.py)."""
+"""Fixtures for the QMP tests (helpers live in qmp_helpers.py and engine_processes.py)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 import trio
+from engine_processes import RAM, EngineProcess, StartEngine
 from qmp_helpers import FakeEngine, ThreadedServer
 
 from trimig.qmp.server import QmpServer
@@ -41,3 +44,40 @@ def threaded_server(socket_dir: str) -> Iterator[ThreadedServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def start_engine() -> Iterator[StartEngine]:
+    """``start_engine(name, *extra_args)``: spawn ``trimig run --qmp unix:DIR/NAME.sock``."""
+    engines: list[EngineProcess] = []
+    with tempfile.TemporaryDirectory(prefix="tmeng") as directory:
+
+        def start(name: str, *extra: str) -> EngineProcess:
+            path = os.path.join(directory, f"{name}.sock")
+            stderr_path = os.path.join(directory, f"{name}.stderr")
+            with open(stderr_path, "wb") as stderr:
+                process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "trimig.cli",
+                        "run",
+                        "--qmp",
+                        f"unix:{path}",
+                        "--ram",
+                        RAM,
+                        *extra,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                )
+            engine = EngineProcess(name, path, process, stderr_path)
+            engines.append(engine)
+            return engine
+
+        try:
+            yield start
+        finally:
+            for engine in engines:
+                engine.kill()
