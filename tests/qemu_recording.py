@@ -1,4 +1,4 @@
-"""The QEMU streams recorded for tests/test_inspect.py: the guest's known contents and how
+"""The QEMU streams recorded for the tests of tests/inspect/: the guest's known contents and how
 the streams were recorded (``python tests/qemu_recording.py`` records them again).
 
 The guest is ``qemu-system-x86_64 -M pc -accel tcg -m 4 -nodefaults -vga none -nographic -S``:
