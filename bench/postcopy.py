@@ -58,7 +58,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from postcopy_children import PAGE_SIZE, destination, floor_child, guest, source
+from postcopy_children import PAGE_SIZE, destination, floor_child, guest, guest_options, source
 
 TIMEOUT = 300.0
 
@@ -187,18 +187,7 @@ def migrate_once(
     if args.profile and tag:
         os.makedirs(args.profile, exist_ok=True)
         profiles = {side: f"{args.profile}/{tag}-{side}.txt" for side in profiles}
-    common = [
-        "--ram",
-        args.ram,
-        "--seed",
-        str(args.seed),
-        "--sweep-rate",
-        args.sweep_rate,
-        "--touches",
-        str(args.touches),
-        "--touch-interval",
-        str(args.touch_interval),
-    ]
+    common = ["--ram", args.ram, *guest_options(args)]
     listen = f"unix:{workdir}/migration.sock" if transport == "unix" else "tcp:127.0.0.1:0"
     with child(
         "_destination",

@@ -104,11 +104,9 @@ def guest(args: argparse.Namespace) -> int:
         connection.close()
 
 
-def guest_command(args: argparse.Namespace) -> list[str]:
+def guest_options(args: argparse.Namespace) -> list[str]:
+    """The guest's options, as the ``_guest`` role (and the engine roles) take them."""
     return [
-        sys.executable,
-        SCRIPT,
-        "_guest",
         "--seed",
         str(args.seed),
         "--sweep-rate",
@@ -118,6 +116,10 @@ def guest_command(args: argparse.Namespace) -> list[str]:
         "--touch-interval",
         str(args.touch_interval),
     ]
+
+
+def guest_command(args: argparse.Namespace) -> list[str]:
+    return [sys.executable, SCRIPT, "_guest", *guest_options(args)]
 
 
 # --- the engines ------------------------------------------------------------------------------
