@@ -16,9 +16,10 @@ import trio
 from trimig.demo import running_guest
 from trimig.guest.host import workload_command
 from trimig.kernel.memory import punch_hole
+from trimig.migration import SourceStats
 from trimig.ram_blocks import RamBlock, RamBlockSpec
 from trimig.savevm import ram_saver
-from trimig.savevm.ram_saver import DirtyLog, seek_hole_pages
+from trimig.savevm.ram_saver import DirtyLog, RamSaver, seek_hole_pages
 
 PAGE = 4096
 PAGES = 2048
@@ -120,3 +121,21 @@ async def test_the_last_collect_walks_only_where_pages_matter() -> None:
         np.testing.assert_array_equal(holes[walked], truth[walked])
         assert holes[700:710].all() and truth[3100:3120].all()
         assert not holes[~walked].any()
+
+
+async def test_the_hole_map_comes_back_whole_after_the_switch() -> None:
+    """A final sync right after the start skips every stretch (all dirty, none sent) and
+    calls them data; RamSaver.refresh_holes, once nothing changes, finds the holes again."""
+    async with stopped_after_a_sweep(PAGES, [(10, 1), (1500, 300)]) as (block, log):
+        ram = RamSaver([block], SourceStats())
+        try:
+            ram.sync(log)  # the start: every page dirty
+            with pytest.raises(RuntimeError, match="before the final sync"):
+                ram.refresh_holes(log)
+            ram.sync(log, final=True)
+            assert not ram._holes[block.name].any()  # skipped: data, the safe side
+            ram.refresh_holes(log)
+            np.testing.assert_array_equal(ram._holes[block.name], seek_hole_pages(block))
+            assert ram._holes[block.name][[10, 1500, 1799]].all()
+        finally:
+            ram.close()

@@ -56,6 +56,8 @@ _NO_PAGES = np.empty((0, TARGET_PAGE_SIZE), dtype=np.uint8)
 #: The hole map asks SEEK_DATA only about the gaps between the pages the guest has mapped
 #: present; past this many gaps one SEEK walk over the whole memfd is cheaper.
 _MAX_SEEK_GAPS = 64
+#: collect_last walks only the stretches of needed pages when they cover at most this share.
+_PARTIAL_WALK_SHARE = 0.5
 
 
 def ranges_to_pages(ranges: np.ndarray, base: int, npages: int) -> np.ndarray:
@@ -101,14 +103,10 @@ class DirtyLog:
         self, dirty: dict[str, np.ndarray], needed: dict[str, np.ndarray] | None = None
     ) -> tuple[int, dict[str, np.ndarray]]:
         """``collect`` for the last time (the guest is stopped for good), with each block's
-        present ranges for ``hole_pages``: one read-only walk of the page tables finds both
-        (nothing is protected again, nothing needs to be).
-
-        ``needed`` (per block, one bool per target page): the pages whose log or presence
-        matters. When they are few (a switch right after the start: every page still dirty,
-        none sent) the walk skips the 2 MiB stretches without one, and returns those as
-        present: ``hole_pages`` then calls them data, the safe side (read, never sent as
-        ZERO unread)."""
+        present ranges for ``hole_pages``, from one read-only walk (nothing is protected
+        again). ``needed`` (per block, a bool per page): where the log or presence matters;
+        if that is little (a switch right after the start), the 2 MiB stretches without
+        one are skipped and returned as present: data to ``hole_pages``, the safe side."""
         newly = 0
         present: dict[str, np.ndarray] = {}
         for block, address in self._blocks:
@@ -380,6 +378,15 @@ class RamSaver:
         self._final_sync_done = final
         return newly
 
+    def refresh_holes(self, dirty_log: DirtyLog) -> None:
+        """After the final sync, once nothing changes (a postcopy source): the whole hole
+        map again, also where that sync skipped stretches (so their holes go ZERO unread)."""
+        if not self._final_sync_done:
+            raise RuntimeError("RamSaver.refresh_holes before the final sync")
+        for block in self.blocks:
+            if not block.spec.hugetlb:
+                self._holes[block.name] = dirty_log.hole_pages(block)
+
     def _start_witnesses(self) -> None:
         try:
             for block in self.blocks:
@@ -509,10 +516,6 @@ def zero_pages(pages: np.ndarray, index: np.ndarray) -> np.ndarray:
         return np.logical_not(rows.any(axis=1))
     zero[candidates] = np.logical_not(words[index[candidates]].any(axis=1))
     return zero
-
-
-#: collect_last walks only the stretches of needed pages when they cover at most this share.
-_PARTIAL_WALK_SHARE = 0.5
 
 
 def _walk_plan(

@@ -83,7 +83,16 @@ class PostcopySwitch(SourceState):
         # them would compete with the destination's switch-over for its CPU. A request
         # before PONG(0x42) ends the hold at once (_request_taken): it comes from a device
         # load that reads guest memory, which only the background stream brings fast.
-        await self._postcopy_stream(channel, ram, urgent_sender, hold=self._background_released)
+        async with open_nursery() as nursery:
+            nursery.start_soon(self._refresh_holes_once_released, ram, dirty_log)
+            await self._postcopy_stream(channel, ram, urgent_sender, hold=self._background_released)
+            nursery.cancel_scope.cancel()
+
+    async def _refresh_holes_once_released(self, ram: RamSaver, dirty_log: DirtyLog) -> None:
+        """The final sync skipped the stretches where nothing mattered for the switch (it
+        called them data); their holes are read once the pause is over."""
+        await self._background_released.wait()
+        ram.refresh_holes(dirty_log)
 
     async def _postcopy_stream(
         self,
