@@ -73,7 +73,7 @@ class TlsThreadStream(ThreadStream):
         except ssl.SSLError as error:
             raise self._failure(what, error) from error
         return sum(
-            item.nbytes if isinstance(item, IoVector | memoryview) else len(item)
+            item.nbytes if isinstance(item, IoVector) else memoryview(item).nbytes
             for item in buffers
         )
 
