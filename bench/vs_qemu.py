@@ -55,6 +55,10 @@ with MADV_HUGEPAGE, the kind QEMU allocates). Timed by the receiver, first byte 
 Extra rows (trimig only, idle guest, unix): ``trimig incoming`` + ``trimig migrate`` (two
 processes; figures from their ``--json`` output) and ``trimig demo``.
 
+Before every sample the run waits (``--quiesce``, up to 10 s) until the memory freed by
+the one before has been handed back to the host: on a VM with free page reporting a GiB
+freed a moment ago is cheaper or dearer to touch again than one freed long ago, and the
+destination's first touch is most of its CPU (``settled_s`` records the wait).
 ``os.getloadavg()`` is recorded before every sample: the machine may be shared. ``--json
 FILE`` writes every sample; a failed migration is a failed sample and the run goes on.
 ``--rows`` picks rows (e.g. ``--rows trimig`` to chase one), ``--workdir DIR`` keeps the
@@ -98,7 +102,39 @@ RAW_MEMORY = ("memfd", "anon")
 # --- the run -------------------------------------------------------------------------------------
 
 
+#: The free page reporting counter of this kind of VM (absent elsewhere): how much freed
+#: memory the guest kernel has handed back to the host, which makes its next touch a host fault.
+REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+async def memory_settled(limit: float) -> float:
+    """Wait until freed memory has been handed back (the reporting counter still for 1 s).
+
+    Returns the seconds waited, at most ``limit``. A sample that follows one freeing GiBs
+    would otherwise get fresh memory cheaper or dearer by what its predecessor was: every
+    sample starts from the same state instead. Returns 0 at once where the counter is absent.
+    """
+    if limit <= 0 or not os.path.exists(REPORTED_KIB):
+        return 0.0
+    began = time.monotonic()
+
+    def reported() -> int:
+        with open(REPORTED_KIB) as counter:
+            return int(counter.read())
+
+    last, still_since = reported(), began
+    while (now := time.monotonic()) - began < limit:
+        await asyncio.sleep(0.25)
+        current = reported()
+        if current != last:
+            last, still_since = current, time.monotonic()
+        elif now - still_since >= 1.0:
+            break
+    return round(time.monotonic() - began, 2)
+
+
 async def measure(setup: Setup, row: str, case: str, round_index: int | None) -> dict[str, Any]:
+    settled = await memory_settled(setup.args.quiesce)
     load = os.getloadavg()
     began = time.time()
     try:
@@ -119,6 +155,7 @@ async def measure(setup: Setup, row: str, case: str, round_index: int | None) ->
         "case": case,
         "round": round_index,
         "loadavg": load,
+        "settled_s": settled,
         "started": began,
         **sample,
     }
@@ -232,6 +269,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.2,
         help="seconds between migrate-incoming and migrate (default 0.2)",
+    )
+    parser.add_argument(
+        "--quiesce",
+        type=float,
+        default=10.0,
+        help="before each sample, wait up to this many seconds for freed memory to be handed"
+        " back to the host (free page reporting; default 10, 0: do not wait)",
     )
     parser.add_argument(
         "--workdir", help="keep the engines' logs and sockets here (default: a temporary one)"

@@ -3,6 +3,7 @@ firmware, the table. No migration and no timing here (benchmarks are never tests
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 import struct
@@ -42,6 +43,31 @@ def test_options(vs_qemu: ModuleType) -> None:
     assert not args.preempt and args.no_qemu
     with pytest.raises(SystemExit):
         vs_qemu.parse_args(["--rounds", "0"])
+
+
+def test_memory_settled_waits_for_the_counter_to_stand_still(
+    vs_qemu: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = tmp_path / "reported_kib"
+    counter.write_text("0")
+    monkeypatch.setattr(vs_qemu, "REPORTED_KIB", str(counter))
+
+    async def moving_then_still() -> float:
+        async def bump() -> None:
+            for value in range(1, 7):  # moves for about 1.5 s
+                await asyncio.sleep(0.25)
+                counter.write_text(str(value))
+
+        task = asyncio.ensure_future(bump())
+        waited = await vs_qemu.memory_settled(10.0)
+        await task
+        return waited
+
+    waited = asyncio.run(moving_then_still())
+    assert 2.2 <= waited < 5.0  # 1.5 s moving, then 1 s still
+    assert asyncio.run(vs_qemu.memory_settled(0.6)) <= 1.0  # the bound holds
+    monkeypatch.setattr(vs_qemu, "REPORTED_KIB", str(tmp_path / "absent"))
+    assert asyncio.run(vs_qemu.memory_settled(10.0)) == 0.0
 
 
 def test_missing_qemu_is_skipped_with_a_message(
