@@ -1,7 +1,8 @@
 """Both sides of a migration on this machine: the engine of ``trimig demo``, tests and benchmarks.
 
-The source and destination engines run in this trio process (each guest in its
-own process); the stream crosses a real transport chosen by name.
+The source engine runs in this trio process, the destination engine here too or in a
+child ``trimig incoming`` (trimig/demo_process.py); each guest runs in its own process.
+The stream crosses a real transport chosen by name.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 
 from ._trio import open_nursery
+from .demo_process import destination_process as open_destination_process
+from .demo_process import incoming_arguments
 from .errors import ConfigError, MigrationFailed, MigrationPaused, TrimigError
 from .guest.host import GuestProcess, Verdict, workload_command
 from .loadvm.incoming import IncomingMigration
@@ -119,13 +122,18 @@ async def migrate_locally(
     postcopy_after_first_pass: bool = False,
     keep_failure: bool = False,
     tls: tuple[TlsSettings, TlsSettings] | None = None,
+    destination_process: bool = False,
 ) -> LocalMigrationResult:
     """Start a guest, let it run ``warmup`` s, migrate it over ``transport``, verify it.
 
     A failed migration raises what ``OutgoingMigration.run`` raised, or, with
     ``keep_failure``, is returned: ``error`` holds it and ``source`` says ``failed``.
     ``progress``, if given, shows the migration's progress while it runs. ``tls`` is
-    (the source's settings, the destination's): every channel is then TLS."""
+    (the source's settings, the destination's): every channel is then TLS.
+
+    The destination engine runs in this trio process, or with ``destination_process`` in
+    a child ``trimig incoming`` (trimig/demo_process.py: the engines then have an
+    interpreter each); not with ``rdma``, whose fabric is in this process."""
     command = list(guest_command or workload_command())
     capabilities = capabilities or MigrationCapabilities()
     parameters = parameters or MigrationParameters()
@@ -136,15 +144,30 @@ async def migrate_locally(
         listen_options, connect_options = dict(options), dict(options)
         if tls is not None:
             connect_options["tls"], listen_options["tls"] = tls
-        incoming = IncomingMigration(
-            specs, guest_command=command, capabilities=capabilities, listen_options=listen_options
-        )
-        try:
+        if destination_process:
+            if options:
+                raise ConfigError(
+                    f"transport {transport!r} is in this process: its destination runs here"
+                )
+            arguments = incoming_arguments(
+                specs, command, capabilities, parameters, tls[1] if tls else None
+            )
+            ram_bytes = sum(spec.size for spec in specs)
+            opened: AbstractAsyncContextManager[Destination] = open_destination_process(
+                listen_uri, arguments, run_after=run_after, ram_bytes=ram_bytes
+            )
+        else:
+            incoming = IncomingMigration(
+                specs, guest_command=command, capabilities=capabilities,
+                listen_options=listen_options,
+            )  # fmt: skip
+            opened = destination_here(incoming, listen_uri, run_after)
+        async with opened as destination:
             async with (
                 running_guest(specs, command) as (guest, blocks),
                 open_nursery() as nursery,
             ):
-                address = await nursery.start(receive, incoming, listen_uri)
+                address = await nursery.start(destination.listen)
                 await trio.sleep(warmup)
                 outgoing = OutgoingMigration(
                     guest,
@@ -162,15 +185,55 @@ async def migrate_locally(
                         if not keep_failure:
                             raise
                         error = exc
-                await incoming.status.wait_value(
-                    lambda status: (
-                        not status.is_running or status is MigrationStatus.POSTCOPY_PAUSED
-                    )
-                )
-            verdict = await verify_destination(incoming, run_after)
-            return LocalMigrationResult(outgoing.query(), incoming.query(), verdict, error)
-        finally:
-            await incoming.aclose()
+                await destination.settled()
+            info, verdict = await destination.result()
+            return LocalMigrationResult(outgoing.query(), info, verdict, error)
+
+
+class Destination(Protocol):
+    """The destination side of :func:`migrate_locally`: here (:class:`DestinationHere`) or
+    a child process (:class:`trimig.demo_process.DestinationProcess`)."""
+
+    async def listen(self, *, task_status: trio.TaskStatus[str]) -> None:
+        """A task: listen, report the real address, receive the migration."""
+
+    async def settled(self) -> None:
+        """Once the source has ended: wait until the destination has too (or paused)."""
+
+    async def result(self) -> tuple[dict[str, Any], Verdict | None]:
+        """After :meth:`settled`: its query-migrate, its guest's verdict (None unless completed)."""
+
+
+class DestinationHere:
+    """The destination engine in this trio process: an IncomingMigration."""
+
+    def __init__(self, incoming: IncomingMigration, listen_uri: str, run_after: float) -> None:
+        self.incoming = incoming
+        self._listen_uri = listen_uri
+        self._run_after = run_after
+
+    async def listen(self, *, task_status: trio.TaskStatus[str]) -> None:
+        await receive(self.incoming, self._listen_uri, task_status=task_status)
+
+    async def settled(self) -> None:
+        await self.incoming.status.wait_value(
+            lambda status: not status.is_running or status is MigrationStatus.POSTCOPY_PAUSED
+        )
+
+    async def result(self) -> tuple[dict[str, Any], Verdict | None]:
+        verdict = await verify_destination(self.incoming, self._run_after)
+        return self.incoming.query(), verdict
+
+
+@asynccontextmanager
+async def destination_here(
+    incoming: IncomingMigration, listen_uri: str, run_after: float
+) -> AsyncIterator[DestinationHere]:
+    """:class:`DestinationHere` of ``incoming``, which is closed on exit."""
+    try:
+        yield DestinationHere(incoming, listen_uri, run_after)
+    finally:
+        await incoming.aclose()
 
 
 async def receive(

@@ -1,6 +1,7 @@
-"""The commands that run an engine in this process: ``trimig demo`` (both sides here),
-the two-process flow (``trimig incoming URI`` on one side, ``trimig migrate URI`` on the
-other), ``trimig run`` (an engine served over QMP) and ``trimig probe``.
+"""The commands that run an engine in this process: ``trimig demo`` (the source here, the
+destination in a child ``trimig incoming``), the two-process flow (``trimig incoming URI``
+on one side, ``trimig migrate URI`` on the other), ``trimig run`` (an engine served over
+QMP) and ``trimig probe``.
 
 The engine's modules (numpy, the kernel bindings, the guest handle) are imported inside
 the commands, so that registering these does not slow the control commands down.
@@ -38,8 +39,21 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def add_engine_commands(sub: Any) -> None:
     """Register demo, run, incoming, migrate and probe on the main CLI's sub-parsers."""
-    demo = sub.add_parser("demo", help="migrate a running built-in guest on this machine")
+    demo = sub.add_parser(
+        "demo",
+        help="migrate a running built-in guest on this machine",
+        description="Start a guest (after '--'; default the built-in workload guest), let it "
+        "run, migrate it to a child `trimig incoming` over --transport, and have the moved "
+        "guest verify its memory. With rdma (an in-process fabric) or --one-process the "
+        "destination engine runs in this process.",
+    )
     demo.add_argument("--transport", choices=TRANSPORT_NAMES, default="unix")
+    demo.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the destination engine in this process too (both engines share one "
+        "interpreter, as with rdma)",
+    )
     add_warmup_option(demo)
 
     run = sub.add_parser(
@@ -127,6 +141,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             postcopy_after_first_pass=args.postcopy,
             keep_failure=True,
             tls=tls,
+            destination_process=not args.one_process and args.transport != "rdma",
         )
     )
     report(result.to_json(), args.json)
