@@ -105,8 +105,12 @@ class DestinationProcess:
         self._failure: str | None = None
 
     @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
     def name(self) -> str:
-        return f"the destination process (trimig incoming, pid {self._process.pid})"
+        return f"the destination process (trimig incoming, pid {self.pid})"
 
     async def listen(self, *, task_status: trio.TaskStatus[str]) -> None:
         """Report the child's address once it listens (MigrationFailed if it exits first or
@@ -130,7 +134,7 @@ class DestinationProcess:
         with trio.move_on_after(self._exit_timeout):
             await self._exited.wait()
             return
-        self._failure = f"{self.name} did not exit within {self._exit_timeout:.0f} s: killed"
+        self._failure = f"{self.name} did not exit within {self._exit_timeout:.1f} s: killed"
         kill_group(self._process)
 
     async def result(self) -> tuple[dict[str, Any], Verdict | None]:
@@ -177,10 +181,16 @@ class DestinationProcess:
 
 @asynccontextmanager
 async def destination_process(
-    listen_uri: str, arguments: Sequence[str], *, run_after: float, ram_bytes: int
+    listen_uri: str,
+    arguments: Sequence[str],
+    *,
+    run_after: float,
+    ram_bytes: int,
+    exit_margin: float = EXIT_MARGIN,
 ) -> AsyncIterator[DestinationProcess]:
     """Start ``trimig incoming LISTEN_URI --json`` with ``arguments`` (see
-    :func:`incoming_arguments`); kill its process group and reap it on exit."""
+    :func:`incoming_arguments`); on exit kill its process group (whatever of it is left:
+    the child, or the guest of a child that died) and reap it."""
     command = [*INCOMING_COMMAND, listen_uri, "--json", "--run-after", str(run_after)]
     process = await trio.lowlevel.open_process(
         [*command, *verbosity_options(), *arguments],
@@ -190,13 +200,12 @@ async def destination_process(
         process_group=0,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    exit_timeout = run_after + EXIT_MARGIN + ram_bytes * SECONDS_PER_RAM_BYTE
+    exit_timeout = run_after + exit_margin + ram_bytes * SECONDS_PER_RAM_BYTE
     try:
         yield DestinationProcess(process, exit_timeout=exit_timeout)
     finally:
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                kill_group(process)
+            kill_group(process)
             with trio.move_on_after(REAP_TIMEOUT):
                 await process.wait()
             if process.returncode is None:
@@ -204,11 +213,11 @@ async def destination_process(
 
 
 def kill_group(process: trio.Process) -> None:
-    """SIGKILL the process group of a child started with ``process_group=0`` (it and its
-    own children, its guest), unless the child was reaped already."""
-    if process.returncode is None:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+    """SIGKILL the process group of a child started with ``process_group=0``: it and its
+    own children (its guest), also once it is reaped (its id cannot be reused while
+    the group has members)."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 class LineReader:

@@ -1,0 +1,250 @@
+"""``trimig demo``'s destination engine is another process: a child ``trimig incoming``
+(trimig/demo_process.py). Real processes, found in /proc: the child and its guest exist
+while the demo runs and are gone after it; a child killed mid-migration fails the demo,
+which names it; a child that never ends is killed past its bound; one that cannot start
+says why. The options it is given describe the demo's guest and migration."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from precopy_harness import DEADLINE, GUEST_COMMAND, TRIMIG, one_json_object
+from tls_certs import write_creds
+
+from trimig._trio import open_nursery
+from trimig.cli import build_parser, split_guest_command
+from trimig.cli.options import guest_setup, migration_settings, tls_settings
+from trimig.demo_process import destination_process, incoming_arguments
+from trimig.errors import ConfigError, MigrationFailed
+from trimig.migration import MigrationCapabilities, MigrationParameters
+from trimig.ram_blocks import RamBlockSpec, default_block_specs
+
+MiB = 1 << 20
+#: 64 MiB at 32 MiB/s: seconds of precopy during which the processes can be looked at
+#: (the guest dirties far less, so that it converges).
+SLOW_DEMO = ("--ram", "64M", "--dirty-rate", "1M", "--max-bandwidth", "32M")
+INCOMING = ["-m", "trimig.cli", "incoming"]
+GUEST = ["-m", "trimig.guest.workload"]
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as listed:
+                found |= {int(child) for child in listed.read().split()}
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    found, pending = set(), [pid]
+    while pending:
+        new = children(pending.pop()) - found
+        found |= new
+        pending += new
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def runs(pid: int, words: list[str]) -> bool:
+    """Whether ``pid`` is python run as ``python WORDS...``."""
+    return command_line(pid).split()[1 : 1 + len(words)] == words
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_all_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = {pid: command_line(pid) for pid in pids if alive(pid)}
+    assert not left, f"left behind: {left}"
+
+
+def demo_in_precopy(*arguments: str) -> subprocess.Popen[str]:
+    """A ``trimig demo --json`` whose progress line has said ``active``."""
+    demo = subprocess.Popen(
+        [*TRIMIG, "demo", "--json", "--warmup", "0.2", *SLOW_DEMO, *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert demo.stderr is not None
+    deadline = time.monotonic() + DEADLINE
+    line = ""
+    while not line.startswith("active"):
+        ready, _, _ = select.select([demo.stderr], [], [], deadline - time.monotonic())
+        line = demo.stderr.readline() if ready else ""
+        if not line:
+            demo.kill()
+            out, err = demo.communicate()
+            pytest.fail(f"the demo never said active: {out} {err}")
+    return demo
+
+
+def the_destination(demo: subprocess.Popen[str]) -> int:
+    """The demo's child ``trimig incoming``, which has a guest of its own."""
+    (destination,) = [pid for pid in children(demo.pid) if runs(pid, INCOMING)]
+    assert [runs(pid, GUEST) for pid in children(destination)] == [True]
+    return destination
+
+
+def test_the_destination_is_a_child_trimig_incoming_and_nothing_outlives_the_demo() -> None:
+    demo = demo_in_precopy()
+    try:
+        destination = the_destination(demo)
+        tree = descendants(demo.pid)
+        sources = [pid for pid in children(demo.pid) if runs(pid, GUEST)]
+        assert len(sources) == 1 and destination != demo.pid
+        out, err = demo.communicate(timeout=DEADLINE)
+    finally:
+        demo.kill()
+        demo.communicate()
+    assert demo.returncode == 0, err
+    info = one_json_object(out)
+    assert info["verified"] is True, info
+    assert info["destination"]["status"] == "completed", info
+    assert_all_gone(tree)
+
+
+def test_a_killed_destination_process_fails_the_demo_which_names_it() -> None:
+    demo = demo_in_precopy()
+    try:
+        destination = the_destination(demo)
+        tree = descendants(demo.pid)
+        os.kill(destination, signal.SIGKILL)
+        out, err = demo.communicate(timeout=DEADLINE)
+    finally:
+        demo.kill()
+        demo.communicate()
+    killed = f"the destination process (trimig incoming, pid {destination}) was killed by SIGKILL"
+    assert demo.returncode == 1, (out, err)
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("trimig: error: ")]
+    assert killed in line, line
+    info = one_json_object(out)
+    assert info["status"] == "failed" and info["verified"] is False, info
+    assert info["destination"] == {"status": "failed", "error-desc": killed}
+    assert_all_gone(tree)  # the killed child's guest too
+
+
+async def test_a_destination_process_that_never_ends_is_killed_past_its_bound(
+    tmp_path: Path,
+) -> None:
+    """No source ever comes: the child waits for one until its bound, then it and its
+    guest are killed, and the result says so."""
+    ram = 16 * MiB
+    arguments = incoming_arguments(
+        default_block_specs(ram),
+        GUEST_COMMAND,
+        MigrationCapabilities(),
+        MigrationParameters(),
+        None,
+    )
+    uri = f"unix:{tmp_path}/sock"
+    async with destination_process(
+        uri, arguments, run_after=0, ram_bytes=ram, exit_margin=0.75
+    ) as destination:
+        async with open_nursery() as nursery:
+            assert await nursery.start(destination.listen) == uri
+            with trio.fail_after(DEADLINE):
+                while not children(destination.pid):  # its guest, started once it listens
+                    await trio.sleep(0.05)
+            tree = descendants(destination.pid) | {destination.pid}
+            await destination.settled()
+        info, verdict = await destination.result()
+    assert verdict is None
+    assert info == {
+        "status": "failed",
+        "error-desc": f"the destination process (trimig incoming, pid {destination.pid}) "
+        "did not exit within 1.0 s: killed",
+    }
+    assert_all_gone(tree)
+
+
+async def test_a_destination_process_that_cannot_start_says_why(tmp_path: Path) -> None:
+    async with destination_process(
+        f"unix:{tmp_path}/sock", ["--ram", "bogus"], run_after=0, ram_bytes=0
+    ) as destination:
+        with pytest.raises(MigrationFailed) as failure:
+            async with open_nursery() as nursery:
+                await nursery.start(destination.listen)
+    assert str(failure.value) == (
+        f"the destination process (trimig incoming, pid {destination.pid}) exited with "
+        "status 1: bad --ram 'bogus': expected a number with an optional K, M, G or T "
+        "(before listening)"
+    )
+
+
+@pytest.mark.parametrize(
+    "demo_options",
+    [
+        ["--ram", "64M", "--huge", "4M", "--dirty-rate", "max", "--seed", "7"],
+        ["--postcopy", "--channel-timeout", "5000", "--fill", "zero"],
+        ["--postcopy", "--no-preempt", "--tls-creds", "CREDS", "--tls-hostname", "here"],
+        ["--ram", "16M", "--", "/bin/true", "guest", "words"],
+    ],
+)
+def test_the_destination_process_is_given_the_demo_guest_and_migration(
+    demo_options: list[str], tmp_path: Path
+) -> None:
+    """The options of the child ``trimig incoming`` make, through the CLI's own parser,
+    the demo's RAM layout, guest command, destination capabilities and parameters and
+    the destination's TLS settings."""
+    creds = write_creds(f"{tmp_path}/creds", trustme.CA())
+    words = [creds if word == "CREDS" else word for word in demo_options]
+    demo = parse(["demo", *words])
+    specs, command = guest_setup(demo)
+    capabilities, parameters = migration_settings(demo)
+    tls = tls_settings(demo, "server")
+    incoming = parse(
+        ["incoming", "unix:/x", *incoming_arguments(specs, command, capabilities, parameters, tls)]
+    )
+    assert guest_setup(incoming) == (specs, command)
+    got_capabilities, got_parameters = migration_settings(incoming)
+    assert got_capabilities == capabilities
+    assert got_parameters.x_channel_timeout == parameters.x_channel_timeout
+    assert got_parameters.x_postcopy_auto_recover == 0  # the local source does not recover
+    assert tls_settings(incoming, "server") == tls
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    own, guest = split_guest_command(argv)
+    args = build_parser().parse_args(own)
+    args.guest_command = guest
+    return args
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [[RamBlockSpec("other", 16 * MiB)], [], default_block_specs(16 * MiB) * 2],
+)
+def test_a_layout_the_options_cannot_express_is_refused(specs: list[RamBlockSpec]) -> None:
+    with pytest.raises(ConfigError, match="a destination process takes the built-in RAM layout"):
+        incoming_arguments(specs, ["guest"], MigrationCapabilities(), MigrationParameters(), None)
