@@ -133,6 +133,18 @@ def test_the_destination_is_a_child_trimig_incoming_and_nothing_outlives_the_dem
     assert_all_gone(tree)
 
 
+def test_with_one_process_both_guests_are_children_of_the_demo() -> None:
+    demo = demo_in_precopy("--one-process")
+    try:
+        assert [runs(pid, GUEST) for pid in children(demo.pid)] == [True, True]
+        out, err = demo.communicate(timeout=DEADLINE)
+    finally:
+        demo.kill()
+        demo.communicate()
+    assert demo.returncode == 0, err
+    assert one_json_object(out)["verified"] is True
+
+
 def test_a_killed_destination_process_fails_the_demo_which_names_it() -> None:
     demo = demo_in_precopy()
     try:

@@ -208,6 +208,9 @@ async def destination_process(
             kill_group(process)
             with trio.move_on_after(REAP_TIMEOUT):
                 await process.wait()
+            for pipe in (process.stdout, process.stderr):
+                if pipe is not None:
+                    await pipe.aclose()
             if process.returncode is None:
                 log.error("the destination process %d did not die when killed", process.pid)
 

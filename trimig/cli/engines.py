@@ -47,7 +47,12 @@ def add_engine_commands(sub: Any) -> None:
         "guest verify its memory. With rdma (an in-process fabric) or --one-process the "
         "destination engine runs in this process.",
     )
-    demo.add_argument("--transport", choices=TRANSPORT_NAMES, default="unix")
+    demo.add_argument(
+        "--transport",
+        choices=TRANSPORT_NAMES,
+        default="unix",
+        help="the stream's transport (default unix); rdma is an in-process fabric",
+    )
     demo.add_argument(
         "--one-process",
         action="store_true",
