@@ -65,8 +65,9 @@ def command_line(pid: int) -> str:
 
 
 def runs(pid: int, words: list[str]) -> bool:
-    """Whether ``pid`` is python run as ``python WORDS...``."""
-    return command_line(pid).split()[1 : 1 + len(words)] == words
+    """Whether ``pid`` is python run as ``python WORDS...`` (``-v`` words aside)."""
+    arguments = [word for word in command_line(pid).split()[1:] if word != "-v"]
+    return arguments[: len(words)] == words
 
 
 def alive(pid: int) -> bool:
@@ -86,10 +87,11 @@ def assert_all_gone(pids: set[int]) -> None:
     assert not left, f"left behind: {left}"
 
 
-def demo_in_precopy(*arguments: str) -> subprocess.Popen[str]:
+def demo_in_precopy(*arguments: str, verbose: bool = False) -> subprocess.Popen[str]:
     """A ``trimig demo --json`` whose progress line has said ``active``."""
+    trimig = [*TRIMIG, "-v"] if verbose else TRIMIG
     demo = subprocess.Popen(
-        [*TRIMIG, "demo", "--json", "--warmup", "0.2", *SLOW_DEMO, *arguments],
+        [*trimig, "demo", "--json", "--warmup", "0.2", *SLOW_DEMO, *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -146,7 +148,8 @@ def test_with_one_process_both_guests_are_children_of_the_demo() -> None:
 
 
 def test_a_killed_destination_process_fails_the_demo_which_names_it() -> None:
-    demo = demo_in_precopy()
+    """(With -v, which the child is given too: its log is passed on, its error is not.)"""
+    demo = demo_in_precopy(verbose=True)
     try:
         destination = the_destination(demo)
         tree = descendants(demo.pid)

@@ -191,9 +191,10 @@ async def destination_process(
     """Start ``trimig incoming LISTEN_URI --json`` with ``arguments`` (see
     :func:`incoming_arguments`); on exit kill its process group (whatever of it is left:
     the child, or the guest of a child that died) and reap it."""
-    command = [*INCOMING_COMMAND, listen_uri, "--json", "--run-after", str(run_after)]
+    *python, module, incoming = INCOMING_COMMAND
+    command = [*python, module, *verbosity_options(), incoming, listen_uri, "--json"]
     process = await trio.lowlevel.open_process(
-        [*command, *verbosity_options(), *arguments],
+        [*command, "--run-after", str(run_after), *arguments],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
