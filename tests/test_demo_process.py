@@ -2,7 +2,8 @@
 (trimig/demo_process.py). Real processes, found in /proc: the child and its guest exist
 while the demo runs and are gone after it; a child killed mid-migration fails the demo,
 which names it; a child that never ends is killed past its bound; one that cannot start
-says why. The options it is given describe the demo's guest and migration."""
+says why; a demo stopped by a signal takes them all down. The options the child is given
+describe the demo's guest and migration."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,16 +89,21 @@ def assert_all_gone(pids: set[int]) -> None:
     assert not left, f"left behind: {left}"
 
 
-def demo_in_precopy(*arguments: str, verbose: bool = False) -> subprocess.Popen[str]:
-    """A ``trimig demo --json`` whose progress line has said ``active``."""
+def start_demo(*arguments: str, verbose: bool = False) -> subprocess.Popen[str]:
+    """``trimig demo --json`` of SLOW_DEMO (warm-up 0.2 s unless ``arguments`` say)."""
     trimig = [*TRIMIG, "-v"] if verbose else TRIMIG
-    demo = subprocess.Popen(
+    return subprocess.Popen(
         [*trimig, "demo", "--json", "--warmup", "0.2", *SLOW_DEMO, *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def demo_in_precopy(*arguments: str, verbose: bool = False) -> subprocess.Popen[str]:
+    """A demo (:func:`start_demo`) whose progress line has said ``active``."""
+    demo = start_demo(*arguments, verbose=verbose)
     assert demo.stderr is not None
     deadline = time.monotonic() + DEADLINE
     line = ""
@@ -107,6 +114,18 @@ def demo_in_precopy(*arguments: str, verbose: bool = False) -> subprocess.Popen[
             demo.kill()
             out, err = demo.communicate()
             pytest.fail(f"the demo never said active: {out} {err}")
+    return demo
+
+
+def demo_in_warmup() -> subprocess.Popen[str]:
+    """A demo in a long warm-up, its destination listening (its guest started)."""
+    demo = start_demo("--warmup", "60")
+    deadline = time.monotonic() + DEADLINE
+    while not any(runs(pid, INCOMING) and children(pid) for pid in children(demo.pid)):
+        if time.monotonic() > deadline or demo.poll() is not None:
+            demo.kill()
+            pytest.fail(f"the demo's destination never started: {demo.communicate()}")
+        time.sleep(0.05)
     return demo
 
 
@@ -167,6 +186,34 @@ def test_a_killed_destination_process_fails_the_demo_which_names_it() -> None:
     assert info["status"] == "failed" and info["verified"] is False, info
     assert info["destination"] == {"status": "failed", "error-desc": killed}
     assert_all_gone(tree)  # the killed child's guest too
+
+
+@pytest.mark.parametrize(
+    ("signum", "started"),
+    [
+        (signal.SIGTERM, demo_in_warmup),
+        (signal.SIGTERM, demo_in_precopy),
+        (signal.SIGINT, demo_in_precopy),
+    ],
+)
+def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(
+    signum: signal.Signals, started: Callable[[], subprocess.Popen[str]]
+) -> None:
+    """In its warm-up (the destination process waits for a source) or in precopy."""
+    demo = started()
+    try:
+        tree = descendants(demo.pid)
+        assert any(runs(pid, INCOMING) for pid in tree), tree
+        demo.send_signal(signum)
+        out, err = demo.communicate(timeout=DEADLINE)
+    finally:
+        demo.kill()
+        demo.communicate()
+    assert demo.returncode == 128 + signum, (out, err)
+    message = f"terminated by signal {signum.name}"
+    assert err.splitlines()[-1] == f"trimig: error: {message}", err
+    assert one_json_object(out) == {"status": "cancelled", "error-desc": message}
+    assert_all_gone(tree)
 
 
 async def test_a_destination_process_that_never_ends_is_killed_past_its_bound(

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -29,9 +30,18 @@ from .options import (
     migration_settings,
     tls_settings,
 )
-from .output import note, one_line, progress_shown, report, report_error, report_outcome
+from .output import (
+    note,
+    one_line,
+    print_json,
+    progress_shown,
+    report,
+    report_error,
+    report_outcome,
+)
 
 log = logging.getLogger("trimig.cli")
+T = TypeVar("T")
 
 #: Signals that shut a ``trimig run`` engine down cleanly (as ``quit`` does).
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -134,7 +144,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.tls_hostname = "localhost"  # both ends are on this machine
     source_tls, destination_tls = tls_settings(args, "client"), tls_settings(args, "server")
     tls = (source_tls, destination_tls) if source_tls and destination_tls else None
+    received: list[int] = []
     result = trio.run(
+        until_signalled,
         lambda: migrate_locally(
             specs,
             transport=args.transport,
@@ -147,8 +159,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             keep_failure=True,
             tls=tls,
             destination_process=not args.one_process and args.transport != "rdma",
-        )
+        ),
+        received,
     )
+    if result is None:  # a signal cancelled it: its guests and processes are gone
+        message = f"terminated by signal {signal.Signals(received[0]).name}"
+        report_error(message)
+        if args.json:
+            print_json({"status": "cancelled", "error-desc": message})
+        return 128 + received[0]
     report(result.to_json(), args.json)
     if result.ok:
         return 0
@@ -318,24 +337,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
             await engine.quit_requested.wait()
             nursery.cancel_scope.cancel()
 
-    async def main() -> None:
-        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-            async with open_nursery() as nursery:
-
-                async def stop_on_signal() -> None:
-                    async for signum in signals:
-                        received.append(signum)
-                        nursery.cancel_scope.cancel()
-                        return
-
-                nursery.start_soon(stop_on_signal)
-                await serve()
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    trio.run(until_signalled, serve, received)
     if received:
         note(f"terminating on signal {signal.Signals(received[0]).name}")
     return 0
+
+
+async def until_signalled(body: Callable[[], Awaitable[T]], received: list[int]) -> T | None:
+    """``body()``, cancelled (its cleanup running as for any cancellation) if one of
+    SHUTDOWN_SIGNALS arrives first: its number is appended to ``received``, None returned."""
+    result = None
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        async with open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    received.append(signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            result = await body()
+            nursery.cancel_scope.cancel()
+    return result
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
