@@ -50,18 +50,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import trio
 
 from ._trio import open_nursery
 from .errors import TransportError
-from .kernel.iov import GatherItem, GatherWrite, readv
+from .kernel.iov import Buffer, GatherItem, GatherWrite, IoVector, readv
 
 T = TypeVar("T")
 
 LATENCY_SWITCH_INTERVAL = 0.0001
 """Seconds a thread waiting for the GIL waits before the holder is asked to drop it."""
+
+_FAST_WRITE = 8  # write_all tries one plain os.writev first for up to this many buffers
 
 URGENT_NICE = -10
 """Nice value of urgent threads (best effort: raising a priority needs CAP_SYS_NICE or a
@@ -261,8 +263,27 @@ def write_all(fd: int, buffers: Sequence[GatherItem], *, timeout: float, what: s
     """Write every byte of ``buffers`` to the non-blocking ``fd`` from this thread, blocking
     until it is out (gather writes, waiting for room as needed); return the count. Not
     stopped by a StopSignal: a message goes out whole. Raises TransportError naming
-    ``what`` if the peer takes nothing for ``timeout`` seconds or the write fails."""
+    ``what`` if the peer takes nothing for ``timeout`` seconds or the write fails.
+
+    A few plain buffers (an urgent page, a page request) first go to one os.writev, which
+    takes them whole when the socket has room: the GatherWrite loop only runs after it."""
+    written = 0
+    if len(buffers) <= _FAST_WRITE and not any(isinstance(item, IoVector) for item in buffers):
+        plain = cast("Sequence[Buffer]", buffers)
+        try:
+            written = os.writev(fd, plain)
+        except (BlockingIOError, InterruptedError, BufferError):
+            pass  # no room yet, or a buffer GatherWrite refuses with the clearer error
+        except OSError as error:
+            raise _write_failed(what, error) from error
+        total = 0
+        for item in plain:
+            total += memoryview(item).nbytes
+        if written == total:
+            return total
     gather = GatherWrite(buffers)
+    if written:
+        gather.advance(written)
     deadline = time.monotonic() + timeout
     remaining = gather.remaining
     while True:
@@ -270,10 +291,7 @@ def write_all(fd: int, buffers: Sequence[GatherItem], *, timeout: float, what: s
             if gather.write(fd):
                 return gather.total
         except OSError as error:
-            reason = os.strerror(error.errno or 0)
-            if error.errno in (errno.EPIPE, errno.ECONNRESET):
-                reason += " (the peer closed the connection)"
-            raise TransportError(f"writing {what} failed: {reason}") from error
+            raise _write_failed(what, error) from error
         if gather.remaining < remaining:  # progress: the peer gets another ``timeout``
             remaining = gather.remaining
             deadline = time.monotonic() + timeout
@@ -282,3 +300,10 @@ def write_all(fd: int, buffers: Sequence[GatherItem], *, timeout: float, what: s
         ready.register(fd, select.POLLOUT)
         if wait <= 0 or not ready.poll(wait * 1000):
             raise TransportError(f"writing {what} failed: the peer took nothing for {timeout:g} s")
+
+
+def _write_failed(what: str, error: OSError) -> TransportError:
+    reason = os.strerror(error.errno or 0)
+    if error.errno in (errno.EPIPE, errno.ECONNRESET):
+        reason += " (the peer closed the connection)"
+    return TransportError(f"writing {what} failed: {reason}")

@@ -85,6 +85,46 @@ def test_encode_pages_rejects_bad_offsets(offsets: object, message: str) -> None
         RamRecordEncoder().encode_pages("a", offsets, random_memory(4))  # type: ignore[arg-type]
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["page", "zero", "reset"]), st.sampled_from("ab"), st.integers(0, 3)
+        ),
+        max_size=12,
+    )
+)
+def test_one_page_encoders_give_the_bytes_of_the_array_encoders(
+    ops: list[tuple[str, str, int]],
+) -> None:
+    memory = random_memory(4, seed=len(ops))
+    one, many = RamRecordEncoder(), RamRecordEncoder()
+    for kind, block, page in ops:
+        if kind == "reset":
+            one.reset()
+            many.reset()
+        elif kind == "page":
+            fast = one.encode_page(block, page * PAGE, memory)
+            assert isinstance(fast[1], memoryview)  # the payload is not copied
+            assert b"".join(fast) == b"".join(many.encode_pages(block, [page * PAGE], memory))
+        else:
+            assert one.encode_zero_page(block, page * PAGE) == many.encode_zero_pages(
+                block, [page * PAGE]
+            )
+        assert one.last_block == many.last_block
+
+
+@pytest.mark.parametrize("offset", [100, -PAGE, 4 * PAGE, 1 << 64])
+def test_one_page_encoders_reject_bad_offsets(offset: int) -> None:
+    encoder = RamRecordEncoder()
+    with pytest.raises(LocalProtocolError, match="page"):
+        encoder.encode_page("a", offset, random_memory(4))
+    if offset != 4 * PAGE:  # a zero page has no source buffer to lie past
+        with pytest.raises(LocalProtocolError, match="page"):
+            encoder.encode_zero_page("a", offset)
+    assert encoder.last_block is None
+
+
 def test_encoder_rejects_bad_names_and_hooks() -> None:
     encoder = RamRecordEncoder()
     with pytest.raises(LocalProtocolError, match="must not be empty"):

@@ -52,10 +52,13 @@ async def serving(
     *,
     chunk: int = 512,
     received: ReceivedBitmap | None = None,
+    one_page: bool = False,
 ) -> AsyncIterator[Served]:
     """Run a FaultHandler whose requests a fake source answers from ``data`` (one
     (pages, 4096) array per block): data pages as decoder-like record views, all-zero
-    target pages as zero records, ``chunk`` records per placer call."""
+    target pages as zero records, ``chunk`` records per placer call. With ``one_page``
+    a one-page request is placed as an urgent page is (``place_page``, the handler told
+    through ``on_page_placed``)."""
     received = received or guest.received
     send, receive = trio.open_memory_channel[PageRequest](float("inf"))
     requests: list[PageRequest] = []
@@ -65,10 +68,21 @@ async def serving(
         send.send_nowait(PageRequest(block, start, length))
 
     handler = FaultHandler(guest.uffd, guest.blocks, received, request_page)
-    placer = PagePlacer(guest.uffd, guest.blocks, received, on_placed=handler.pages_placed)
+    placer = PagePlacer(
+        guest.uffd,
+        guest.blocks,
+        received,
+        on_placed=handler.pages_placed,
+        on_page_placed=handler.page_placed if one_page else None,
+    )
 
     async def source() -> None:
         async for request in receive:
+            if one_page and request.length == PAGE:
+                index = request.start // PAGE
+                row = as_records(data[request.block][index : index + 1])[0]
+                placer.place_page(request.block, request.start, row if row.any() else None)
+                continue
             send_range(placer, data, request.block, request.start, request.length, chunk)
 
     async with trio.open_nursery() as nursery:
@@ -107,14 +121,15 @@ def send_range(
 # ------------------------------------------------------------------ 4 KiB blocks
 
 
+@pytest.mark.parametrize("one_page", [False, True], ids=["runs", "one-page"])
 async def test_faults_are_served_with_data_and_zero_pages(
-    spawn_guest: Callable[..., Guest],
+    spawn_guest: Callable[..., Guest], one_page: bool
 ) -> None:
     guest = spawn_guest([("ram", 64 * PAGE, False), ("rom", 8 * PAGE, False)])
     ram = random_pages(64, 1)
     ram[10:20] = 0
     data = {"ram": ram, "rom": random_pages(8, 2)}
-    async with serving(guest, data) as served:
+    async with serving(guest, data, one_page=one_page) as served:
         wanted = [0, 5, 10, 63]
         digests = await guest.digest("ram", [page * PAGE for page in wanted], PAGE)
         assert digests == [sha(ram[page]) for page in wanted]
@@ -284,6 +299,17 @@ def test_bad_placement_input_is_refused(spawn_guest: Callable[..., Guest]) -> No
         placer.place("ram", [0, PAGE], page)
     with pytest.raises(ValueError, match="channel 2 out of range"):
         placer.place("ram", [0], page, channel=2)
+    # The one-page path refuses the same input with the same errors.
+    with pytest.raises(RemoteProtocolError, match="unknown RAM block 'nope'"):
+        placer.place_page("nope", 0, page[0])
+    with pytest.raises(RemoteProtocolError, match="Illegal RAM offset 0x4000 for RAM block 'ram'"):
+        placer.place_page("ram", 4 * PAGE, page[0])
+    with pytest.raises(RemoteProtocolError, match="Illegal RAM offset 0x10"):
+        placer.place_page("ram", 16, None)
+    with pytest.raises(ValueError, match="shape"):
+        placer.place_page("ram", 0, page[0, :100])
+    with pytest.raises(ValueError, match="channel 2 out of range"):
+        placer.place_page("ram", 0, page[0], channel=2)
     assert guest.received.count() == 0
 
 

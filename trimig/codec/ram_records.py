@@ -187,6 +187,37 @@ class RamRecordEncoder:
         self.last_block = block_name
         return out
 
+    def encode_page(
+        self, block_name: str, offset: int, source: BytesLike
+    ) -> list[bytes | memoryview]:
+        """One PAGE record (an urgent page): the bytes of ``encode_pages`` for
+        ``[offset]``, without its array work; the payload is a memoryview slice of
+        ``source`` (no copy)."""
+        src = as_byte_view(source)
+        if offset < 0 or offset % TARGET_PAGE_SIZE or offset + TARGET_PAGE_SIZE > len(src):
+            raise LocalProtocolError(
+                f"page offset {offset:#x} of block {block_name!r} is not a page of its "
+                f"{len(src)}-byte source buffer"
+            )
+        if block_name == self.last_block:
+            header = BE64.pack(offset | _PAGE_CONTINUE)
+        else:
+            header = BE64.pack(offset | RAM_SAVE_FLAG_PAGE) + encode_counted(
+                block_name, "RAM block name"
+            )
+            self.last_block = block_name
+        return [header, src[offset : offset + TARGET_PAGE_SIZE]]
+
+    def encode_zero_page(self, block_name: str, offset: int) -> bytes:
+        """One ZERO record: the bytes of ``encode_zero_pages`` for ``[offset]``."""
+        if not 0 <= offset < 1 << 64 or offset % TARGET_PAGE_SIZE:
+            raise LocalProtocolError(f"page offset {offset:#x} is not a page's")
+        if block_name == self.last_block:
+            return BE64.pack(offset | _ZERO_CONTINUE) + b"\0"
+        name = encode_counted(block_name, "RAM block name")
+        self.last_block = block_name
+        return BE64.pack(offset | RAM_SAVE_FLAG_ZERO) + name + b"\0"
+
     def encode_pages_gather(
         self, block_name: str, offsets: npt.ArrayLike, source: BytesLike, source_offset: int = 0
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint64]]:

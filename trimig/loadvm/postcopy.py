@@ -178,7 +178,12 @@ class PostcopyIncoming:
         received = self.ram.received
         self.faults = FaultHandler(self._uffd, guest_blocks, received, self._request_page)
         self.placer = PagePlacer(
-            self._uffd, guest_blocks, received, channels=3, on_placed=self.faults.pages_placed
+            self._uffd,
+            guest_blocks,
+            received,
+            channels=3,
+            on_placed=self.faults.pages_placed,
+            on_page_placed=self.faults.page_placed,
         )
         await self._serve(channel, decoder)
         self._listening.set()
@@ -554,7 +559,11 @@ class PostcopyIncoming:
         """Place one event of the urgent channel; END at its end (EOS or closed)."""
         assert self.placer is not None
         if isinstance(event, codec.RamPages):
-            self.placer.place(event.block, event.offsets, event.pages, channel=PREEMPT_CHANNEL)
+            if len(event.offsets) == 1:  # the urgent page
+                offset = int(event.offsets[0])
+                self.placer.place_page(event.block, offset, event.pages[0], channel=PREEMPT_CHANNEL)
+            else:
+                self.placer.place(event.block, event.offsets, event.pages, channel=PREEMPT_CHANNEL)
         elif isinstance(event, codec.RamZeroPages):
             self.placer.place_zero(event.block, event.offsets, channel=PREEMPT_CHANNEL)
         else:

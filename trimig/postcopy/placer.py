@@ -31,6 +31,10 @@ from .blocks import TARGET_PAGE_SIZE, GuestRamBlock
 PlacedCallback = Callable[[str, npt.NDArray[np.int64]], None]
 """``on_placed(block, host_offsets)``: host pages (byte offsets) that just became present."""
 
+PagePlacedCallback = Callable[[str, int], None]
+"""``on_page_placed(block, host_offset)``: one host page that just became present (the
+one-page path: an urgent page), told without building an array."""
+
 MAIN_CHANNEL = 0
 PREEMPT_CHANNEL = 1
 _STAGING_PAGES = 256  # 1 MiB: bounce buffer for runs whose source rows are not adjacent
@@ -71,6 +75,8 @@ class PagePlacer:
     ``on_placed`` (e.g. ``FaultHandler.pages_placed``) is told of every host page
     whose received bits a call set (placed by it, or found present), after setting
     them, so a request recorded before the bits were set is completed there.
+    ``on_page_placed`` (e.g. ``FaultHandler.page_placed``), if given, is told instead of
+    ``on_placed`` when a call places one 4 KiB page.
     ``channels`` is the number of postcopy channels (main = 0, preempt = 1), each with
     its own gathering buffer.
 
@@ -88,6 +94,7 @@ class PagePlacer:
         *,
         channels: int = 2,
         on_placed: PlacedCallback | None = None,
+        on_page_placed: PagePlacedCallback | None = None,
     ) -> None:
         if channels < 1:
             raise ValueError(f"a placer needs at least one channel, got {channels}")
@@ -100,6 +107,7 @@ class PagePlacer:
                 raise ValueError(f"RAM block {name!r} has no received bitmap")
         self._received = received
         self._on_placed = on_placed
+        self._on_page_placed = on_page_placed
         self._gathers = [_Gather() for _ in range(channels)]
         self._stats_lock = threading.Lock()
         largest = max((block.page_size for block in blocks), default=TARGET_PAGE_SIZE)
@@ -141,6 +149,32 @@ class PagePlacer:
                 return self._place_one(target, int(index[0]), pages[0])
             return self._place_small(target, index, pages, self._gather_state(channel))
         return self._gather(target, index, pages, channel)
+
+    def place_page(
+        self,
+        block: str,
+        offset: int,
+        page: npt.NDArray[np.uint8] | None,
+        *,
+        channel: int = MAIN_CHANNEL,
+    ) -> int:
+        """``place`` (``page`` None: ``place_zero``) of one target page at byte ``offset``
+        of ``block``, ``page`` being 4096 contiguous bytes: an urgent page, placed without
+        the array work of a run. Same result and errors."""
+        target = self._blocks.get(block)
+        if (
+            target is None
+            or target.page_size != TARGET_PAGE_SIZE
+            or not 0 <= channel < len(self._gathers)
+            or (page is not None and (page.shape != (TARGET_PAGE_SIZE,) or page.strides != (1,)))
+        ):  # errors and hugetlb blocks: the general path
+            offsets = np.array([offset], dtype=np.uint64)
+            if page is None:
+                return self.place_zero(block, offsets, channel=channel)
+            return self.place(block, offsets, page.reshape(1, -1), channel=channel)
+        if offset % TARGET_PAGE_SIZE or not 0 <= offset < target.size:
+            raise self._illegal(offset, target)
+        return self._place_one(target, offset // TARGET_PAGE_SIZE, page)
 
     def place_zero(self, block: str, offsets: npt.ArrayLike, *, channel: int = MAIN_CHANNEL) -> int:
         """Place zero target pages at byte ``offsets`` of ``block``; like ``place``."""
@@ -198,8 +232,18 @@ class PagePlacer:
             done = self._uffd.zeropage(address, TARGET_PAGE_SIZE)
         else:
             done = self._uffd.copy(address, row.ctypes.data, TARGET_PAGE_SIZE)
-        self._account(bitmap, page, 1, done, zero=row is None)
-        if self._on_placed is not None:  # received now, placed here or already present
+        bitmap.set_range(page, 1)
+        with self._stats_lock:
+            stats = self.stats
+            if done:
+                stats.host_pages_placed += 1
+                stats.zero_host_pages += row is None
+            else:
+                stats.already_present += 1
+        # Received now, placed here or already present.
+        if self._on_page_placed is not None:
+            self._on_page_placed(block.name, page * TARGET_PAGE_SIZE)
+        elif self._on_placed is not None:
             self._on_placed(block.name, np.array([page * TARGET_PAGE_SIZE], dtype=np.int64))
         return done // TARGET_PAGE_SIZE
 

@@ -92,6 +92,7 @@ class LazyRestore:
                 self.received,
                 channels=2,
                 on_placed=self.faults.pages_placed,
+                on_page_placed=self.faults.page_placed,
             )
             async with open_nursery() as nursery:
                 await nursery.start(
