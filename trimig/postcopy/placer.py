@@ -232,14 +232,7 @@ class PagePlacer:
             done = self._uffd.zeropage(address, TARGET_PAGE_SIZE)
         else:
             done = self._uffd.copy(address, row.ctypes.data, TARGET_PAGE_SIZE)
-        bitmap.set_range(page, 1)
-        with self._stats_lock:
-            stats = self.stats
-            if done:
-                stats.host_pages_placed += 1
-                stats.zero_host_pages += row is None
-            else:
-                stats.already_present += 1
+        self._account(bitmap, page, 1, done, zero=row is None)
         # Received now, placed here or already present.
         if self._on_page_placed is not None:
             self._on_page_placed(block.name, page * TARGET_PAGE_SIZE)
@@ -332,11 +325,12 @@ class PagePlacer:
         (``done`` bytes) or already there (EEXIST)."""
         bitmap.set_range(first_page, count)
         placed = done // TARGET_PAGE_SIZE
-        self._count(
-            host_pages_placed=placed,
-            already_present=count - placed,
-            zero_host_pages=placed if zero else 0,
-        )
+        with self._stats_lock:  # not _count: this runs once per placed run or urgent page
+            stats = self.stats
+            stats.host_pages_placed += placed
+            stats.already_present += count - placed
+            if zero:
+                stats.zero_host_pages += placed
 
     def _count(self, **increments: int) -> None:
         """Add to the counters (channels may run in different threads)."""
