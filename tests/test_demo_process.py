@@ -2,8 +2,10 @@
 (trimig/demo_process.py). Real processes, found in /proc: the child and its guest exist
 while the demo runs and are gone after it; a child killed mid-migration fails the demo,
 which names it; a child that never ends is killed past its bound; one that cannot start
-says why; a demo stopped by a signal takes them all down. The options the child is given
-describe the demo's guest and migration."""
+says why; a demo stopped by a signal takes them all down, and one killed outright (no
+cleanup of its own) leaves nothing behind either: the child stops once its parent is gone.
+A ``trimig incoming`` stopped by a signal says so and takes its guest down. The options the
+child is given describe the demo's guest and migration."""
 
 from __future__ import annotations
 
@@ -81,8 +83,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def assert_all_gone(pids: set[int]) -> None:
-    deadline = time.monotonic() + 5
+def assert_all_gone(pids: set[int], *, within: float = 5) -> None:
+    deadline = time.monotonic() + within
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     left = {pid: command_line(pid) for pid in pids if alive(pid)}
@@ -214,6 +216,72 @@ def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(
     assert err.splitlines()[-1] == f"trimig: error: {message}", err
     assert one_json_object(out) == {"status": "cancelled", "error-desc": message}
     assert_all_gone(tree)
+
+
+@pytest.mark.parametrize("started", [demo_in_warmup, demo_in_precopy])
+def test_a_demo_killed_outright_leaves_nothing_behind(
+    started: Callable[[], subprocess.Popen[str]],
+) -> None:
+    """SIGKILL runs none of the demo's cleanup: its destination process sees its parent
+    exit (--exit-with-parent) and stops, with its guest; the source guest stops too."""
+    demo = started()
+    try:
+        tree = descendants(demo.pid)
+        assert any(runs(pid, INCOMING) for pid in tree), tree
+        demo.kill()
+        demo.communicate(timeout=DEADLINE)
+    finally:
+        demo.kill()
+        demo.communicate()
+    assert_all_gone(tree, within=DEADLINE)
+
+
+def test_trimig_incoming_stopped_by_a_signal_says_so_and_stops_its_guest(
+    tmp_path: Path,
+) -> None:
+    incoming = subprocess.Popen(
+        [*TRIMIG, "incoming", f"unix:{tmp_path}/sock", "--json", "--ram", "16M"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not children(incoming.pid):  # its guest, started once it listens
+            assert incoming.poll() is None and time.monotonic() < deadline, incoming.stderr
+            time.sleep(0.05)
+        tree = descendants(incoming.pid)
+        incoming.send_signal(signal.SIGTERM)
+        out, err = incoming.communicate(timeout=DEADLINE)
+    finally:
+        incoming.kill()
+        incoming.communicate()
+    assert incoming.returncode == 128 + signal.SIGTERM, (out, err)
+    assert err.splitlines()[-1] == "trimig: error: terminated by signal SIGTERM", err
+    assert one_json_object(out) == {
+        "status": "cancelled",
+        "error-desc": "terminated by signal SIGTERM",
+    }
+    assert_all_gone(tree)
+
+
+def test_exit_with_parent_stops_trimig_incoming_when_its_parent_exits(tmp_path: Path) -> None:
+    """The parent is a shell that starts ``trimig incoming --exit-with-parent`` in the
+    background and exits; the incoming, reparented, stops as on SIGHUP."""
+    out = tmp_path / "out.json"
+    err = tmp_path / "err.txt"
+    incoming_command = [*TRIMIG, "incoming", f"unix:{tmp_path}/sock", "--json", "--ram", "16M"]
+    background = ["--exit-with-parent", f">{out}", f"2>{err}", "&", "echo", "$!", ";", "sleep", "3"]
+    command = " ".join([*incoming_command, *background])
+    shell = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
+    incoming = int(shell.stdout.split()[0])
+    deadline = time.monotonic() + DEADLINE
+    while alive(incoming) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(incoming), command_line(incoming)
+    message = "the process that started it exited"
+    assert err.read_text().splitlines()[-1] == f"trimig: error: {message}"
+    assert one_json_object(out.read_text()) == {"status": "cancelled", "error-desc": message}
 
 
 async def test_a_destination_process_that_never_ends_is_killed_past_its_bound(

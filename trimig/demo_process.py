@@ -188,11 +188,20 @@ async def destination_process(
     ram_bytes: int,
     exit_margin: float = EXIT_MARGIN,
 ) -> AsyncIterator[DestinationProcess]:
-    """Start ``trimig incoming LISTEN_URI --json`` with ``arguments`` (see
-    :func:`incoming_arguments`); on exit kill its process group (whatever of it is left:
-    the child, or the guest of a child that died) and reap it."""
+    """Start ``trimig incoming LISTEN_URI --json --exit-with-parent`` with ``arguments``
+    (see :func:`incoming_arguments`); on exit kill its process group (whatever of it is
+    left: the child, or the guest of a child that died) and reap it. A demo killed outright
+    runs no cleanup: the child then stops of itself (``--exit-with-parent``)."""
     *python, module, incoming = INCOMING_COMMAND
-    command = [*python, module, *verbosity_options(), incoming, listen_uri, "--json"]
+    command = [
+        *python,
+        module,
+        *verbosity_options(),
+        incoming,
+        listen_uri,
+        "--json",
+        "--exit-with-parent",
+    ]
     process = await trio.lowlevel.open_process(
         [*command, "--run-after", str(run_after), *arguments],
         stdin=subprocess.DEVNULL,

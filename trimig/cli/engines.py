@@ -10,9 +10,12 @@ the commands, so that registering these does not slow the control commands down.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import trio
@@ -45,6 +48,8 @@ T = TypeVar("T")
 
 #: Signals that shut a ``trimig run`` engine down cleanly (as ``quit`` does).
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: What :func:`until_signalled` records for the exit of the parent (not a signal number).
+PARENT_EXITED = 0
 
 
 def add_engine_commands(sub: Any) -> None:
@@ -93,6 +98,12 @@ def add_engine_commands(sub: Any) -> None:
     incoming.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, exec:COMMAND or rdma:PATH")
     incoming.add_argument(
         "--run-after", type=float, default=0.3, help="seconds the guest runs before the check"
+    )
+    incoming.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop, as on SIGHUP, once the process that started this one exits (trimig demo "
+        "runs its destination so: a demo killed outright leaves nothing behind)",
     )
 
     migrate = sub.add_parser(
@@ -215,7 +226,18 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
         finally:
             await incoming.aclose()
 
-    info = trio.run(main)
+    received: list[int] = []
+    with _parent_watch(args.exit_with_parent) as parent:
+        info = trio.run(functools.partial(until_signalled, main, received, parent=parent))
+    if info is None:  # as on SIGHUP when the parent exited: the process it ran under hung up
+        signum = received[0] if received[0] != PARENT_EXITED else signal.SIGHUP
+        message = f"terminated by signal {signal.Signals(signum).name}"
+        if received[0] == PARENT_EXITED:
+            message = "the process that started it exited"
+        report_error(message)
+        if args.json:
+            print_json({"status": "cancelled", "error-desc": message})
+        return 128 + signum
     report(info, args.json)
     if info["verified"]:
         return 0
@@ -343,9 +365,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def until_signalled(body: Callable[[], Awaitable[T]], received: list[int]) -> T | None:
+async def until_signalled(
+    body: Callable[[], Awaitable[T]], received: list[int], *, parent: int | None = None
+) -> T | None:
     """``body()``, cancelled (its cleanup running as for any cancellation) if one of
-    SHUTDOWN_SIGNALS arrives first: its number is appended to ``received``, None returned."""
+    SHUTDOWN_SIGNALS arrives first: its number is appended to ``received``, None returned.
+    With ``parent`` (a pidfd, :func:`_parent_watch`), that process's exit cancels it too,
+    recorded as PARENT_EXITED."""
     result = None
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         async with open_nursery() as nursery:
@@ -356,10 +382,37 @@ async def until_signalled(body: Callable[[], Awaitable[T]], received: list[int])
                     nursery.cancel_scope.cancel()
                     return
 
+            async def stop_on_parent_exit(pidfd: int) -> None:
+                await trio.lowlevel.wait_readable(pidfd)
+                received.append(PARENT_EXITED)
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(stop_on_signal)
+            if parent is not None:
+                nursery.start_soon(stop_on_parent_exit, parent)
             result = await body()
             nursery.cancel_scope.cancel()
     return result
+
+
+@contextlib.contextmanager
+def _parent_watch(wanted: bool) -> Iterator[int | None]:
+    """A pidfd of our parent while the block runs (None unless ``wanted``); a parent that
+    has exited already is a ConfigError, before any guest starts."""
+    if not wanted:
+        yield None
+        return
+    from ..errors import KernelError
+    from ..kernel.process import open_parent_pidfd
+
+    try:
+        pidfd = open_parent_pidfd()
+    except KernelError as exc:
+        raise ConfigError(f"--exit-with-parent: {exc}") from exc
+    try:
+        yield pidfd
+    finally:
+        os.close(pidfd)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
