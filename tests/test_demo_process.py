@@ -265,6 +265,54 @@ def test_trimig_incoming_stopped_by_a_signal_says_so_and_stops_its_guest(
     assert_all_gone(tree)
 
 
+def test_trimig_migrate_stopped_by_a_signal_in_precopy_says_so_and_stops_its_guest(
+    tmp_path: Path,
+) -> None:
+    """The destination then fails (its source went away) and exits, guest and all."""
+    uri = f"unix:{tmp_path}/sock"
+    incoming = subprocess.Popen(
+        [*TRIMIG, "incoming", uri, "--json", *SLOW_DEMO],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    migrate = None
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not children(incoming.pid):
+            assert incoming.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        migrate = subprocess.Popen(
+            [*TRIMIG, "migrate", uri, "--json", "--warmup", "0.2", *SLOW_DEMO],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert migrate.stderr is not None
+        line = ""
+        while not line.startswith("active"):
+            line = migrate.stderr.readline()
+            assert line, "trimig migrate never said active"
+        tree = descendants(migrate.pid) | descendants(incoming.pid)
+        migrate.send_signal(signal.SIGTERM)
+        out, err = migrate.communicate(timeout=DEADLINE)
+        incoming.communicate(timeout=DEADLINE)
+    finally:
+        for process in (incoming, migrate):
+            if process is not None:
+                process.kill()
+                process.communicate()
+    assert migrate.returncode == 128 + signal.SIGTERM, (out, err)
+    assert err.splitlines()[-1] == "trimig: error: terminated by signal SIGTERM", err
+    assert one_json_object(out) == {
+        "status": "cancelled",
+        "error-desc": "terminated by signal SIGTERM",
+    }
+    assert incoming.returncode == 1
+    assert_all_gone(tree)
+
+
 def test_exit_with_parent_stops_trimig_incoming_when_its_parent_exits(tmp_path: Path) -> None:
     """The parent is a shell that starts ``trimig incoming --exit-with-parent`` in the
     background and exits; the incoming, reparented, stops as on SIGHUP."""

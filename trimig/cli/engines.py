@@ -174,11 +174,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         received,
     )
     if result is None:  # a signal cancelled it: its guests and processes are gone
-        message = f"terminated by signal {signal.Signals(received[0]).name}"
-        report_error(message)
-        if args.json:
-            print_json({"status": "cancelled", "error-desc": message})
-        return 128 + received[0]
+        return report_cancelled(received, args.json)
     report(result.to_json(), args.json)
     if result.ok:
         return 0
@@ -229,15 +225,8 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     received: list[int] = []
     with _parent_watch(args.exit_with_parent) as parent:
         info = trio.run(functools.partial(until_signalled, main, received, parent=parent))
-    if info is None:  # as on SIGHUP when the parent exited: the process it ran under hung up
-        signum = received[0] if received[0] != PARENT_EXITED else signal.SIGHUP
-        message = f"terminated by signal {signal.Signals(signum).name}"
-        if received[0] == PARENT_EXITED:
-            message = "the process that started it exited"
-        report_error(message)
-        if args.json:
-            print_json({"status": "cancelled", "error-desc": message})
-        return 128 + signum
+    if info is None:
+        return report_cancelled(received, args.json)
     report(info, args.json)
     if info["verified"]:
         return 0
@@ -310,7 +299,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                 }
             return info, error
 
-    info, error = trio.run(main)
+    received: list[int] = []
+    outcome = trio.run(until_signalled, main, received)
+    if outcome is None:  # a signal cancelled it: the guest is stopped and gone
+        return report_cancelled(received, args.json)
+    info, error = outcome
     return report_outcome(info, error, args.json)
 
 
@@ -393,6 +386,20 @@ async def until_signalled(
             result = await body()
             nursery.cancel_scope.cancel()
     return result
+
+
+def report_cancelled(received: list[int], as_json: bool) -> int:
+    """Say why :func:`until_signalled` cancelled a command (stderr, and ``--json``'s status
+    ``cancelled``); its exit status, 128 + the signal (SIGHUP for PARENT_EXITED: the
+    process it ran under hung up)."""
+    signum = received[0] if received[0] != PARENT_EXITED else signal.SIGHUP
+    message = f"terminated by signal {signal.Signals(signum).name}"
+    if received[0] == PARENT_EXITED:
+        message = "the process that started it exited"
+    report_error(message)
+    if as_json:
+        print_json({"status": "cancelled", "error-desc": message})
+    return 128 + signum
 
 
 @contextlib.contextmanager
