@@ -89,3 +89,16 @@ def test_bad_uri_exits_1_naming_it(command: str, uri: str, expected: str) -> Non
     assert uri in error and expected in error
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < DEADLINE
+
+
+@pytest.mark.parametrize("command", ["demo", "migrate", "incoming"])
+def test_a_dirty_rate_of_zero_is_refused_not_read_as_max(command: str) -> None:
+    """The workload's own 0 means no limit; on the command line it would surprise."""
+    uri = [] if command == "demo" else ["unix:/nonexistent/sock"]
+    result = run_trimig(command, *uri, "--json", "--ram", "16M", "--dirty-rate", "0")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("trimig: error: --dirty-rate '0': "), error
+    assert "'max'" in error
+    assert one_json_object(result.stdout)["error-desc"] == error.removeprefix("trimig: error: ")

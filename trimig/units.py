@@ -26,13 +26,17 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
     return int(float(number) * _SUFFIXES[suffix.upper()])
 
 
+UNLIMITED = ("max", "unlimited", "inf")
+"""The words of a rate that has no limit."""
+
+
 def parse_rate(text: str | int, *, what: str = "rate") -> int:
     """Parse a rate in bytes per second (``"100M"``, ``"1G/s"``).
 
     ``"max"`` and ``0`` mean unlimited, returned as 0."""
     if isinstance(text, str):
         stripped = text.strip().lower()
-        if stripped in ("max", "unlimited", "inf"):
+        if stripped in UNLIMITED:
             return 0
         if stripped.endswith("/s"):
             text = text.strip()[:-2]

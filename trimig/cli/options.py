@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigError
 from ..migration import MigrationCapabilities, MigrationParameters
-from ..units import parse_rate, parse_size
+from ..units import UNLIMITED, parse_rate, parse_size
 
 if TYPE_CHECKING:
     from ..ram_blocks import RamBlockSpec
@@ -102,9 +103,21 @@ def guest_setup(args: argparse.Namespace) -> tuple[list[RamBlockSpec], list[str]
         parse_size(args.ram, what="--ram"), huge=parse_size(args.huge, what="--huge")
     )
     command = list(getattr(args, "guest_command", None) or []) or workload_command(
-        dirty_rate=parse_rate(args.dirty_rate, what="--dirty-rate"), fill=args.fill, seed=args.seed
+        dirty_rate=_dirty_rate(args.dirty_rate), fill=args.fill, seed=args.seed
     )
     return specs, command
+
+
+def _dirty_rate(text: str) -> int:
+    """``--dirty-rate``: bytes/s, 0 for 'max'. A rate of zero is refused rather than read
+    as 'max' (the workload's own 0): the built-in guest has no idle mode."""
+    rate = parse_rate(text, what="--dirty-rate")
+    if rate == 0 and text.strip().lower() not in UNLIMITED:
+        raise ConfigError(
+            f"--dirty-rate {text!r}: the built-in guest always dirties its memory; give a "
+            "rate (4K is one page a second) or 'max' for as fast as it can"
+        )
+    return rate
 
 
 def add_tls_options(parser: argparse.ArgumentParser) -> None:
