@@ -45,6 +45,16 @@ def test_options(vs_qemu: ModuleType) -> None:
         vs_qemu.parse_args(["--rounds", "0"])
 
 
+def test_prewarm_writes_fresh_memory_and_frees_it(vs_qemu: ModuleType) -> None:
+    """The leak check (conftest) sees the memfd closed again."""
+    assert vs_qemu.parse_args(["--prewarm", "64M"]).prewarm == 64 << 20
+    assert vs_qemu.parse_args([]).prewarm == 0
+    warmed = vs_qemu.prewarm(64 << 20)
+    assert warmed["prewarm_s"] >= 0 and warmed["prewarm_MBps"] > 0
+    with pytest.raises(SystemExit):
+        vs_qemu.parse_args(["--prewarm", "lots"])
+
+
 def test_memory_settled_waits_for_the_counter_to_stand_still(
     vs_qemu: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
