@@ -91,6 +91,31 @@ def assert_all_gone(pids: set[int], *, within: float = 5) -> None:
     assert not left, f"left behind: {left}"
 
 
+def assert_cancelled_by(signum: signal.Signals, returncode: int | None, out: str, err: str) -> None:
+    """A command stopped by ``signum`` said so: exit status, last stderr line, --json."""
+    assert returncode == 128 + signum, (out, err)
+    message = f"terminated by signal {signum.name}"
+    assert err.splitlines()[-1] == f"trimig: error: {message}", err
+    assert one_json_object(out) == {"status": "cancelled", "error-desc": message}
+
+
+def start_incoming(uri: str, *options: str) -> subprocess.Popen[str]:
+    """``trimig incoming URI --json OPTIONS`` once it listens (its guest has started)."""
+    incoming = subprocess.Popen(
+        [*TRIMIG, "incoming", uri, "--json", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + DEADLINE
+    while not children(incoming.pid):
+        if incoming.poll() is not None or time.monotonic() > deadline:
+            incoming.kill()
+            pytest.fail(f"trimig incoming never started its guest: {incoming.communicate()}")
+        time.sleep(0.05)
+    return incoming
+
+
 def start_demo(*arguments: str, verbose: bool = False) -> subprocess.Popen[str]:
     """``trimig demo --json`` of SLOW_DEMO (warm-up 0.2 s unless ``arguments`` say)."""
     trimig = [*TRIMIG, "-v"] if verbose else TRIMIG
@@ -211,10 +236,7 @@ def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(
     finally:
         demo.kill()
         demo.communicate()
-    assert demo.returncode == 128 + signum, (out, err)
-    message = f"terminated by signal {signum.name}"
-    assert err.splitlines()[-1] == f"trimig: error: {message}", err
-    assert one_json_object(out) == {"status": "cancelled", "error-desc": message}
+    assert_cancelled_by(signum, demo.returncode, out, err)
     assert_all_gone(tree)
 
 
@@ -239,29 +261,15 @@ def test_a_demo_killed_outright_leaves_nothing_behind(
 def test_trimig_incoming_stopped_by_a_signal_says_so_and_stops_its_guest(
     tmp_path: Path,
 ) -> None:
-    incoming = subprocess.Popen(
-        [*TRIMIG, "incoming", f"unix:{tmp_path}/sock", "--json", "--ram", "16M"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    incoming = start_incoming(f"unix:{tmp_path}/sock", "--ram", "16M")
     try:
-        deadline = time.monotonic() + DEADLINE
-        while not children(incoming.pid):  # its guest, started once it listens
-            assert incoming.poll() is None and time.monotonic() < deadline, incoming.stderr
-            time.sleep(0.05)
         tree = descendants(incoming.pid)
         incoming.send_signal(signal.SIGTERM)
         out, err = incoming.communicate(timeout=DEADLINE)
     finally:
         incoming.kill()
         incoming.communicate()
-    assert incoming.returncode == 128 + signal.SIGTERM, (out, err)
-    assert err.splitlines()[-1] == "trimig: error: terminated by signal SIGTERM", err
-    assert one_json_object(out) == {
-        "status": "cancelled",
-        "error-desc": "terminated by signal SIGTERM",
-    }
+    assert_cancelled_by(signal.SIGTERM, incoming.returncode, out, err)
     assert_all_gone(tree)
 
 
@@ -270,18 +278,9 @@ def test_trimig_migrate_stopped_by_a_signal_in_precopy_says_so_and_stops_its_gue
 ) -> None:
     """The destination then fails (its source went away) and exits, guest and all."""
     uri = f"unix:{tmp_path}/sock"
-    incoming = subprocess.Popen(
-        [*TRIMIG, "incoming", uri, "--json", *SLOW_DEMO],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    incoming = start_incoming(uri, *SLOW_DEMO)
     migrate = None
     try:
-        deadline = time.monotonic() + DEADLINE
-        while not children(incoming.pid):
-            assert incoming.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         migrate = subprocess.Popen(
             [*TRIMIG, "migrate", uri, "--json", "--warmup", "0.2", *SLOW_DEMO],
             stdout=subprocess.PIPE,
@@ -303,12 +302,7 @@ def test_trimig_migrate_stopped_by_a_signal_in_precopy_says_so_and_stops_its_gue
             if process is not None:
                 process.kill()
                 process.communicate()
-    assert migrate.returncode == 128 + signal.SIGTERM, (out, err)
-    assert err.splitlines()[-1] == "trimig: error: terminated by signal SIGTERM", err
-    assert one_json_object(out) == {
-        "status": "cancelled",
-        "error-desc": "terminated by signal SIGTERM",
-    }
+    assert_cancelled_by(signal.SIGTERM, migrate.returncode, out, err)
     assert incoming.returncode == 1
     assert_all_gone(tree)
 

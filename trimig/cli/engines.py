@@ -392,10 +392,11 @@ def report_cancelled(received: list[int], as_json: bool) -> int:
     """Say why :func:`until_signalled` cancelled a command (stderr, and ``--json``'s status
     ``cancelled``); its exit status, 128 + the signal (SIGHUP for PARENT_EXITED: the
     process it ran under hung up)."""
-    signum = received[0] if received[0] != PARENT_EXITED else signal.SIGHUP
-    message = f"terminated by signal {signal.Signals(signum).name}"
     if received[0] == PARENT_EXITED:
-        message = "the process that started it exited"
+        signum, message = int(signal.SIGHUP), "the process that started it exited"
+    else:
+        signum = received[0]
+        message = f"terminated by signal {signal.Signals(signum).name}"
     report_error(message)
     if as_json:
         print_json({"status": "cancelled", "error-desc": message})
