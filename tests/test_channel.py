@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import AsyncIterator, Sequence
 
@@ -182,6 +183,28 @@ async def test_cancelled_flush_breaks_the_channel() -> None:
     channel.put(b"more")
     with pytest.raises(TransportError, match="earlier send on it failed or was cancelled"):
         await channel.flush()
+
+
+async def test_a_failed_send_lets_go_of_the_memory_it_was_sending() -> None:
+    # Page payloads are views of the guest's mapping; the failed send's error (kept by the
+    # channel and by whoever reports it) must not keep that mapping exported, or closing
+    # the block raises BufferError (seen after a postcopy cut).
+    left, right = trio.socket.socketpair()
+    right.close()
+    channel = MigrationChannel(SocketStream(left, transport="unix", peer="left"))
+    memory = mmap.mmap(-1, 4 * 4096)
+    view = memoryview(memory)
+    channel.put(b"header")
+    channel.put_buffers([view[i : i + 4096] for i in range(0, len(view), 4096)])
+    with pytest.raises(TransportError) as failed:
+        await channel.flush()
+    channel.put_buffers([view[:4096]])  # queued on a broken channel: dropped
+    view.release()
+    memory.close()  # BufferError if any slice is still alive
+    with pytest.raises(TransportError, match="earlier send on it failed"):
+        await channel.flush()
+    assert failed.value is not None
+    await channel.aclose()
 
 
 async def test_get_exactly_larger_than_the_buffer(

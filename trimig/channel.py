@@ -13,6 +13,7 @@ The channel never interprets the bytes; that is the codec's job.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -139,7 +140,10 @@ class MigrationChannel:
         self.put(bytes((len(data),)) + data)
 
     def put_buffers(self, buffers: Iterable[Buffer]) -> None:
-        """Queue ``buffers`` without copying; they must stay unchanged until flush() returns."""
+        """Queue ``buffers`` without copying; they must stay unchanged until flush() returns.
+        On a channel an earlier send broke, drops them (the next flush raises)."""
+        if self._broken is not None:
+            return
         views, lengths = byte_buffers(list(buffers))
         if not views:
             return
@@ -159,8 +163,9 @@ class MigrationChannel:
         return self._flushes_written
 
     def put_vector(self, vector: IoVector) -> None:
-        """Queue a gather array without copying; its memory must stay unchanged until flush()."""
-        if not vector.nbytes:
+        """Queue a gather array without copying; its memory must stay unchanged until flush().
+        On a channel an earlier send broke, drops it (the next flush raises)."""
+        if not vector.nbytes or self._broken is not None:
             return
         self._seal_scratch()
         self._pending.append(vector)
@@ -176,6 +181,7 @@ class MigrationChannel:
         self._check_open()
         async with self._send_lock:
             if self._broken is not None:
+                self._pending, self._scratch, self._pending_bytes = [], bytearray(), 0
                 raise TransportError(
                     "the channel is unusable: an earlier send on it failed or was cancelled"
                 ) from self._broken
@@ -192,6 +198,7 @@ class MigrationChannel:
                 await self._stream.send_buffers(buffers)
             except BaseException as error:
                 self._broken = error
+                _drop_views(buffers, error)
                 raise
             self._bytes_sent += count
             self._flushes_written = flush
@@ -362,6 +369,17 @@ class MigrationChannel:
             await self._stream.aclose()
         else:
             await trio.lowlevel.checkpoint()
+
+
+def _drop_views(buffers: list[GatherItem], error: BaseException) -> None:
+    """Let go of a failed send's buffers: views of guest memory among them would keep its
+    mapping exported (BufferError on unmapping it) for as long as ``error`` lives, held by
+    the list and by the locals of the frames in its traceback and in its causes'."""
+    buffers.clear()
+    cause: BaseException | None = error
+    while cause is not None:
+        traceback.clear_frames(cause.__traceback__)  # skips the frame still running: ours
+        cause = cause.__cause__
 
 
 def _encode(value: int, size: int) -> bytes:
