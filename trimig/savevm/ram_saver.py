@@ -271,10 +271,15 @@ class RamSaver:
         holes = self._holes.get(block.name)
         is_zero = holes[pages] if holes is not None else np.zeros(len(pages), dtype=bool)
         present = pages[~is_zero]
-        # A buffer only for a window with pages to read: one of holes queues a few bytes
-        # of ZERO records, and many of them go out between two flushes.
-        staging = self._staging.take(channel) if len(present) else _NO_PAGES
-        if len(present):
+        # Where the pages are read from: row 0 of ``staging`` is page ``staging_first``.
+        staging, staging_first = _NO_PAGES, first_page
+        if len(present) and self._sends_from_mapping:
+            staging, staging_first = block.pages, 0
+            is_zero[~is_zero] = zero_pages(block.pages, present)
+        elif len(present):
+            # A buffer only for a window with pages to read: one of holes queues a few
+            # bytes of ZERO records, and many of them go out between two flushes.
+            staging, staging_first = self._staging.take(channel), first_page
             witness = self._witnesses.get(block.name)
             if witness is not None and not self._final_sync_done:
                 self._watch(witness, block, present)
@@ -304,13 +309,22 @@ class RamSaver:
                 )
             else:
                 headers, entries = self.encoder.encode_pages_gather(
-                    block.name, data_offsets, staging, first_page * TARGET_PAGE_SIZE
+                    block.name, data_offsets, staging, staging_first * TARGET_PAGE_SIZE
                 )
                 vector = IoVector(entries, (headers, staging))
                 channel.put_vector(vector)
                 queued += vector.nbytes
             self.stats.normal += len(data_offsets)
         return queued
+
+    @property
+    def _sends_from_mapping(self) -> bool:
+        """After the final sync the guest is stopped for good (a postcopy source, the end
+        of precopy): no write and no discard can tear a page while the kernel copies it
+        out, so PAGE records point straight into the block's mapping, as urgent pages
+        do, instead of into a pread copy (docs/correctness.md, "a page torn by a
+        discard"). Not for one-sided or mapped-ram writes, which read staging rows."""
+        return self._final_sync_done and self.file_pages is None and not self._remote
 
     def _write_remote(
         self,
