@@ -345,17 +345,22 @@ class IncomingMigration(PostcopyRecovery):
         # The codec refuses a blob that ends before POSTCOPY_RUN or holds EOF or PACKAGED.
         package = decoder.package_decoder(blob)
         confirmed = False
+        pongs: list[int] = []  # the package's PINGs, answered in one send (in the pause)
         while True:
             event = package.next_event()
             if postcopy.error is not None and not confirmed:
                 # The main stream broke while the package loads: the source will resume the
                 # guest, so confirm nothing and run nothing.
                 raise postcopy.error
-            if isinstance(event, codec.Ping) and event.value == QEMU_VM_PING_PACKAGED_LOADED:
-                # PONG(0x42) commits both sides: once it is out, the source pauses instead of
-                # resuming on a failure, so from here on the guest must run here.
-                await self._handle_common(event, channel)
-                confirmed = True
+            if isinstance(event, codec.Ping):
+                # They follow the device state; each goes out with PONG(0x42), or at RUN
+                # for a source that sends none (QEMU before 10.2).
+                pongs.append(event.value)
+                if event.value == QEMU_VM_PING_PACKAGED_LOADED:
+                    # PONG(0x42) commits both sides: once it is out, the source pauses
+                    # instead of resuming on a failure, so from here on the guest must run here.
+                    await self._send_pongs(pongs)
+                    confirmed = True
             elif isinstance(event, codec.PostcopyListen):
                 await postcopy.listen(channel, decoder)
                 self._set_status(MigrationStatus.POSTCOPY_DEVICE)
@@ -371,6 +376,7 @@ class IncomingMigration(PostcopyRecovery):
             elif isinstance(event, codec.PostcopyRun):
                 if self._device_state is None:
                     raise RemoteProtocolError("POSTCOPY_RUN before the guest's device state")
+                await self._send_pongs(pongs)
                 await postcopy.run_guest()
                 trace("postcopy_guest_running")
                 self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
@@ -379,6 +385,15 @@ class IncomingMigration(PostcopyRecovery):
                 return
             else:
                 await self._handle_common(event, channel)
+
+    async def _send_pongs(self, values: list[int]) -> None:
+        """Answer the PINGs ``values`` in one return-path send, then forget them."""
+        if not values:
+            return
+        if self._return_path is None:
+            raise RemoteProtocolError("PING received but no return path is open")
+        await self._return_path.send(b"".join(codec.encode_rp_pong(value) for value in values))
+        values.clear()
 
     async def _register_regions(self, channel: MigrationChannel) -> None:
         """On the RDMA-shaped transport, offer our blocks as regions the source writes into."""
